@@ -1,0 +1,52 @@
+"""Checkpoints: model, optimizer, step, best score, config and RNG/data-order state in one file.
+
+Only plain containers and tensors are stored, so every load uses ``torch.load(weights_only=True)``.
+Writes go to a temporary file first and are renamed into place: a killed process never leaves a
+truncated checkpoint behind.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from gradsweep.errors import CheckpointError
+
+REQUIRED = ("model", "optimizer", "step", "best_score", "config")
+
+
+class CheckpointStore:
+    def __init__(self, folder: str | Path, on_save: Optional[Callable[[Path], None]] = None):
+        self.folder = Path(folder)
+        self.on_save = on_save  # e.g. upload to the tracking store as soon as it is written
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.pt"
+
+    def save(self, name: str, state: dict[str, Any]) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.path(name)
+        tmp = final.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, final)
+        if self.on_save is not None:
+            self.on_save(final)
+        return final
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"trainer.resume_from={str(path)!r}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable gradsweep checkpoint (corrupt or truncated?): {reason}") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        raise CheckpointError(f"{path}: not a gradsweep checkpoint; expected keys {', '.join(REQUIRED)}")
+    return state

@@ -1,0 +1,31 @@
+"""Errors the CLI reports as one line (no traceback)."""
+from __future__ import annotations
+
+
+class GradsweepError(Exception):
+    """Base of every error that is the user's input, not a bug."""
+
+
+class ConfigError(GradsweepError):
+    """Invalid configuration: the message names the key and the allowed values."""
+
+
+class DataError(GradsweepError):
+    """Unreadable or malformed data files: the message names the file and line."""
+
+
+class CheckpointError(GradsweepError):
+    """Missing, corrupt or incompatible checkpoint."""
+
+
+class NonFiniteError(GradsweepError):
+    """Training produced a NaN/Inf loss or gradient."""
+
+    def __init__(self, what: str, step: int):
+        super().__init__(f"non-finite {what} at step {step}")
+        self.what = what
+        self.step = step
+
+    @property
+    def tag(self) -> str:
+        return f"nonfinite_{self.what}"

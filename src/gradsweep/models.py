@@ -1,0 +1,152 @@
+"""Models. Parameter names are part of the metric contract (``grad_norm/<param>``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradsweep.config import CNNConfig, MLPConfig, ModelConfig, RNNConfig, SRNConfig
+from gradsweep.data import DataSet
+
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU}
+
+
+class SRNLayer(nn.Module):
+    """One simple recurrent layer: h_t = tanh(x_t W + h_{t-1} U + b), parameters W, U, b."""
+
+    def __init__(self, input_size: int, hidden_size: int, init: str = "zeros", std: float = 0.01):
+        super().__init__()
+        self.W = nn.Parameter(torch.empty(input_size, hidden_size))
+        self.U = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        self.b = nn.Parameter(torch.empty(1, hidden_size))
+        for p in (self.W, self.U, self.b):
+            if init == "zeros":
+                nn.init.zeros_(p)
+            elif init == "normal":
+                nn.init.normal_(p, 0.0, std)
+            elif init == "uniform":
+                nn.init.uniform_(p, -std, std)
+            elif p.dim() > 1 and p.shape[0] > 1:  # xavier on matrices; bias to zero
+                nn.init.xavier_uniform_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, input) -> all hidden states (B, L, hidden)."""
+        xw = x @ self.W  # the input projection for every step at once
+        h = torch.zeros(x.shape[0], self.U.shape[0], device=x.device, dtype=x.dtype)
+        out = []
+        for t in range(x.shape[1]):
+            h = torch.tanh(xw[:, t] + h @ self.U + self.b)
+            out.append(h)
+        return torch.stack(out, dim=1)
+
+
+class SRN(nn.Module):
+    """Embedding (Xavier-uniform) -> stacked SRN layers -> last hidden state -> linear classifier.
+
+    One layer is named ``rnn`` (parameters ``rnn.W``, ``rnn.U``, ``rnn.b``); stacked layers are
+    ``rnn.0``, ``rnn.1``, ...
+    """
+
+    def __init__(self, cfg: SRNConfig, num_classes: int):
+        super().__init__()
+        self.num_layers = cfg.num_layers
+        self.embedding = nn.Embedding(10, cfg.input_size)
+        nn.init.xavier_uniform_(self.embedding.weight)
+        sizes = [cfg.input_size] + [cfg.hidden_size] * cfg.num_layers
+        layers = [SRNLayer(i, o, cfg.init, cfg.init_std) for i, o in zip(sizes[:-1], sizes[1:])]
+        self.rnn = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
+        self.classifier = nn.Linear(cfg.hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.rnn(self.embedding(x))[:, -1])
+
+
+class TorchRNN(nn.Module):
+    """Embedding -> torch.nn.LSTM or GRU -> last hidden state -> linear classifier."""
+
+    def __init__(self, cfg: RNNConfig, num_classes: int):
+        super().__init__()
+        self.num_layers = cfg.num_layers
+        self.embedding = nn.Embedding(10, cfg.input_size)
+        cls = nn.LSTM if cfg.name == "lstm" else nn.GRU
+        self.rnn = cls(cfg.input_size, cfg.hidden_size, num_layers=cfg.num_layers, batch_first=True)
+        self.classifier = nn.Linear(cfg.hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embedding(x))
+        return self.classifier(out[:, -1])
+
+
+class MLP(nn.Module):
+    """``layers.0 .. layers.{n-1}`` hidden Linear layers, ``layers.n`` the output layer."""
+
+    def __init__(self, cfg: MLPConfig, in_features: int, out_features: int):
+        super().__init__()
+        self.num_layers = cfg.num_layers
+        sizes = [in_features] + [cfg.hidden_size] * cfg.num_layers + [out_features]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.act = ACTIVATIONS[cfg.activation]()
+        for layer in self.layers:
+            init_weight(layer.weight, cfg)
+            nn.init.constant_(layer.bias, cfg.bias_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x))
+        return self.layers[-1](x)
+
+    def hidden_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Post-activation output of every hidden layer (for dead-unit diagnostics)."""
+        out, x = [], x.flatten(1)
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x))
+            out.append(x)
+        return out
+
+
+def init_weight(w: torch.Tensor, cfg: MLPConfig) -> None:
+    if cfg.weight_init == "normal":
+        nn.init.normal_(w, cfg.weight_mean, cfg.weight_std)
+    elif cfg.weight_init == "uniform":
+        nn.init.uniform_(w, -cfg.weight_std, cfg.weight_std)
+    elif cfg.weight_init == "zeros":
+        nn.init.zeros_(w)
+    elif cfg.weight_init == "xavier":
+        nn.init.xavier_uniform_(w)
+    else:
+        nonlinearity = cfg.activation if cfg.activation in ("relu", "leaky_relu") else "relu"
+        nn.init.kaiming_uniform_(w, nonlinearity=nonlinearity)
+
+
+class CNN(nn.Module):
+    """``convs.i`` 3x3 conv layers (padding 1) -> global average pool -> ``classifier``."""
+
+    def __init__(self, cfg: CNNConfig, in_channels: int, num_classes: int):
+        super().__init__()
+        self.num_layers = cfg.num_layers
+        chans = [in_channels] + [cfg.channels] * cfg.num_layers
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:]))
+        self.act = ACTIVATIONS[cfg.activation]()
+        self.classifier = nn.Linear(cfg.channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = self.act(conv(x))
+        return self.classifier(x.mean(dim=(2, 3)))
+
+
+def build_model(cfg: ModelConfig, data: DataSet, out_features: int) -> nn.Module:
+    if isinstance(cfg, SRNConfig):
+        return SRN(cfg, out_features)
+    if isinstance(cfg, RNNConfig):
+        return TorchRNN(cfg, out_features)
+    if isinstance(cfg, MLPConfig):
+        n_in = 1
+        for d in data.input_shape:
+            n_in *= d
+        return MLP(cfg, n_in, out_features)
+    if isinstance(cfg, CNNConfig):
+        return CNN(cfg, data.input_shape[0], out_features)
+    raise TypeError(f"no model for {type(cfg).__name__}")

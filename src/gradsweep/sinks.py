@@ -1,0 +1,35 @@
+"""Where the training loop sends its records. The loop knows only :class:`Sink`."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Protocol
+
+
+class Sink(Protocol):
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class HistorySink:
+    """Keeps every record in memory: ``history[name] -> ([steps], [values])`` (figures, diagnostics)."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            steps, values = self.history[name]
+            steps.append(step)
+            values.append(value)
+
+    def last(self, name: str, default: float | None = None) -> float | None:
+        series = self.history.get(name)
+        return series[1][-1] if series and series[1] else default
+
+
+class TeeSink:
+    def __init__(self, *sinks: Sink) -> None:
+        self.sinks = sinks
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.log_metrics(step, metrics)

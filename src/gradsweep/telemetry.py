@@ -1,0 +1,46 @@
+"""Gradient telemetry: every parameter's gradient L2 norm from one fused kernel per step.
+
+The norms stay on the device; :class:`StepTelemetry` stacks them with the loss, accuracy and
+clip figures into one vector so the host receives a whole step in a single transfer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GradientNorms:
+    """Per-parameter and total L2 gradient norms of a model, computed with ``torch._foreach_norm``."""
+
+    def __init__(self, model: nn.Module):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+
+    def grads(self) -> list[torch.Tensor]:
+        """Current gradients; a parameter without one (unused this step) contributes zeros."""
+        return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def per_param(self, grads: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(P,) tensor of L2 norms on the device: one fused kernel, no host sync."""
+        grads = self.grads() if grads is None else grads
+        return torch.stack(torch._foreach_norm(grads, 2.0))
+
+    @staticmethod
+    def total(per_param: torch.Tensor) -> torch.Tensor:
+        """Global L2 norm from the per-parameter L2 norms (same as clip_grad_norm_'s total)."""
+        return torch.linalg.vector_norm(per_param, 2.0)
+
+
+def metric_names(param_names: list[str]) -> list[str]:
+    """Order of the values in a step vector (see :func:`step_vector`)."""
+    return ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef",
+            *(f"grad_norm/{n}" for n in param_names)]
+
+
+def step_vector(loss: torch.Tensor, acc: torch.Tensor, total: torch.Tensor, total_clipped: torch.Tensor,
+                coef: torch.Tensor, per_param: torch.Tensor) -> torch.Tensor:
+    """Everything one step reports, in :func:`metric_names` order, as one float tensor."""
+    head = torch.stack([loss.detach().float(), acc.float(), total.float(), total_clipped.float(),
+                        coef.float().reshape(())])
+    return torch.cat([head, per_param.float()])

@@ -1,0 +1,42 @@
+"""Tracking URI checks and masking (no MLflow import: cheap to use in config validation)."""
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from gradsweep.errors import ConfigError
+
+SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    parts = urlsplit(uri or "")
+    scheme = parts.scheme.split("+")[0]
+    if scheme not in SCHEMES or (scheme in ("http", "https") and not parts.hostname):
+        raise ConfigError(f"tracking.uri={mask(uri)!r} is not a tracking URI; allowed: "
+                          "sqlite:///path.db | http(s)://host:port | file:///path | postgresql://...")
+    if scheme in ("http", "https"):
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError(f"tracking.uri={mask(uri)!r} has an invalid port; allowed: 1-65535") from None
+
+
+def mask(uri: str) -> str:
+    """Replace the password of a URI with ***."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def is_local_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):])

@@ -1,0 +1,32 @@
+"""Hydra entry point: compose -> gradsweep job -> return the objective (best dev accuracy).
+
+    python src/train.py                                   # the default study (SRN, digit-sum)
+    python src/train.py -m clip.max_norm=1,5,20           # a sweep: one parent run, three children
+    python src/train.py experiment=mlp_vanishing          # a ready study
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from gradsweep.config import register_schemas  # noqa: E402
+from gradsweep.entry import run_cli  # noqa: E402
+from gradsweep.hydra_job import job_from_hydra  # noqa: E402
+
+register_schemas()
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+# only our own code may be named as a _target_ in configs (callbacks, sweeper subclasses)
+@hydra.main(config_path=CONFIG_DIR, config_name="config", execution_whitelist=["gradsweep.*"])
+def main(cfg: DictConfig) -> float:
+    return job_from_hydra(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
