@@ -29,4 +29,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, CONFIG_DIR, "config")

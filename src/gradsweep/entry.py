@@ -16,6 +16,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
 from gradsweep.errors import GradsweepError, NonFiniteError
+from gradsweep.preflight import preflight
 
 EXIT_INPUT = 2
 EXIT_FAILED = 1
@@ -26,12 +27,13 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, GradsweepError):
         return str(e).splitlines()[0]
     text = str(e)
-    m = re.search(r"Could not find '([^']+)'.*?Available options in '([^']+)':(.*)", text, re.S)
-    if m:
-        group = m.group(2)
-        choice = m.group(1).rsplit("/", 1)[-1]
-        options = [o.strip() for o in m.group(3).split() if o.strip()]
-        return f"{group}={choice}: unknown option; allowed: {'|'.join(options)}"
+    m = re.search(r"Could not find '([^']+)'", text)
+    if m and "/" in m.group(1):
+        group, choice = m.group(1).rsplit("/", 1)
+        found = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)*)", text)
+        options = [o.strip() for o in (found.group(1) if found else "").splitlines()
+                   if o.strip() and not o.strip().endswith("_schema")]
+        return f"{group}={choice}: unknown option; allowed: {'|'.join(options) or '(none)'}"
     if isinstance(e, OmegaConfBaseException) or isinstance(e.__cause__, OmegaConfBaseException):
         inner = e if isinstance(e, OmegaConfBaseException) else e.__cause__
         key = getattr(inner, "full_key", None)
@@ -41,12 +43,13 @@ def one_line(e: BaseException) -> str:
     return " ".join(lines)[:500] if lines else type(e).__name__
 
 
-def run_cli(main: Callable[[], object]) -> None:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+def run_cli(main: Callable[[], object], config_dir: str, config_name: str) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's own reporting
         main()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        preflight(config_dir, config_name, sys.argv[1:])
         main()
     except NonFiniteError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """Hydra callback: validate before anything is created, and make a ``-m`` sweep one MLflow parent run.
 
-* ``on_run_start`` / ``on_multirun_start`` validate every job the command line describes (each
-  combination of a discrete sweep) before Hydra creates output folders or we create runs.
-* ``on_multirun_start`` then opens the parent run and writes ``gradsweep_sweep.json`` into the
+Hydra turns exceptions raised in callbacks into warnings, so input validation cannot live here:
+:mod:`gradsweep.preflight` does it before Hydra starts.
+
+* ``on_multirun_start`` opens the parent run and writes ``gradsweep_sweep.json`` into the
   sweep folder; jobs (in this process or in launcher workers) find it through an environment
   variable and nest their runs under it.
 * ``on_multirun_end`` adds the sweep comparison (figure + CSV) to the parent run and closes it.
@@ -16,8 +17,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -28,32 +27,6 @@ from gradsweep.tracking_uri import mask
 
 log = logging.getLogger("gradsweep")
 SWEEP_ENV = "GRADSWEEP_SWEEP_FILE"
-
-
-def job_combinations(task_overrides: list[str]) -> list[list[str]]:
-    """Every job a discrete command-line sweep expands to (non-discrete sweeps are left out:
-    their values are drawn later by the sweeper and validated by each job)."""
-    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
-    combos: list[list[str]] = [[]]
-    for ov in parser.parse_overrides(task_overrides):
-        key = ov.get_key_element()
-        if not ov.is_sweep_override():
-            values = [f"{key}={ov.get_value_element_as_str()}"]
-        elif ov.is_discrete_sweep():
-            values = [f"{key}={v}" for v in ov.sweep_string_iterator()]
-        else:
-            continue
-        combos = [c + [v] for c in combos for v in values]
-    return combos
-
-
-def validate_sweep(config: DictConfig) -> int:
-    """Compose and validate every job of the sweep; raises ConfigError on the first bad one."""
-    loader = GlobalHydra.instance().config_loader()
-    combos = job_combinations(list(config.hydra.overrides.task))
-    for combo in combos:
-        to_objects(loader.load_sweep_config(config, combo))
-    return len(combos)
 
 
 def read_sweep_file() -> Optional[dict[str, Any]]:
@@ -68,11 +41,7 @@ class GradsweepCallback(Callback):
         self.parent_run_id: Optional[str] = None
         self.tracker: Optional[Tracker] = None
 
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        to_objects(config)
-
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        n_jobs = validate_sweep(config)
         tracking = to_objects(config).tracking
         self.tracker = Tracker(tracking.uri, tracking.experiment_name, tracking.artifact_location)
         sweep_id = uuid.uuid4().hex
@@ -87,8 +56,7 @@ class GradsweepCallback(Callback):
         path = sweep_dir / "gradsweep_sweep.json"
         path.write_text(json.dumps(info))
         os.environ[SWEEP_ENV] = str(path.resolve())
-        log.info("sweep %s: parent run %s (%d jobs on the command line) in %s", sweep_id[:8], self.parent_run_id,
-                 n_jobs, mask(self.tracker.uri))
+        log.info("sweep %s: parent run %s in %s", sweep_id[:8], self.parent_run_id, mask(self.tracker.uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(SWEEP_ENV, None)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from gradsweep.checkpoints import CheckpointStore, load_checkpoint
 from gradsweep.clipping import build_clipper
 from gradsweep.config import JobSpec, to_objects
-from gradsweep.data import build_data
+from gradsweep.data import build_data, read_digit_sum
 from gradsweep.errors import CheckpointError, NonFiniteError
 from gradsweep.loop import Trainer, TrainResult
 from gradsweep.models import build_model
@@ -107,6 +107,16 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], Tracker], dest: Path)
     except Exception:
         best = None
     return load_checkpoint(last), best, ref
+
+
+def check_inputs(spec: JobSpec) -> None:
+    """Input files named by the config: the data folder and a checkpoint path (not run ids)."""
+    path = getattr(spec.data, "path", None)
+    if path:
+        read_digit_sum(path)
+    ref = spec.trainer.resume_from
+    if ref and (Path(ref).exists() or not RUN_ID.match(ref)):
+        load_checkpoint(ref)
 
 
 def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, float], None]] = None) -> JobOutcome:
