@@ -1,0 +1,33 @@
+# Shortcuts; the README's two commands are the canonical ones.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-all ui server bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e ".[test]"
+
+demo: install
+	$(BIN)/python src/train.py -m clip.max_norm=1,5,20
+
+test: install
+	$(BIN)/python -m pytest
+
+test-all: install
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+ui:
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
+
+server:  ## a local tracking server on 127.0.0.1:5000 with the embedded store
+	$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlruns/server.db --artifacts-destination mlruns/server-artifacts
+
+bench: install
+	$(BIN)/python benchmarks/telemetry_overhead.py
+
+clean:
+	rm -rf outputs multirun

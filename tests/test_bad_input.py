@@ -1,0 +1,45 @@
+"""Bad input: one-line error naming the key and the allowed values, exit 2, nothing created."""
+import pytest
+
+from conftest import run_train
+
+CASES = [
+    (["model=foo"], "model=foo: unknown option; allowed: cnn|gru|lstm|mlp|srn"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1.0 is invalid; allowed: a finite number > 0"),
+    (["clip.max_norm=0"], "clip.max_norm=0.0 is invalid; allowed: a finite number > 0"),
+    (["clip.max_norm=-3"], "clip.max_norm=-3.0 is invalid"),
+    (["model=mlp", "data=moons", "model.activation=swish"],
+     "model.activation='swish' is invalid; allowed: sigmoid|tanh|relu|leaky_relu|elu"),
+    (["data.path=/no/such/folder"], "data.path='/no/such/folder': folder not found"),
+    (["-m", "clip.max_norm=1,0"], "clip.max_norm=0.0 is invalid"),
+    (["-m", "optimizer.lr=0.1,-1"], "optimizer.lr=-1.0 is invalid"),
+    (["optimizer.lr=abc"], "optimizer.lr: Value 'abc' of type 'str' could not be converted to Float"),
+    (["model.bogus=1"], "model.bogus: Key 'bogus' not in 'SRNConfig'"),
+    (["clip.norm_type=3"], "clip.norm_type=3.0 is invalid; allowed: 1.0|2.0|inf"),
+    (["tracking.uri=not a uri"], "tracking.uri='not a uri' is not a tracking URI"),
+    (["model=mlp"], "data='digit_sum' is invalid; allowed: moons|circles|digits for model=mlp"),
+]
+
+
+@pytest.mark.parametrize("args,message", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_input(tmp_path, args, message):
+    store_dir = tmp_path / "store"
+    has_uri = any(a.startswith("tracking.uri=") for a in args)
+    extra = [] if has_uri else [f"tracking.uri=sqlite:///{store_dir}/mlflow.db"]
+    res = run_train([*args, *extra], tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert not store_dir.exists()  # no tracking store, so no run
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    res = run_train([f"trainer.resume_from={bad}", f"tracking.uri=sqlite:///{tmp_path}/s/mlflow.db"], tmp_path)
+    assert res.returncode == 2
+    (line,) = res.stderr.strip().splitlines()
+    assert "not a readable gradsweep checkpoint" in line and str(bad) in line
+    assert not (tmp_path / "s").exists()

@@ -1,0 +1,89 @@
+"""A real `-m` sweep in a subprocess, read back with MlflowClient (embedded store and real server)."""
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import run_train
+
+PARAMS = ["embedding.weight", "rnn.W", "rnn.U", "rnn.b", "classifier.weight", "classifier.bias"]
+STEPS = 10  # 2 epochs x ceil(300 / 64)
+
+
+def check_sweep(uri: str, tmp_path: Path):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("gradsweep")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.data.tags["gradsweep.sweep_id"] for c in children} == {parent.data.tags["gradsweep.sweep_id"]}
+    assert sorted(float(c.data.params["clip.max_norm"]) for c in children) == [1.0, 5.0, 20.0]
+    for c in children:
+        assert c.info.status == "FINISHED"
+        max_norm = float(c.data.params["clip.max_norm"])
+        assert c.data.params["model.hidden_size"] == "32" and c.data.params["optimizer.lr"] == "0.2"
+        assert "clip.max_norm=" in c.data.tags["gradsweep.overrides"]
+        total = client.get_metric_history(c.info.run_id, "grad_norm/total")
+        clipped = client.get_metric_history(c.info.run_id, "grad_norm/total_clipped")
+        assert sorted(m.step for m in total) == list(range(STEPS))
+        assert all(m.value <= max_norm * (1 + 1e-6) for m in clipped)
+        for p in PARAMS:
+            assert sorted(m.step for m in client.get_metric_history(c.info.run_id, f"grad_norm/{p}")) == list(range(STEPS))
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "dev/acc")] == [STEPS - 1]
+        assert 0 <= c.data.metrics["best/dev_acc"] <= 1 and "test/acc" in c.data.metrics
+        arts = {a.path for a in client.list_artifacts(c.info.run_id, "checkpoints")}
+        assert arts == {"checkpoints/best.pt", "checkpoints/last.pt"}
+        assert {a.path for a in client.list_artifacts(c.info.run_id, "figures")} == {"figures/grad_norms.png"}
+        local = client.download_artifacts(c.info.run_id, "checkpoints/last.pt", str(tmp_path))
+        state = torch.load(local, weights_only=True)
+        assert state["step"] == STEPS and set(state) >= {"model", "optimizer", "best_score", "config"}
+        assert state["config"]["clip"]["max_norm"] == max_norm and "rnn.U" in state["model"]
+    sweep_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert sweep_arts == {"sweep/sweep_grad_norm_total.png", "sweep/sweep_runs.csv"}
+    csv_path = client.download_artifacts(parent.info.run_id, "sweep/sweep_runs.csv", str(tmp_path))
+    rows = Path(csv_path).read_text().splitlines()
+    assert len(rows) == 4 and "clip.max_norm" in rows[0] and "best/dev_acc" in rows[0]
+
+
+def test_multirun_embedded_store(tmp_path, store):
+    res = run_train(["-m", "clip.max_norm=1,5,20", "trainer.epochs=2", f"tracking.uri={store}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "mlflow ui --backend-store-uri" in res.stdout
+    check_sweep(store, tmp_path)
+
+
+def test_multirun_against_real_server(tmp_path, mlflow_server):
+    res = run_train(["-m", "clip.max_norm=1,5,20", "trainer.epochs=2", f"tracking.uri={mlflow_server.uri}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    check_sweep(mlflow_server.uri, tmp_path)
+    # artifacts went through the server into its artifact destination, not the client's disk
+    assert list((tmp_path / "artifacts").rglob("last.pt"))
+
+
+def test_diverging_job_fails_and_sweep_goes_on(tmp_path, store):
+    res = run_train(["-m", "model=mlp", "data=moons", "model.activation=relu", "optimizer.lr=1e6,0.1",
+                     "trainer.epochs=3", "trainer.batch_size=0", "clip=none", f"tracking.uri={store}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(store)
+    children = [r for r in client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
+                if "mlflow.parentRunId" in r.data.tags]
+    by_lr = {r.data.params["optimizer.lr"]: r for r in children}
+    bad, good = by_lr["1000000.0"], by_lr["0.1"]
+    assert bad.info.status == "FAILED"
+    assert bad.data.tags["failure"] == "nonfinite_loss" and int(bad.data.tags["failure_step"]) >= 0
+    assert good.info.status == "FINISHED" and "best/dev_acc" in good.data.metrics
+
+
+def test_single_diverging_run_exits_nonzero(tmp_path, store):
+    res = run_train(["model=mlp", "data=moons", "optimizer.lr=1e6", "trainer.epochs=3", "trainer.batch_size=0",
+                     "clip=none", f"tracking.uri={store}"], tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1].startswith("error: training diverged: non-finite loss at step")
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
+    assert run.info.status == "FAILED"
