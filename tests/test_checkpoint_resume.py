@@ -1,0 +1,72 @@
+"""Checkpoints load with weights_only=True and resuming continues a run exactly (CPU, fixed seed)."""
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import TRAIN, run_train
+
+
+def _runs(store):
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("gradsweep")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _last(client, run_id, key):
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)[-1]
+
+
+def test_resume_from_checkpoint_path_equals_uninterrupted(tmp_path, store):
+    common = ["trainer.eval_every_steps=5", f"tracking.uri={store}"]
+    full = run_train(["trainer.epochs=4", "hydra.run.dir=full", *common], tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    half = run_train(["trainer.epochs=2", "hydra.run.dir=half", *common], tmp_path)
+    assert half.returncode == 0, half.stderr[-2000:]
+    ckpt = tmp_path / "half" / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 10 and state["epoch"] == 2 and state["best_score"] >= 0
+    resumed = run_train(["trainer.epochs=4", f"trainer.resume_from={ckpt}", "hydra.run.dir=resumed", *common], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    client, (r_full, r_half, r_res) = _runs(store)
+    assert r_res.data.tags["gradsweep.resumed_from"] == str(ckpt)
+    steps = sorted(m.step for m in client.get_metric_history(r_res.info.run_id, "grad_norm/total"))
+    assert steps == list(range(10, 20))  # continued where the checkpoint left off
+    for key in ("train/loss", "grad_norm/total", "grad_norm/rnn.U", "test/acc", "best/dev_acc"):
+        assert _last(client, r_res.info.run_id, key).value == _last(client, r_full.info.run_id, key).value, key
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_from_run_id_continues_same_run(tmp_path, store):
+    first = run_train(["trainer.epochs=2", "trainer.eval_every_steps=5", f"tracking.uri={store}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    client, (run,) = _runs(store)
+    again = run_train(["trainer.epochs=3", f"trainer.resume_from={run.info.run_id}", "trainer.eval_every_steps=5",
+                       f"tracking.uri={store}"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    client, runs = _runs(store)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "grad_norm/total"))
+    assert steps == list(range(15))
+
+
+def test_sigterm_marks_run_killed(tmp_path, store):
+    proc = subprocess.Popen([sys.executable, str(TRAIN), "trainer.epochs=100000", f"tracking.uri={store}"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:  # wait until training has started
+        if " run " in line and "steps" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert proc.returncode != 0
+    client, (run,) = _runs(store)
+    assert run.info.status == "KILLED"
+    assert len(client.get_metric_history(run.info.run_id, "grad_norm/total")) > 0  # flushed before closing
