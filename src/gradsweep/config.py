@@ -94,10 +94,15 @@ class MLPConfig(ModelConfig):
     weight_mean: float = 0.0  # init=normal: mean
     weight_std: float = 0.01  # init=normal: std; init=uniform: bound a of U(-a, a)
     bias_init: float = 0.0  # every bias is set to this constant
+    #: widths of the hidden layers, e.g. [5, 3]; when set it replaces num_layers x hidden_size
+    hidden_sizes: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.hidden_size >= 1, "model.hidden_size", self.hidden_size, "an integer >= 1")
+        if self.hidden_sizes is not None:
+            _require(len(self.hidden_sizes) >= 1 and min(self.hidden_sizes) >= 1, "model.hidden_sizes",
+                     list(self.hidden_sizes), "null or a non-empty list of integers >= 1")
         _choice("model.activation", self.activation, ACTIVATIONS)
         _choice("model.weight_init", self.weight_init, WEIGHT_INITS)
         _positive("model.weight_std", self.weight_std, strict=False)
@@ -263,6 +268,9 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"  # auto|cpu|cuda
     resume_from: Optional[str] = None  # checkpoint path or MLflow run id
+    #: at the last step of each epoch also log weight_mean/<param>, weight_std/<param> (after the
+    #: update) and grad_mean/<param>, grad_std/<param> (that step's gradient, before clipping)
+    epoch_stats: bool = False
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
@@ -276,13 +284,54 @@ class TrainerConfig:
         _choice("trainer.device", self.device, DEVICES)
 
 
+# ----------------------------------------------------------------------------- diagnostics
+@dataclass
+class DiagnosticsConfig:
+    """Thresholds of the end-of-run gradient-health verdict (:mod:`gradsweep.diagnostics`).
+
+    The verdict is the tag ``grad_health``: ``ok``, or a comma list of ``exploding``,
+    ``vanishing``, ``dead_units``, ``nonfinite``.
+    """
+
+    enabled: bool = True
+    #: a spike is a step whose total gradient norm (before clipping) exceeds spike_factor x the
+    #: median total norm of the previous spike_window steps; counted from step spike_min_history
+    spike_factor: float = 10.0
+    spike_window: int = 50
+    spike_min_history: int = 5
+    exploding_spikes: int = 1  # exploding when spike_count >= this
+    #: a parameter's gradient has vanished on a step when its norm is below vanish_abs, or below
+    #: both vanish_rel_peak x its own peak so far and vanish_rel_total x that step's total norm
+    #: (it collapsed while other parameters still get gradient)
+    vanish_abs: float = 1e-12
+    vanish_rel_peak: float = 1e-4
+    vanish_rel_total: float = 1e-3
+    vanishing_frac: float = 0.5  # vanishing when some parameter vanished on >= this fraction of steps
+    #: layered models (MLP layers.i, CNN convs.i + classifier): median over the first ratio_steps
+    #: steps of |grad first-layer weight| / |grad last-layer weight|; vanishing when below the minimum
+    ratio_steps: int = 10
+    first_last_ratio_min: float = 1e-7
+    #: ReLU MLPs: dead_units when >= this fraction of hidden units output 0 on every training example
+    dead_frac: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(self.spike_factor > 1, "diagnostics.spike_factor", self.spike_factor, "a number > 1")
+        for k in ("spike_window", "spike_min_history", "exploding_spikes", "ratio_steps"):
+            _require(getattr(self, k) >= 1, f"diagnostics.{k}", getattr(self, k), "an integer >= 1")
+        for k in ("vanish_abs", "vanish_rel_peak", "vanish_rel_total", "first_last_ratio_min"):
+            _positive(f"diagnostics.{k}", getattr(self, k), strict=False)
+        for k in ("vanishing_frac", "dead_frac"):
+            _require(0 < getattr(self, k) <= 1, f"diagnostics.{k}", getattr(self, k), "a number in (0, 1]")
+
+
 # -------------------------------------------------------------------------------- tracking
 @dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlruns/mlflow.db"  # or http://host:port; MLFLOW_TRACKING_URI wins if set
     experiment_name: str = "gradsweep"
     artifact_location: Optional[str] = None  # embedded store: defaults to mlruns/artifacts
-    flush_every_s: float = 1.0  # background sender wakes at least this often
+    spool_dir: Optional[str] = None  # run journals before delivery; default: mlruns/spool
+    delivery_timeout_s: float = 60.0  # at the end of a run, wait this long for an unreachable store
     log_figures: bool = True
     log_checkpoints: bool = True
 
@@ -291,7 +340,7 @@ class TrackingConfig:
 
         check_tracking_uri(self.uri)
         _require(bool(self.experiment_name.strip()), "tracking.experiment_name", self.experiment_name, "a non-empty name")
-        _positive("tracking.flush_every_s", self.flush_every_s)
+        _positive("tracking.delivery_timeout_s", self.delivery_timeout_s, strict=False)
 
 
 @dataclass
@@ -302,6 +351,7 @@ class GradsweepConfig:
     clip: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 @dataclass
@@ -314,6 +364,7 @@ class JobSpec:
     clip: ClipConfig
     trainer: TrainerConfig
     tracking: TrackingConfig
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -342,6 +393,7 @@ def register_schemas() -> None:
             cs.store(group=group, name=f"{name}_schema", node=node)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
     cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
+    cs.store(group="diagnostics", name="diagnostics_schema", node=DiagnosticsConfig)
 
 
 def to_objects(cfg: DictConfig) -> JobSpec:
@@ -359,6 +411,8 @@ def to_objects(cfg: DictConfig) -> JobSpec:
         parts[group] = _to_dataclass(SCHEMAS[group][name], node, group)
     parts["trainer"] = _to_dataclass(TrainerConfig, cfg.trainer, "trainer")
     parts["tracking"] = _to_dataclass(TrackingConfig, cfg.tracking, "tracking")
+    if cfg.get("diagnostics") is not None:
+        parts["diagnostics"] = _to_dataclass(DiagnosticsConfig, cfg.diagnostics, "diagnostics")
     spec = JobSpec(**parts)
     allowed = COMPATIBLE_DATA[spec.model.name]
     _require(spec.data.name in allowed, "data", spec.data.name, f"{'|'.join(allowed)} for model={spec.model.name}")

@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 
 from gradsweep.config import to_objects
 from gradsweep.sweep_summary import summarize_sweep
-from gradsweep.tracker import SWEEP_TAG, Tracker
+from gradsweep.spool import RunJournal
+from gradsweep.tracker import SWEEP_TAG, Tracker, close_run, open_run, resolve_uri
 from gradsweep.tracking_uri import mask
 
 log = logging.getLogger("gradsweep")
@@ -38,39 +39,44 @@ def read_sweep_file() -> Optional[dict[str, Any]]:
 
 class GradsweepCallback(Callback):
     def __init__(self) -> None:
-        self.parent_run_id: Optional[str] = None
-        self.tracker: Optional[Tracker] = None
+        self.journal: Optional[RunJournal] = None
+        self.tracking = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        tracking = to_objects(config).tracking
-        self.tracker = Tracker(tracking.uri, tracking.experiment_name, tracking.artifact_location)
+        self.tracking = tracking = to_objects(config).tracking
         sweep_id = uuid.uuid4().hex
         overrides = " ".join(config.hydra.overrides.task)
-        self.parent_run_id = self.tracker.start_run(
-            f"sweep: {overrides}" if overrides else "sweep",
+        self.journal = open_run(
+            tracking.uri, tracking.experiment_name, f"sweep: {overrides}" if overrides else "sweep",
             {SWEEP_TAG: sweep_id, "gradsweep.role": "sweep", "gradsweep.overrides": overrides,
-             "gradsweep.sweeper": str(config.hydra.sweeper.get("_target_", ""))})
+             "gradsweep.sweeper": str(config.hydra.sweeper.get("_target_", ""))},
+            artifact_location=tracking.artifact_location, spool_dir=tracking.spool_dir)
+        run_id = self.journal.run_id
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        info = {"sweep_id": sweep_id, "parent_run_id": self.parent_run_id, "experiment_id": self.tracker.experiment_id}
+        info = {"sweep_id": sweep_id, "parent_run_id": run_id,
+                "parent_local_id": None if run_id else self.journal.local_id}
         path = sweep_dir / "gradsweep_sweep.json"
         path.write_text(json.dumps(info))
         os.environ[SWEEP_ENV] = str(path.resolve())
-        log.info("sweep %s: parent run %s in %s", sweep_id[:8], self.parent_run_id, mask(self.tracker.uri))
+        log.info("sweep %s: parent run %s in %s", sweep_id[:8], run_id or "(spooled)", mask(tracking.uri))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(SWEEP_ENV, None)
-        if self.tracker is None or self.parent_run_id is None:
+        if self.journal is None:
             return
         status = "FINISHED"
+        run_id = self.journal.run_id
         try:
-            summarize_sweep(self.tracker, self.parent_run_id, Path(str(config.hydra.sweep.dir)))
+            if run_id:
+                tracker = Tracker(self.tracking.uri, self.tracking.experiment_name, self.tracking.artifact_location)
+                summarize_sweep(tracker, run_id, Path(str(config.hydra.sweep.dir)), self.journal)
         except Exception as e:  # the children are recorded; a failed summary must not hide that
-            log.error("sweep summary failed: %s", e)
-            status = "FAILED"
+            log.error("sweep summary failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         finally:
-            self.tracker.end_run(self.parent_run_id, status)
-        print_ui_hint(self.tracker.uri, self.parent_run_id)
+            close_run(self.journal, status, self.tracking.delivery_timeout_s)
+        print_ui_hint(self.journal.run_id and resolve_uri(self.tracking.uri) or self.tracking.uri,
+                      self.journal.run_id or self.journal.local_id)
 
 
 def print_ui_hint(uri: str, run_id: str) -> None:

@@ -22,13 +22,15 @@ from gradsweep.checkpoints import CheckpointStore, load_checkpoint
 from gradsweep.clipping import build_clipper
 from gradsweep.config import JobSpec, to_objects
 from gradsweep.data import build_data, read_digit_sum
-from gradsweep.errors import CheckpointError, NonFiniteError
+from gradsweep.diagnostics import Diagnosis, record_health
+from gradsweep.errors import CheckpointError, NonFiniteError, StopRun
 from gradsweep.loop import Trainer, TrainResult
 from gradsweep.models import build_model
 from gradsweep.optim import build_optimizer
 from gradsweep.plots import plot_param_norms
 from gradsweep.sinks import HistorySink, TeeSink
-from gradsweep.tracker import SWEEP_TAG, Tracker, flatten
+from gradsweep.spool import RunJournal
+from gradsweep.tracker import SWEEP_TAG, Tracker, close_run, flatten, open_run
 from gradsweep.tracking_uri import mask
 
 log = logging.getLogger("gradsweep")
@@ -42,6 +44,7 @@ class JobContext:
     overrides: list[str] = field(default_factory=list)
     output_dir: Path = Path(".")
     parent_run_id: Optional[str] = None
+    parent_local_id: Optional[str] = None  # the parent run's journal, when it was opened while the store was down
     sweep_id: Optional[str] = None
     extra_tags: dict[str, str] = field(default_factory=dict)
 
@@ -55,6 +58,7 @@ class JobOutcome:
     failure: Optional[str] = None
     history: Optional[HistorySink] = None
     error: Optional[Exception] = None
+    health: Optional[Diagnosis] = None  # gradient-health verdict (gradsweep.diagnostics)
 
 
 class Terminated(KeyboardInterrupt):
@@ -134,7 +138,6 @@ def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, f
     clipper = build_clipper(spec.clip)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
 
-    tracker = make_tracker()
     name = " ".join(o for o in ctx.overrides if not o.startswith("trainer.resume_from")) or "default"
     tags = {"gradsweep.overrides": " ".join(ctx.overrides), "model": spec.model.name, "data": spec.data.name,
             "clip": spec.clip.name, **ctx.extra_tags}
@@ -143,30 +146,33 @@ def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, f
     commit = git_commit(Path.cwd())
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    if resume is not None and resume[2] is not None:
-        run_id = resume[2]
-        tracker.client.update_run(run_id, status="RUNNING")
-        tracker.set_tags(run_id, {"gradsweep.resumed_at_step": resume[0]["step"]})
+    same_run = resume[2] if resume is not None else None
+    if same_run:
+        make_tracker().client.update_run(same_run, status="RUNNING")
+    journal = open_run(spec.tracking.uri, spec.tracking.experiment_name, name, tags,
+                       artifact_location=spec.tracking.artifact_location, spool_dir=spec.tracking.spool_dir,
+                       parent_run_id=ctx.parent_run_id, parent_local_id=ctx.parent_local_id, run_id=same_run)
+    if same_run:
+        journal.set_tags({"gradsweep.resumed_at_step": resume[0]["step"]})
     else:
-        run_id = tracker.start_run(name, tags, ctx.parent_run_id)
-        tracker.log_params(run_id, run_params(cfg))
+        journal.log_params(run_params(cfg))
         if resume is not None:
-            tracker.set_tags(run_id, {"gradsweep.resumed_from": spec.trainer.resume_from})
+            journal.set_tags({"gradsweep.resumed_from": spec.trainer.resume_from})
     cfg_path = ctx.output_dir / "config.yaml"
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker.log_artifact(run_id, cfg_path)
+    journal.log_artifact(cfg_path)
 
     history = HistorySink()
-    sender = tracker.metric_sink(run_id, spec.tracking.flush_every_s)
     store = CheckpointStore(ctx.output_dir / "checkpoints")
-    trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, sender), device, store,
+    trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, journal), device, store,
                       config_dict, on_eval)
     if resume is not None:
         trainer.restore(resume[0], resume[1])
     if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
-        store.on_save = lambda path: tracker.log_artifact(run_id, path, "checkpoints")
-    log.info("run %s (%s) on %s: %s, %d steps", run_id, name, device, mask(tracker.uri), trainer.total_steps)
+        store.on_save = lambda path: journal.log_artifact(path, "checkpoints")
+    run_ref = journal.run_id or f"(spooled {journal.local_id})"
+    log.info("run %s (%s) on %s: %s, %d steps", run_ref, name, device, mask(spec.tracking.uri), trainer.total_steps)
 
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     status, failure, result, error = "FAILED", None, None, None
@@ -175,40 +181,45 @@ def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, f
         status = "FINISHED"
     except NonFiniteError as e:
         failure, error = e.tag, e
-        tracker.set_tags(run_id, {"failure": e.tag, "failure_step": e.step, "failure_reason": str(e)})
+        journal.set_tags({"failure": e.tag, "failure_step": e.step, "failure_reason": str(e)})
+    except StopRun as e:  # on_eval stopped the run on purpose (an Optuna pruner): KILLED, not FAILED
+        status, error = "KILLED", e
+        journal.set_tags({"gradsweep.stopped": e.reason, "gradsweep.stopped_step": e.step})
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     except Exception as e:
         failure, error = "exception", e
-        tracker.set_tags(run_id, {"failure": "exception", "failure_reason": f"{type(e).__name__}: {e}"[:5000]})
+        journal.set_tags({"failure": "exception", "failure_reason": f"{type(e).__name__}: {e}"})
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        _close_run(tracker, run_id, sender, history, store, spec, status, name)
+        health = record_health(history.history, spec.diagnostics, model, trainer.train_x, journal, journal.set_tags,
+                               journal.run_id or run_ref)
+        _close_run(journal, history, store, spec, status, name)
+    run_ref = journal.run_id or run_ref
     if error is not None:
-        log.error("run %s FAILED: %s", run_id, error)
-        return JobOutcome(run_id, status, math.nan, None, failure, history, error)
-    log.info("run %s FINISHED: best dev acc %.4f (step %d), test acc %.4f", run_id, result.best_dev_acc,
+        log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", run_ref, status, error)
+        return JobOutcome(run_ref, status, math.nan, None, failure, history, error, health)
+    log.info("run %s FINISHED: best dev acc %.4f (step %d), test acc %.4f", run_ref, result.best_dev_acc,
              result.best_step, result.test_acc)
-    return JobOutcome(run_id, status, result.best_dev_acc, result, None, history)
+    return JobOutcome(run_ref, status, result.best_dev_acc, result, None, history, health=health)
 
 
-def _close_run(tracker: Tracker, run_id: str, sender, history: HistorySink, store: CheckpointStore,
-               spec: JobSpec, status: str, name: str) -> None:
-    """Flush metrics, log figures and checkpoints, then set the final status (in that order)."""
+def _close_run(journal: RunJournal, history: HistorySink, store: CheckpointStore, spec: JobSpec, status: str,
+               name: str) -> None:
+    """Figures and checkpoints, then the final status; then deliver what is left (in that order)."""
     try:
-        sender.close()
         if spec.tracking.log_figures and history.history:
             fig = plot_param_norms(history.history, store.folder.parent / "figures" / "grad_norms.png", title=name)
-            tracker.log_artifact(run_id, fig, "figures")
+            journal.log_artifact(fig, "figures")
         if spec.tracking.log_checkpoints:
             for ckpt in ("best", "last"):
                 if store.path(ckpt).is_file():
-                    tracker.log_artifact(run_id, store.path(ckpt), "checkpoints")
+                    journal.log_artifact(store.path(ckpt), "checkpoints")
     finally:
-        tracker.end_run(run_id, status)
+        close_run(journal, status, spec.tracking.delivery_timeout_s)
 
 
 def _main_thread() -> bool:

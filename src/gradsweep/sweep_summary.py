@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import csv
 import math
-import time
 from pathlib import Path
 
-from mlflow.entities import Metric
-
 from gradsweep.plots import plot_lines
+from gradsweep.spool import RunJournal
 from gradsweep.tracker import Tracker
 
 FINAL_METRICS = ("best/dev_acc", "test/acc", "test/loss", "dev/acc", "train/loss", "grad_norm/total")
@@ -24,7 +22,8 @@ def differing_params(runs) -> list[str]:
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
 
 
-def summarize_sweep(tracker: Tracker, parent_run_id: str, out_dir: Path) -> tuple[Path, Path] | None:
+def summarize_sweep(tracker: Tracker, parent_run_id: str, out_dir: Path, writer: RunJournal) -> tuple[Path, Path] | None:
+    """Read the children from the store (``tracker``), write the summary to the parent (``writer``)."""
     runs = tracker.children(parent_run_id)
     if not runs:
         return None
@@ -43,13 +42,13 @@ def summarize_sweep(tracker: Tracker, parent_run_id: str, out_dir: Path) -> tupl
             w.writerow([r.info.run_id, r.info.run_name, r.info.status, r.data.tags.get("failure", ""),
                         r.data.tags.get("gradsweep.overrides", ""), *(r.data.params.get(k, "") for k in varied),
                         *(m.get(k, "") for k in FINAL_METRICS)])
-    tracker.log_artifact(parent_run_id, fig, "sweep")
-    tracker.log_artifact(parent_run_id, table, "sweep")
+    writer.log_artifact(fig, "sweep")
+    writer.log_artifact(table, "sweep")
     scores = [r.data.metrics["best/dev_acc"] for r in runs
               if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get("best/dev_acc", math.nan))]
     summary = {"sweep/runs": len(runs), "sweep/finished": sum(r.info.status == "FINISHED" for r in runs),
                "sweep/failed": sum(r.info.status == "FAILED" for r in runs)}
     if scores:
         summary["best/dev_acc"] = max(scores)
-    tracker.client.log_batch(parent_run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in summary.items()])
+    writer.log_metrics(0, summary)
     return fig, table

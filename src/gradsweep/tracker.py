@@ -1,25 +1,34 @@
-"""MLflow tracking: runs, params, tags, artifacts, and a metric sink that batches off the training thread.
+"""MLflow tracking: the store and experiment (:class:`Tracker`), and opening a run's journal.
 
-The training thread only appends ``(step, metrics)`` to a buffer; a background thread turns them
-into ``Metric`` entities and sends them with ``log_batch`` (at most 1000 per request), so logging
-never costs one HTTP request per value.
+Runs are written through a :class:`~gradsweep.spool.RunJournal` on local disk and delivered by a
+worker process (:mod:`gradsweep.delivery`) with ``log_batch`` (up to 1000 metrics per request):
+the training thread never waits on the store and never sends one request per value, and a
+store that is down at start or mid-run only delays delivery.
 """
 from __future__ import annotations
 
 import logging
-import threading
+import os
+import subprocess
+import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+# Fail fast: MLflow's default (7 retries, exponential backoff) blocks a call for minutes when the
+# server is down. We retry ourselves, with the data safe in the journal meanwhile.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
-from gradsweep.tracking_uri import is_local_sqlite, mask, sqlite_path
+from mlflow.entities import Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from gradsweep import delivery  # noqa: E402
+from gradsweep.spool import RunJournal, default_spool_dir, now_ms  # noqa: E402
+from gradsweep.tracking_uri import is_local_sqlite, mask, sqlite_path  # noqa: E402
 
 log = logging.getLogger("gradsweep.tracking")
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for log_batch
 MAX_PARAMS_PER_BATCH = 100
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "gradsweep.sweep_id"
@@ -36,6 +45,11 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+def default_artifact_location(uri: str) -> Optional[str]:
+    """Embedded store: ``mlruns/artifacts`` beside the database. A server decides for itself."""
+    return (sqlite_path(uri).parent / "artifacts").as_uri() if is_local_sqlite(uri) else None
+
+
 class Tracker:
     """One tracking store (embedded sqlite or a server) and one experiment in it."""
 
@@ -48,8 +62,7 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        if artifact_location is None and is_local_sqlite(self.uri):
-            artifact_location = (sqlite_path(self.uri).parent / "artifacts").as_uri()
+        artifact_location = artifact_location or default_artifact_location(self.uri)
         try:
             return self.client.create_experiment(name, artifact_location=artifact_location)
         except Exception:  # created concurrently by another worker
@@ -79,9 +92,6 @@ class Tracker:
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
-    def metric_sink(self, run_id: str, flush_every_s: float = 1.0) -> "MetricSender":
-        return MetricSender(self.client, run_id, flush_every_s)
-
     def children(self, parent_run_id: str) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
                                        max_results=10000, order_by=["attributes.start_time ASC"])
@@ -94,76 +104,6 @@ class Tracker:
         return f"Tracker({mask(self.uri)!r}, experiment {self.experiment_id})"
 
 
-class MetricSender:
-    """A :class:`~gradsweep.sinks.Sink` that sends metrics from a background thread with ``log_batch``.
-
-    A failed request is kept and retried on the next wake-up, so a short outage loses nothing.
-    :meth:`close` sends everything left before returning.
-    """
-
-    def __init__(self, client: MlflowClient, run_id: str, flush_every_s: float = 1.0):
-        self.client, self.run_id, self.flush_every_s = client, run_id, flush_every_s
-        self._buffer: deque[tuple[int, int, dict[str, float]]] = deque()
-        self._pending: list[Metric] = []  # built but not yet delivered (retried first)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._failing = False
-        self.sent = 0
-        self.requests = 0
-        self._thread = threading.Thread(target=self._loop, name="gradsweep-metrics", daemon=True)
-        self._thread.start()
-
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._buffer.append((step, int(time.time() * 1000), metrics))
-        if len(self._buffer) * max(len(metrics), 1) >= MAX_METRICS_PER_BATCH:
-            self._wake.set()
-
-    def _drain(self) -> None:
-        while self._buffer:
-            step, ts, metrics = self._buffer.popleft()
-            self._pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
-
-    def _send(self) -> bool:
-        """Deliver pending metrics in chunks; return False if the store could not be reached."""
-        self._drain()
-        while self._pending:
-            chunk = self._pending[:MAX_METRICS_PER_BATCH]
-            try:
-                self.client.log_batch(self.run_id, metrics=chunk)
-            except Exception as e:  # keep the chunk; retry on the next wake-up
-                if not self._failing:
-                    log.warning("metric logging failed, will retry: %s", str(e).splitlines()[0][:200])
-                self._failing = True
-                return False
-            if self._failing:
-                log.warning("metric logging recovered")
-            self._failing = False
-            del self._pending[:len(chunk)]
-            self.sent += len(chunk)
-            self.requests += 1
-        return True
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.flush_every_s)
-            self._wake.clear()
-            self._send()
-
-    def close(self, timeout_s: float = 120.0) -> None:
-        """Stop the thread and deliver what is left (retrying until ``timeout_s``)."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join()
-        deadline = time.monotonic() + timeout_s
-        while not self._send():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"could not deliver {len(self._pending)} metrics to the tracking store")
-            time.sleep(1.0)
-
-    def unsent(self) -> int:
-        return len(self._pending) + sum(len(m) for _, _, m in self._buffer)
-
-
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -174,3 +114,74 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[key] = v
     return out
 
+
+
+# ------------------------------------------------------------------------------ run journals
+def open_run(uri: str, experiment_name: str, run_name: str, tags: dict[str, str], *,
+             artifact_location: Optional[str] = None, spool_dir: Optional[str] = None,
+             parent_run_id: Optional[str] = None, parent_local_id: Optional[str] = None,
+             run_id: Optional[str] = None) -> RunJournal:
+    """Open a run for writing. The run is created on the store now if it can be reached, else
+    later by the delivery worker (the journal then starts with what is needed to create it)."""
+    uri = resolve_uri(uri)
+    spool = Path(spool_dir) if spool_dir else default_spool_dir(uri)
+    header: dict[str, Any] = {"uri": uri, "experiment_name": experiment_name,
+                              "artifact_location": artifact_location or default_artifact_location(uri)}
+    if run_id is None and parent_local_id is None:
+        try:
+            run_id = Tracker(uri, experiment_name, artifact_location).start_run(run_name, tags, parent_run_id)
+        except Exception as e:
+            if not delivery.is_transient(e):
+                raise
+            print(f"[gradsweep] tracking store {mask(uri)} unreachable; the run is spooled to {spool} "
+                  "and created there when it answers", file=sys.stderr, flush=True)
+    if run_id:
+        header["run_id"] = run_id
+    else:
+        header["create"] = {"run_name": run_name, "tags": tags, "parent_run_id": parent_run_id,
+                            "parent_local_id": parent_local_id, "start_time": now_ms()}
+    journal = RunJournal.create(spool, header)
+    DeliveryWorker.ensure(spool)
+    return journal
+
+
+def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0) -> bool:
+    """Write the final status and deliver what is left. False if the store stayed unreachable:
+    the journal stays on disk for ``gradsweep sync``."""
+    journal.end(status)
+    reporter = delivery.OutageReporter()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if delivery.deliver(journal.folder, wait_s=30):
+                reporter.reachable()
+                return True
+        except delivery.Busy:
+            continue
+        except delivery.Unreachable as e:
+            reporter.unreachable(journal.folder.parent, str(e))
+        if time.monotonic() > deadline:
+            print(f"[gradsweep] run not fully delivered; it stays in {journal.folder.parent}: "
+                  "run `gradsweep sync` when the tracking store is back", file=sys.stderr, flush=True)
+            return False
+        time.sleep(1.0)
+
+
+class DeliveryWorker:
+    """One delivery process per training process and spool folder (see :mod:`gradsweep.delivery`).
+
+    It stops when this process closes its stdin pipe, i.e. also when this process dies."""
+
+    _workers: dict[Path, subprocess.Popen] = {}
+
+    @classmethod
+    def ensure(cls, spool: Path) -> None:
+        spool = spool.resolve()
+        proc = cls._workers.get(spool)
+        if proc is not None and proc.poll() is None:
+            return
+        src = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        cls._workers[spool] = subprocess.Popen(
+            [sys.executable, "-m", "gradsweep.delivery", str(spool), "--owner-pid", str(os.getpid())],
+            stdin=subprocess.PIPE, env=env, start_new_session=True)
