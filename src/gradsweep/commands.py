@@ -18,3 +18,30 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "run src/train.py with Hydra overrides (same as python src/train.py ...)", _train_args)
 def train(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(TRAIN), *args.overrides])
+
+
+def _sync_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spool", type=Path, default=Path("mlruns") / "spool",
+                   help="spool folder (default: mlruns/spool, where runs are journaled)")
+    p.add_argument("--wait", type=float, default=0.0, help="keep retrying an unreachable store this many seconds")
+
+
+@command("sync", "deliver run journals still spooled on disk (e.g. after a tracking-server outage)", _sync_args)
+def sync(args: argparse.Namespace) -> int:
+    import time
+
+    from gradsweep.delivery import OutageReporter, deliver_all, pending
+
+    folders = pending(args.spool)
+    if not folders:
+        print(f"nothing to deliver in {args.spool}")
+        return 0
+    deadline = time.monotonic() + args.wait
+    reporter = OutageReporter(sys.stdout)
+    while True:
+        left = deliver_all(pending(args.spool), reporter, args.spool)
+        if left == 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    print(f"delivered {len(folders) - left} of {len(folders)} spooled runs" + (f"; {left} still spooled" if left else ""))
+    return 1 if left else 0
