@@ -22,7 +22,7 @@ from gradsweep.config import TrainerConfig
 from gradsweep.data import DataSet, Split
 from gradsweep.errors import NonFiniteError
 from gradsweep.sinks import Sink
-from gradsweep.telemetry import GradientNorms, metric_names, step_vector
+from gradsweep.telemetry import GradientNorms, ParamStats, epoch_stat_names, metric_names, step_vector
 
 log = logging.getLogger("gradsweep")
 EVAL_CHUNK = 4096
@@ -75,6 +75,9 @@ class Trainer:
         self.on_eval = on_eval  # e.g. report to an Optuna trial; may raise to stop the run
         self.norms = GradientNorms(model)
         self.names = metric_names(self.norms.names)
+        self.param_stats = ParamStats(self.norms.params) if getattr(cfg, "epoch_stats", False) else None
+        self.stat_names = epoch_stat_names(self.norms.names)
+        self.epoch_stats: Optional[torch.Tensor] = None  # set by train_step(stats=True)
         n = len(data.train)
         self.batch_size = cfg.batch_size or n
         self.steps_per_epoch = math.ceil(n / self.batch_size)
@@ -116,15 +119,18 @@ class Trainer:
             self.store.save(name, self.state())
 
     # -------------------------------------------------------------------------- the loop
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: bool = False) -> list[float]:
         self.optimizer.zero_grad(set_to_none=False)
         loss, correct = batch_loss(self.model(x), y, self.cfg.loss, self.cfg.reduction)
         loss.backward()
         grads = self.norms.grads()
         per_param = self.norms.per_param(grads)
         total = self.norms.total(per_param)
+        grad_stats = self.param_stats(grads) if stats else None  # before clipping
         coef, total_clipped = self.clipper(self.norms, grads, total)
         self.optimizer.step()
+        if grad_stats is not None:  # weights after the update; stays on the device
+            self.epoch_stats = torch.cat([self.param_stats(self.norms.params).reshape(-1), grad_stats.reshape(-1)])
         vec = step_vector(loss, correct.float() / len(y), total, total_clipped, coef, per_param)
         return vec.tolist()  # the step's single device-to-host transfer
 
@@ -135,10 +141,13 @@ class Trainer:
             if self.perm is None:
                 self.perm = torch.randperm(len(self.train_y), generator=self.gen)
             idx = self.perm[self.batch * self.batch_size:(self.batch + 1) * self.batch_size].to(self.device)
-            values = self.train_step(self.train_x[idx], self.train_y[idx])
+            end_of_epoch = self.param_stats is not None and self.batch == self.steps_per_epoch - 1
+            values = self.train_step(self.train_x[idx], self.train_y[idx], stats=end_of_epoch)
             record = dict(zip(self.names, values))
             if self.step % self.cfg.log_every_steps == 0 or not _finite(values):
                 self.sink.log_metrics(self.step, record)
+            if end_of_epoch:  # one transfer per epoch
+                self.sink.log_metrics(self.step, dict(zip(self.stat_names, self.epoch_stats.tolist())))
             if not math.isfinite(record["train/loss"]):
                 raise NonFiniteError("loss", self.step)
             if not math.isfinite(record["grad_norm/total"]):

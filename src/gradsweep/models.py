@@ -79,12 +79,15 @@ class TorchRNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """``layers.0 .. layers.{n-1}`` hidden Linear layers, ``layers.n`` the output layer."""
+    """``layers.0 .. layers.{n-1}`` hidden Linear layers, ``layers.n`` the output layer.
+
+    Widths: ``hidden_sizes`` when set, else ``num_layers`` x ``hidden_size``."""
 
     def __init__(self, cfg: MLPConfig, in_features: int, out_features: int):
         super().__init__()
-        self.num_layers = cfg.num_layers
-        sizes = [in_features] + [cfg.hidden_size] * cfg.num_layers + [out_features]
+        hidden = list(cfg.hidden_sizes) if cfg.hidden_sizes else [cfg.hidden_size] * cfg.num_layers
+        self.num_layers = len(hidden)
+        sizes = [in_features] + hidden + [out_features]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.act = ACTIVATIONS[cfg.activation]()
         for layer in self.layers:

@@ -44,3 +44,32 @@ def step_vector(loss: torch.Tensor, acc: torch.Tensor, total: torch.Tensor, tota
     head = torch.stack([loss.detach().float(), acc.float(), total.float(), total_clipped.float(),
                         coef.float().reshape(())])
     return torch.cat([head, per_param.float()])
+
+
+class ParamStats:
+    """Mean and (population) standard deviation of each of a fixed list of tensors, on the device.
+
+    All tensors are concatenated once and reduced per tensor with ``index_add_`` (two passes: the
+    mean, then squared deviations, so a constant tensor gives std 0 exactly): a handful of kernels
+    whatever the number of parameters, and no host sync.
+    """
+
+    def __init__(self, params: list[torch.Tensor]):
+        device = params[0].device if params else torch.device("cpu")
+        sizes = torch.tensor([p.numel() for p in params], device=device)
+        self.count = sizes.float()
+        self.index = torch.repeat_interleave(torch.arange(len(params), device=device), sizes)
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """(2, P): row 0 the means, row 1 the standard deviations."""
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        n = len(self.count)
+        mean = torch.zeros(n, device=flat.device).index_add_(0, self.index, flat) / self.count
+        dev = flat - mean[self.index]
+        var = torch.zeros(n, device=flat.device).index_add_(0, self.index, dev * dev) / self.count
+        return torch.stack([mean, var.sqrt()])
+
+
+def epoch_stat_names(param_names: list[str]) -> list[str]:
+    """Order of the values of :meth:`ParamStats` for weights then gradients, flattened."""
+    return [f"{kind}_{stat}/{n}" for kind in ("weight", "grad") for stat in ("mean", "std") for n in param_names]
