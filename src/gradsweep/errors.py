@@ -29,3 +29,12 @@ class NonFiniteError(GradsweepError):
     @property
     def tag(self) -> str:
         return f"nonfinite_{self.what}"
+
+
+class StopRun(Exception):
+    """Not an error: raised by a training loop's ``on_eval`` hook to stop a run on purpose (an Optuna
+    pruner). The job closes the run KILLED with tags ``gradsweep.stopped=<reason>`` and
+    ``gradsweep.stopped_step``, not FAILED, and returns the exception in its outcome."""
+
+    reason = "stopped"
+    step = -1
