@@ -40,4 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the importable module so commands register in the same COMMANDS table
+    from gradsweep.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,90 @@
+"""Tracking-server outages: training goes on, everything is delivered later, once, in step order."""
+import subprocess
+import sys
+import threading
+import time
+
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, TRAIN, MlflowServer
+
+EPOCHS = 200  # 1000 steps: a few seconds of training
+STEPS = EPOCHS * 5
+TELEMETRY = ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef",
+             "grad_norm/rnn.W", "grad_norm/rnn.U", "grad_norm/rnn.b"]
+
+
+def _job(uri, cwd, *extra):
+    return subprocess.Popen([sys.executable, str(TRAIN), f"trainer.epochs={EPOCHS}", "trainer.eval_every_steps=400",
+                             f"tracking.uri={uri}", *extra], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _assert_complete(client, run):
+    assert run.info.status == "FINISHED"
+    for key in TELEMETRY:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(STEPS)), (key, len(steps))  # every step once: none lost, no duplicates
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "dev/acc")] == [399, 799, 999]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == \
+        {"checkpoints/best.pt", "checkpoints/last.pt"}
+    assert run.data.params["trainer.epochs"] == str(EPOCHS)
+
+
+def test_server_stopped_mid_run_and_restarted(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    job = _job(server.uri, tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(job.stderr), daemon=True)
+    reader.start()
+    client = MlflowClient(server.uri)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until the run is there and metrics are flowing
+            if any(" on cpu: " in ln for ln in lines):
+                break
+            time.sleep(0.1)
+        server.stop()  # mid-run: the job has at most started training
+        deadline = time.monotonic() + 120
+        while not any("unreachable" in ln for ln in lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)  # the outage goes on while training does
+        server.start()
+        job.wait(timeout=300)
+        reader.join(30)
+    finally:
+        server.stop()
+    err = "".join(lines)
+    assert job.returncode == 0, err[-3000:]
+    assert err.count("tracking store unreachable") == 1 and err.count("reachable again") == 1, err[-3000:]
+    server.start()
+    try:
+        (run,) = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
+        _assert_complete(client, run)
+    finally:
+        server.stop()
+
+
+def test_server_down_for_whole_job_then_sync(tmp_path):
+    server = MlflowServer(tmp_path)  # not started: unreachable from the beginning
+    job = _job(server.uri, tmp_path, "tracking.delivery_timeout_s=2")
+    out, err = job.communicate(timeout=300)
+    assert job.returncode == 0, err[-3000:]
+    assert "gradsweep sync" in err
+    spooled = [p for p in (tmp_path / "mlruns" / "spool").iterdir() if (p / "journal.jsonl").exists()]
+    assert len(spooled) == 1
+    server.start()
+    try:
+        sync = subprocess.run([sys.executable, "-m", "gradsweep.cli", "sync"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+        assert sync.returncode == 0, sync.stdout + sync.stderr
+        assert "delivered 1 of 1 spooled runs" in sync.stdout
+        client = MlflowClient(server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
+        _assert_complete(client, run)
+        assert run.data.tags["gradsweep.spooled"] == "true"
+        again = subprocess.run([sys.executable, "-m", "gradsweep.cli", "sync"], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=120, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+        assert "nothing to deliver" in again.stdout
+    finally:
+        server.stop()
