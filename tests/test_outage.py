@@ -17,7 +17,7 @@ TELEMETRY = ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clip
 def _job(uri, cwd, *extra):
     return subprocess.Popen([sys.executable, str(TRAIN), f"trainer.epochs={EPOCHS}", "trainer.eval_every_steps=400",
                              f"tracking.uri={uri}", *extra], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _assert_complete(client, run):
@@ -35,7 +35,7 @@ def test_server_stopped_mid_run_and_restarted(tmp_path):
     server = MlflowServer(tmp_path).start()
     job = _job(server.uri, tmp_path)
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(job.stderr), daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True)
     reader.start()
     client = MlflowClient(server.uri)
     try:
@@ -68,7 +68,7 @@ def test_server_stopped_mid_run_and_restarted(tmp_path):
 def test_server_down_for_whole_job_then_sync(tmp_path):
     server = MlflowServer(tmp_path)  # not started: unreachable from the beginning
     job = _job(server.uri, tmp_path, "tracking.delivery_timeout_s=2")
-    out, err = job.communicate(timeout=300)
+    err, _ = job.communicate(timeout=300)
     assert job.returncode == 0, err[-3000:]
     assert "gradsweep sync" in err
     spooled = [p for p in (tmp_path / "mlruns" / "spool").iterdir() if (p / "journal.jsonl").exists()]
