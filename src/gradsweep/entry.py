@@ -50,6 +50,10 @@ def run_cli(main: Callable[[], object], config_dir: str, config_name: str) -> No
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         preflight(config_dir, config_name, sys.argv[1:])
+    except Exception as e:  # preflight only parses and composes the command line: any error is the input's
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_INPUT)
+    try:
         main()
     except NonFiniteError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
