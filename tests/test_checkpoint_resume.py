@@ -70,3 +70,36 @@ def test_sigterm_marks_run_killed(tmp_path, store):
     client, (run,) = _runs(store)
     assert run.info.status == "KILLED"
     assert len(client.get_metric_history(run.info.run_id, "grad_norm/total")) > 0  # flushed before closing
+
+
+def test_sigkill_then_resume_into_same_run_equals_uninterrupted(tmp_path, store):
+    """A trial killed with SIGKILL after a checkpoint continues in the same MLflow run, exactly."""
+    common = ["trainer.epochs=60", "trainer.eval_every_steps=100", "trainer.checkpoint_every_steps=50",
+              f"tracking.uri={store}"]
+    full = run_train([*common, "hydra.run.dir=full"], tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *common, "hydra.run.dir=killed"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(store)
+    deadline = time.monotonic() + 180
+    killed_run = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = [r for r in _runs(store)[1] if r.info.status == "RUNNING"]
+        if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
+            killed_run = runs[0].info.run_id
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(60)
+    assert killed_run is not None and proc.returncode == -signal.SIGKILL, "killed after its first checkpoint"
+    time.sleep(1.0)  # the delivery worker sends what it has once its owner is gone
+    assert client.get_run(killed_run).info.status == "RUNNING"
+    resumed = run_train([f"trainer.resume_from={killed_run}", *common, "hydra.run.dir=resumed"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = client.get_run(killed_run)
+    assert run.info.status == "FINISHED" and int(run.data.tags["gradsweep.resumed_at_step"]) % 50 == 0
+    full_id = [r for r in _runs(store)[1] if r.info.run_id != killed_run][0].info.run_id
+    for key in ("test/acc", "best/dev_acc", "train/loss", "grad_norm/total", "grad_norm/rnn.U"):
+        assert _last(client, killed_run, key).value == _last(client, full_id, key).value, key
+    steps = sorted(m.step for m in client.get_metric_history(killed_run, "grad_norm/total"))
+    assert steps == list(range(300))  # every step once: none lost, none duplicated

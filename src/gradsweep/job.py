@@ -28,7 +28,7 @@ from gradsweep.loop import Trainer, TrainResult
 from gradsweep.models import build_model
 from gradsweep.optim import build_optimizer
 from gradsweep.plots import plot_param_norms
-from gradsweep.sinks import HistorySink, TeeSink
+from gradsweep.sinks import FromStep, HistorySink, TeeSink
 from gradsweep.spool import RunJournal
 from gradsweep.tracker import SWEEP_TAG, Tracker, close_run, flatten, open_run
 from gradsweep.tracking_uri import mask
@@ -89,28 +89,37 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     return {k: (mask(v) if isinstance(v, str) and k.endswith("uri") else v) for k, v in params.items()}
 
 
-def resolve_resume(ref: str, tracker_factory: Callable[[], Tracker], dest: Path) -> tuple[dict, Optional[dict], Optional[str]]:
-    """``trainer.resume_from``: a checkpoint path or an MLflow run id. Returns (last, best, run id)."""
+@dataclass
+class Resume:
+    last: dict  # the checkpoint to continue from
+    best: Optional[dict]  # the best checkpoint so far, if there is one
+    run_id: Optional[str] = None  # continue this run (resume_from was a run id)
+    logged_through: int = -1  # last step the run already has metrics for (after a kill: beyond `last`)
+
+
+def resolve_resume(ref: str, tracker_factory: Callable[[], Tracker], dest: Path) -> Resume:
+    """``trainer.resume_from``: a checkpoint path (a new run) or an MLflow run id (the same run)."""
     path = Path(ref)
     if path.exists() or not RUN_ID.match(ref):
         best_path = path.with_name("best.pt")
         best = load_checkpoint(best_path) if best_path.is_file() and best_path != path else None
-        return load_checkpoint(path), best, None
-    tracker = tracker_factory()
+        return Resume(load_checkpoint(path), best)
+    client = tracker_factory().client
     try:
-        tracker.client.get_run(ref)
+        client.get_run(ref)
     except Exception:
         raise CheckpointError(f"trainer.resume_from={ref!r}: neither a checkpoint file nor a run in the tracking store") from None
     dest.mkdir(parents=True, exist_ok=True)
     try:
-        last = tracker.client.download_artifacts(ref, "checkpoints/last.pt", str(dest))
+        last = client.download_artifacts(ref, "checkpoints/last.pt", str(dest))
     except Exception:
         raise CheckpointError(f"trainer.resume_from={ref!r}: run has no checkpoints/last.pt artifact") from None
     try:
-        best = load_checkpoint(tracker.client.download_artifacts(ref, "checkpoints/best.pt", str(dest)))
+        best = load_checkpoint(client.download_artifacts(ref, "checkpoints/best.pt", str(dest)))
     except Exception:
         best = None
-    return load_checkpoint(last), best, ref
+    logged = max((m.step for m in client.get_metric_history(ref, "grad_norm/total")), default=-1)
+    return Resume(load_checkpoint(last), best, ref, logged)
 
 
 def check_inputs(spec: JobSpec) -> None:
@@ -146,14 +155,14 @@ def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, f
     commit = git_commit(Path.cwd())
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    same_run = resume[2] if resume is not None else None
+    same_run = resume.run_id if resume is not None else None
     if same_run:
         make_tracker().client.update_run(same_run, status="RUNNING")
     journal = open_run(spec.tracking.uri, spec.tracking.experiment_name, name, tags,
                        artifact_location=spec.tracking.artifact_location, spool_dir=spec.tracking.spool_dir,
                        parent_run_id=ctx.parent_run_id, parent_local_id=ctx.parent_local_id, run_id=same_run)
     if same_run:
-        journal.set_tags({"gradsweep.resumed_at_step": resume[0]["step"]})
+        journal.set_tags({"gradsweep.resumed_at_step": resume.last["step"]})
     else:
         journal.log_params(run_params(cfg))
         if resume is not None:
@@ -165,10 +174,12 @@ def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, f
 
     history = HistorySink()
     store = CheckpointStore(ctx.output_dir / "checkpoints")
-    trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, journal), device, store,
+    # steps the run already holds (logged after its last checkpoint, before it was killed) are not sent twice
+    to_store = FromStep(journal, resume.logged_through + 1) if same_run else journal
+    trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, to_store), device, store,
                       config_dict, on_eval)
     if resume is not None:
-        trainer.restore(resume[0], resume[1])
+        trainer.restore(resume.last, resume.best)
     if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
         store.on_save = lambda path: journal.log_artifact(path, "checkpoints")
     run_ref = journal.run_id or f"(spooled {journal.local_id})"

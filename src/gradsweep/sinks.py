@@ -33,3 +33,14 @@ class TeeSink:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         for sink in self.sinks:
             sink.log_metrics(step, metrics)
+
+
+class FromStep:
+    """Passes on records from ``first_step`` on (a resumed run that already has the earlier ones)."""
+
+    def __init__(self, sink: Sink, first_step: int) -> None:
+        self.sink, self.first_step = sink, first_step
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if step >= self.first_step:
+            self.sink.log_metrics(step, metrics)
