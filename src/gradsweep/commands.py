@@ -45,3 +45,17 @@ def sync(args: argparse.Namespace) -> int:
         time.sleep(1.0)
     print(f"delivered {len(folders) - left} of {len(folders)} spooled runs" + (f"; {left} still spooled" if left else ""))
     return 1 if left else 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    from gradsweep.report import add_arguments  # light: MLflow and matplotlib load only when it runs
+
+    add_arguments(p)
+
+
+@command("report", "figures and a summary table (with gradient-health verdicts) of a sweep, study or experiment",
+         _report_args)
+def report(args: argparse.Namespace) -> int:
+    from gradsweep.report import run
+
+    return run(args)
