@@ -59,3 +59,53 @@ def report(args: argparse.Namespace) -> int:
     from gradsweep.report import run
 
     return run(args)
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="run a named sweep once (for cron, systemd timers, Kubernetes CronJobs)")
+    run.add_argument("name", help="a sweep in sweeps/ (e.g. lr_layers_clip)")
+    run.add_argument("--trials", type=int, help="trials for this run (default: the schedule's trials_per_run, "
+                                                "else the sweep's n_trials)")
+    run.add_argument("overrides", nargs="*", help="extra Hydra overrides for every trial (e.g. trainer.epochs=5)")
+    sub.add_parser("list", help="the named sweeps and their schedules")
+
+
+@command("sweep", "run or list named sweeps (sweeps/*.yaml)", _sweep_args)
+def sweep(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from gradsweep.schedule import SweepRunner, load_schedule, sweep_names
+
+    if args.action == "list":
+        for name in sweep_names():
+            sched = load_schedule(name)
+            when = f"cron {sched.cron!r} {sched.timezone}, {sched.trials_per_run} trials/run" if sched else "unscheduled"
+            print(f"{name:<20} {when}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    sched = load_schedule(args.name)
+    trials = args.trials if args.trials is not None else (sched.trials_per_run if sched else None)
+    runner = SweepRunner(extra_overrides=args.overrides)
+    signal.signal(signal.SIGTERM, lambda *_: runner.terminate())
+    return runner.run(args.name, trials)
+
+
+def _schedule_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sweep", action="append", dest="sweeps", help="only this sweep (repeatable; default: all "
+                                                                  "sweeps with a schedule)")
+    p.add_argument("--max-runs", type=int, help="exit after this many sweep runs in all")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every trial")
+
+
+@command("schedule", "run scheduled sweeps whenever they are due (long-running; SIGTERM stops it cleanly)",
+         _schedule_args)
+def schedule(args: argparse.Namespace) -> int:
+    import logging
+
+    from gradsweep.schedule import Scheduler
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # it logs every tick; we log runs and skips
+    return Scheduler(args.sweeps, max_runs=args.max_runs, extra_overrides=args.overrides).start()

@@ -352,6 +352,8 @@ class GradsweepConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    # a sweep file's {cron, timezone, trials_per_run}: read by `gradsweep schedule`, ignored by jobs
+    schedule: Optional[Any] = None
 
 
 @dataclass

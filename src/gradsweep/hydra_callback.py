@@ -20,6 +20,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from gradsweep import job as job_state
 from gradsweep.config import to_objects
 from gradsweep.sweep_summary import summarize_sweep
 from gradsweep.spool import RunJournal
@@ -28,6 +29,7 @@ from gradsweep.tracking_uri import mask
 
 log = logging.getLogger("gradsweep")
 SWEEP_ENV = "GRADSWEEP_SWEEP_FILE"
+TAGS_ENV = "GRADSWEEP_RUN_TAGS"  # JSON tags for the parent run (set by gradsweep sweep run / schedule)
 
 
 def read_sweep_file() -> Optional[dict[str, Any]]:
@@ -46,10 +48,11 @@ class GradsweepCallback(Callback):
         self.tracking = tracking = to_objects(config).tracking
         sweep_id = uuid.uuid4().hex
         overrides = " ".join(config.hydra.overrides.task)
+        tags = {SWEEP_TAG: sweep_id, "gradsweep.role": "sweep", "gradsweep.overrides": overrides,
+                "gradsweep.sweeper": str(config.hydra.sweeper.get("_target_", "")),
+                **json.loads(os.environ.get(TAGS_ENV) or "{}")}  # e.g. schedule, scheduled_at
         self.journal = open_run(
-            tracking.uri, tracking.experiment_name, f"sweep: {overrides}" if overrides else "sweep",
-            {SWEEP_TAG: sweep_id, "gradsweep.role": "sweep", "gradsweep.overrides": overrides,
-             "gradsweep.sweeper": str(config.hydra.sweeper.get("_target_", ""))},
+            tracking.uri, tracking.experiment_name, f"sweep: {overrides}" if overrides else "sweep", tags,
             artifact_location=tracking.artifact_location, spool_dir=tracking.spool_dir)
         run_id = self.journal.run_id
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -65,7 +68,7 @@ class GradsweepCallback(Callback):
         os.environ.pop(SWEEP_ENV, None)
         if self.journal is None:
             return
-        status = "FINISHED"
+        status = "KILLED" if job_state.interrupted else "FINISHED"
         run_id = self.journal.run_id
         try:
             if run_id:

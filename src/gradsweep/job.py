@@ -61,6 +61,9 @@ class JobOutcome:
     health: Optional[Diagnosis] = None  # gradient-health verdict (gradsweep.diagnostics)
 
 
+interrupted = False  # set when a job of this process was stopped by Ctrl-C/SIGTERM (the sweep is, too)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the run ends KILLED."""
 
@@ -197,7 +200,8 @@ def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, f
         status, error = "KILLED", e
         journal.set_tags({"gradsweep.stopped": e.reason, "gradsweep.stopped_step": e.step})
     except KeyboardInterrupt:
-        status = "KILLED"
+        global interrupted
+        status, interrupted = "KILLED", True
         raise
     except Exception as e:
         failure, error = "exception", e

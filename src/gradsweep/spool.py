@@ -55,9 +55,10 @@ def read_json(path: Path) -> Optional[dict[str, Any]]:
 class RunJournal:
     """Append-only log of one run. Also a :class:`~gradsweep.sinks.Sink` for the training loop."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, run_id: Optional[str] = None):
         self.folder = folder
         self.local_id = folder.name
+        self._run_id = run_id
         self._file = open(folder / JOURNAL, "a", encoding="utf-8")
         self._last_flush = time.monotonic()
         self._artifacts = 0
@@ -71,13 +72,15 @@ class RunJournal:
         write_json_atomic(folder / HEADER, {**header, "owner_pid": os.getpid()})
         if header.get("run_id"):
             write_json_atomic(folder / STATE, {"run_id": header["run_id"], "offset": 0, "done": False})
-        return cls(folder)
+        return cls(folder, header.get("run_id"))
 
     @property
     def run_id(self) -> Optional[str]:
         """The tracking store's run id, once the run exists there."""
-        state = read_json(self.folder / STATE)
-        return state.get("run_id") if state else None
+        if self._run_id is None:
+            state = read_json(self.folder / STATE)
+            self._run_id = state.get("run_id") if state else None
+        return self._run_id
 
     def _append(self, record: dict[str, Any], flush: bool = True) -> None:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")

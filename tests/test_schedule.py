@@ -1,0 +1,174 @@
+"""Scheduled sweeps: cadence, no overlap (one or two schedulers), study continuation, SIGTERM, locks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT
+from gradsweep.errors import ConfigError
+from gradsweep.schedule import Schedule, SweepBusy, cron_trigger, missed_runs, sweep_lock
+from postgres import postgres_server  # noqa: F401
+
+GRADSWEEP = str(Path(sys.executable).parent / "gradsweep")
+
+
+def write_sweep(folder: Path, cron: str = "*/3 * * * * *", trials: int = 1) -> Path:
+    sweeps = folder / "sweeps"
+    sweeps.mkdir(parents=True, exist_ok=True)
+    (sweeps / "tiny.yaml").write_text(textwrap.dedent(f"""\
+        # @package _global_
+        defaults:
+          - override /hydra/sweeper: gradsweep_optuna
+          - override /hydra/sweeper/pruner: none
+        trainer:
+          epochs: 1
+        hydra:
+          sweeper:
+            study_name: tiny
+            storage: sqlite:///{folder}/optuna.db
+            n_trials: 3
+            params:
+              optimizer.lr: tag(log, interval(0.01, 1.0))
+        schedule:
+          cron: "{cron}"
+          timezone: UTC
+          trials_per_run: {trials}
+        """))
+    return sweeps
+
+
+def env_for(folder: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["GRADSWEEP_SWEEPS_DIR"] = str(folder / "sweeps")
+    return env
+
+
+def parents(store: str) -> list:
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("gradsweep")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.schedule = 'tiny'") if exp else []
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def assert_no_overlap(runs) -> None:
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert end <= start, "two runs of the same sweep overlapped"
+
+
+def test_scheduler_runs_on_time_without_overlap_and_continues_the_study(tmp_path):
+    write_sweep(tmp_path)
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    res = subprocess.run([GRADSWEEP, "schedule", "--max-runs", "2", f"tracking.uri={store}"], cwd=tmp_path,
+                         env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = parents(store)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["scheduled_at"] for r in runs)
+    assert_no_overlap(runs)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.number for t in study.trials] == [0, 1]  # one study continued, one trial per run
+
+
+def test_second_scheduler_does_not_run_the_sweep_concurrently(tmp_path):
+    write_sweep(tmp_path)
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    cmd = [GRADSWEEP, "schedule", "--max-runs", "2", f"tracking.uri={store}"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert "already running" in "".join(outs)  # the two fired together: one ran, the other stood down
+    runs = parents(store)
+    assert 1 <= len(runs) <= 3
+    assert_no_overlap(runs)
+
+
+def test_sigterm_leaves_nothing_running(tmp_path):
+    write_sweep(tmp_path)
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    proc = subprocess.Popen([GRADSWEEP, "sweep", "run", "tiny", "trainer.epochs=100000", f"tracking.uri={store}"],
+                            cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(store)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name("gradsweep")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        if any("mlflow.parentRunId" in r.data.tags and r.info.status == "RUNNING" for r in runs):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the trial never started")
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) != 0
+    runs = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    assert {r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags} == {"KILLED"}
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert study.trials and all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
+
+
+def test_missed_runs_coalesce_into_one_at_start(tmp_path):
+    write_sweep(tmp_path, cron="*/10 * * * *")  # every 10 minutes
+    state = tmp_path / "mlruns" / "schedules" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"tiny": (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()}))
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    res = subprocess.run([GRADSWEEP, "schedule", "--max-runs", "1", f"tracking.uri={store}"], cwd=tmp_path,
+                         env=env_for(tmp_path), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = [ln for ln in res.stderr.splitlines() if "missed" in ln]
+    assert len(line) == 1 and "coalescing them into one run" in line[0]
+    assert int(line[0].split("tiny: ")[1].split()[0]) in (5, 6)
+    assert len(parents(store)) == 1
+
+
+def test_missed_runs_count_and_cron_errors():
+    sched = Schedule("x", "0 * * * *")
+    last = datetime(2026, 1, 1, 0, 30, tzinfo=timezone.utc)
+    assert missed_runs(sched, last, last + timedelta(hours=3)) == 3
+    assert missed_runs(sched, None, last) == 0
+    with pytest.raises(ConfigError, match="allowed: 5"):
+        cron_trigger("* * *")
+    with pytest.raises(ConfigError, match="is invalid"):
+        cron_trigger("99 * * * *")
+
+
+def test_file_lock_is_exclusive_and_released_when_the_holder_dies(tmp_path):
+    with sweep_lock("s", None, tmp_path):
+        with pytest.raises(SweepBusy, match="already running"):
+            with sweep_lock("s", None, tmp_path):
+                pass
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from gradsweep.schedule import sweep_lock; from pathlib import Path;"
+                               "cm = sweep_lock('s', None, Path(sys.argv[2])); cm.__enter__(); print('held', flush=True);"
+                               "time.sleep(600)", str(ROOT / "src"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(SweepBusy):
+        with sweep_lock("s", None, tmp_path):
+            pass
+    holder.kill()
+    holder.wait()
+    with sweep_lock("s", None, tmp_path):  # a killed holder leaves no stale lock
+        pass
+
+
+def test_postgres_advisory_lock(postgres_server):  # noqa: F811
+    with sweep_lock("s", postgres_server.uri, Path("/nonexistent")):
+        with pytest.raises(SweepBusy, match="advisory lock"):
+            with sweep_lock("s", postgres_server.uri, Path("/nonexistent")):
+                pass
+        with sweep_lock("other", postgres_server.uri, Path("/nonexistent")):
+            pass
+    with sweep_lock("s", postgres_server.uri, Path("/nonexistent")):
+        pass
