@@ -87,3 +87,17 @@ def test_single_diverging_run_exits_nonzero(tmp_path, store):
     client = MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_password_in_tracking_uri_is_never_logged(tmp_path, mlflow_server):
+    uri = mlflow_server.uri.replace("http://", "http://alice:s3cret-pw@")
+    res = run_train(["trainer.epochs=1", f"tracking.uri={uri}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "s3cret-pw" not in res.stdout + res.stderr
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
+    logged = [*run.data.params.values(), *run.data.tags.values(), run.info.run_name]
+    assert not [v for v in logged if "s3cret-pw" in v]
+    assert run.data.params["tracking.uri"].startswith("http://alice:***@127.0.0.1")
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert "s3cret-pw" not in Path(config).read_text()

@@ -25,7 +25,7 @@ from gradsweep.config import to_objects
 from gradsweep.sweep_summary import summarize_sweep
 from gradsweep.spool import RunJournal
 from gradsweep.tracker import SWEEP_TAG, Tracker, close_run, open_run, resolve_uri
-from gradsweep.tracking_uri import mask
+from gradsweep.tracking_uri import mask, mask_overrides
 
 log = logging.getLogger("gradsweep")
 SWEEP_ENV = "GRADSWEEP_SWEEP_FILE"
@@ -47,7 +47,7 @@ class GradsweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.tracking = tracking = to_objects(config).tracking
         sweep_id = uuid.uuid4().hex
-        overrides = " ".join(config.hydra.overrides.task)
+        overrides = " ".join(mask_overrides(list(config.hydra.overrides.task)))
         tags = {SWEEP_TAG: sweep_id, "gradsweep.role": "sweep", "gradsweep.overrides": overrides,
                 "gradsweep.sweeper": str(config.hydra.sweeper.get("_target_", "")),
                 **json.loads(os.environ.get(TAGS_ENV) or "{}")}  # e.g. schedule, scheduled_at

@@ -31,7 +31,7 @@ from gradsweep.plots import plot_param_norms
 from gradsweep.sinks import FromStep, HistorySink, TeeSink
 from gradsweep.spool import RunJournal
 from gradsweep.tracker import SWEEP_TAG, Tracker, close_run, flatten, open_run
-from gradsweep.tracking_uri import mask
+from gradsweep.tracking_uri import mask, mask_overrides
 
 log = logging.getLogger("gradsweep")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -86,10 +86,17 @@ def git_commit(cwd: Path) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def run_params(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config flattened to ``group.key`` params; credentials masked."""
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {k: (mask(v) if isinstance(v, str) and k.endswith("uri") else v) for k, v in params.items()}
+def public_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config with the password of every URI masked: what params, the config
+    artifact and checkpoints hold."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return mask(node) if isinstance(node, str) and "://" in node else node
+
+    return walk(OmegaConf.to_container(cfg, resolve=True))
 
 
 @dataclass
@@ -148,10 +155,11 @@ def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, f
         if spec.trainer.resume_from else None
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     clipper = build_clipper(spec.clip)
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    config_dict = public_config(cfg)
 
-    name = " ".join(o for o in ctx.overrides if not o.startswith("trainer.resume_from")) or "default"
-    tags = {"gradsweep.overrides": " ".join(ctx.overrides), "model": spec.model.name, "data": spec.data.name,
+    overrides = mask_overrides(ctx.overrides)
+    name = " ".join(o for o in overrides if not o.startswith("trainer.resume_from")) or "default"
+    tags = {"gradsweep.overrides": " ".join(overrides), "model": spec.model.name, "data": spec.data.name,
             "clip": spec.clip.name, **ctx.extra_tags}
     if ctx.sweep_id:
         tags[SWEEP_TAG] = ctx.sweep_id
@@ -167,12 +175,12 @@ def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, f
     if same_run:
         journal.set_tags({"gradsweep.resumed_at_step": resume.last["step"]})
     else:
-        journal.log_params(run_params(cfg))
+        journal.log_params(flatten(config_dict))
         if resume is not None:
             journal.set_tags({"gradsweep.resumed_from": spec.trainer.resume_from})
     cfg_path = ctx.output_dir / "config.yaml"
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    cfg_path.write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict)))
     journal.log_artifact(cfg_path)
 
     history = HistorySink()

@@ -20,6 +20,8 @@ from typing import Any, Optional
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# MLflow prints a "View run at <uri>" line per run; the URI may carry a password, and we print our own.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 from mlflow.entities import Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402

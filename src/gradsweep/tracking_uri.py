@@ -34,6 +34,15 @@ def mask(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def mask_overrides(overrides: list[str]) -> list[str]:
+    """Command-line overrides with the password of any URI value masked (for tags and run names)."""
+    out = []
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        out.append(f"{key}{sep}{mask(value.replace(chr(92), ''))}" if sep and "://" in value else ov)
+    return out
+
+
 def is_local_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
