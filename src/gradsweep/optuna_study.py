@@ -27,14 +27,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy
 import optuna
 from hydra.core.utils import JobStatus
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from mlflow.entities import Metric, Param, RunTag
 from omegaconf import DictConfig, OmegaConf
-from sqlalchemy.exc import SQLAlchemyError
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.optuna_trial import (NUMBER_TAG, STATE_TAG, STUDY_ENV, STUDY_TAG, TRIAL_ENV, register_live,
@@ -104,9 +105,10 @@ def make_pruner(cfg: Optional[dict[str, Any]]) -> optuna.pruners.BasePruner:
 
 # ----------------------------------------------------------------------------------- sweep
 class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
-    def __init__(self, *args: Any, pruner: Optional[DictConfig] = None, sampler_cfg: Optional[DictConfig] = None
-                 ) -> None:
+    def __init__(self, *args: Any, pruner: Optional[DictConfig] = None, sampler_cfg: Optional[DictConfig] = None,
+                 figures: bool = True) -> None:
         super().__init__(*args)
+        self.figures = figures
         self.pruner_cfg = OmegaConf.to_container(pruner, resolve=True) if pruner is not None else None
         self.sampler_cfg = OmegaConf.to_container(sampler_cfg, resolve=True) if sampler_cfg is not None else None
         self.tracker = None  # MLflow, opened lazily (a summary must not stop the study)
@@ -153,7 +155,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         log.info("Optuna study %r in %s: %d trials so far; running %d (%d at a time), sampler %s, pruner %s",
                  study.study_name, mask(storage_url) if storage_url else "memory", before, self.n_trials,
                  self.n_jobs, type(study.sampler).__name__, type(study.pruner).__name__)
-        if storage_url is None and self.config.hydra.launcher.get("_target_", "").find("BasicLauncher") < 0:
+        if storage_url is None and "BasicLauncher" not in str(self.config.hydra.launcher.get("_target_", "")):
             log.warning("hydra.sweeper.storage=null: jobs in other processes cannot report to their trial")
 
         sweep = _read_sweep_file()
@@ -202,7 +204,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
             self._finish(study, mine, storage_url)
 
     def _reseed(self, study: optuna.Study, number: int) -> None:
-        """A seeded sampler draws trial ``number``'s values with seed ``seed + number``.
+        """A seeded sampler draws trial ``number``'s values with a seed made of (``seed``, ``number``).
 
         The plugin seeds its sampler once per process, so a continued study replays the first
         invocation's random draws and two workers started with the same sweep draw the same values.
@@ -211,7 +213,9 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         seed = (self.sampler_cfg or {}).get("seed")
         if seed is None:
             return
-        study.sampler = instantiate({**self.sampler_cfg, "seed": int(seed) + number},
+        mixed = int(numpy.random.SeedSequence([int(seed), number]).generate_state(1)[0])  # not seed + number:
+        # consecutive seeds give similar first draws
+        study.sampler = instantiate({**self.sampler_cfg, "seed": mixed},
                                     _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"))
 
     def _tell(self, study: optuna.Study, trial: optuna.trial.Trial, ret: Any, is_grid: bool
@@ -286,9 +290,10 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         out = sweep_dir / "optuna"
         out.mkdir(exist_ok=True)
         table = write_trials_csv(trials, out / "trials.csv")
-        figures = save_figures(study, out)
+        figures = save_figures(study, out) if self.figures else []
         if not self.parent_run_id:
-            log.warning("no MLflow parent run for this sweep (is GradsweepCallback configured?): summary in %s", out)
+            log.warning("no MLflow parent run id for this sweep (store unreachable when it started, or no "
+                        "GradsweepCallback): the study summary is only in %s", out)
             return
         counts = {s: sum(t.state == s for t in trials) for s in TrialState}
         metrics = {"optuna/trials": len(trials), "optuna/complete": counts[TrialState.COMPLETE],
@@ -355,6 +360,9 @@ def save_figures(study: optuna.Study, out: Path) -> list[Path]:
         return saved
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # "not enough trials for X" is our log line below
+    mpl_log = logging.getLogger("matplotlib")
+    mpl_level = mpl_log.level
+    mpl_log.setLevel(logging.WARNING)  # not "Using categorical units ..." for choice() params
     for name in FIGURES:
         try:
             with warnings.catch_warnings():
@@ -371,6 +379,7 @@ def save_figures(study: optuna.Study, out: Path) -> list[Path]:
         finally:
             plt.close("all")
     optuna.logging.set_verbosity(verbosity)
+    mpl_log.setLevel(mpl_level)
     return saved
 
 

@@ -72,6 +72,7 @@ class GradsweepOptunaSweeperConf(OptunaSweeperConf):
     n_jobs: int = 1  # trials asked and launched together; > 1 needs a parallel launcher to run concurrently
     max_failure_rate: float = 0.0  # stop once more than this fraction of n_trials has failed
     pruner: Any = MISSING  # hydra/sweeper/pruner: median | none | hyperband
+    figures: bool = True  # Optuna's figures in the parent run (param importances take seconds on big studies)
 
 
 def register_configs() -> None:
@@ -92,11 +93,11 @@ class GradsweepOptunaSweeper(OptunaSweeper):
 
     def __init__(self, sampler: Any, direction: Any, storage: Optional[Any], study_name: Optional[str],
                  n_trials: int, n_jobs: int, max_failure_rate: float, custom_search_space: Optional[str],
-                 params: Optional[DictConfig], pruner: Optional[DictConfig] = None) -> None:
+                 params: Optional[DictConfig], pruner: Optional[DictConfig] = None, figures: bool = True) -> None:
         super().__init__(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                          custom_search_space, params)
         from gradsweep.optuna_study import GradsweepOptunaSweeperImpl  # Optuna + MLflow: only when sweeping
 
         self.sweeper = GradsweepOptunaSweeperImpl(self.sweeper.sampler, direction, storage, study_name, n_trials,
                                                   n_jobs, max_failure_rate, custom_search_space, params, pruner=pruner,
-                                                  sampler_cfg=sampler)
+                                                  sampler_cfg=sampler, figures=figures)
