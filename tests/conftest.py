@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "src" / "train.py"
 
@@ -37,10 +39,14 @@ def store(tmp_path) -> str:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, port: int | None = None, backend: str | None = None):
+    def __init__(self, root: Path, port: int | None = None, backend: str | None = None,
+                 artifacts: str | None = None, app_name: str | None = None, env: dict | None = None):
         self.root = root
         self.port = port or free_port()
         self.backend = backend or f"sqlite:///{root / 'server.db'}"
+        self.artifacts = artifacts or str(root / "artifacts")
+        self.app_name = app_name  # "basic-auth": user/password authentication
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -48,14 +54,16 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        return [shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow"), "server",
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                "--backend-store-uri", self.backend, "--artifacts-destination", str(self.root / "artifacts")]
+        # the same function docker-compose.yml's mlflow service is checked against (tests/test_compose.py)
+        return mlflow_server_command(
+            executable=shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow"),
+            host="127.0.0.1", port=self.port, workers=1, backend_store_uri=self.backend,
+            artifacts_destination=self.artifacts, app_name=self.app_name)
 
     def start(self, timeout: float = 90) -> "MlflowServer":
         self.log = open(self.root / f"server-{self.port}.log", "a")
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, **SERVER_ENV, **self.env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,81 @@
+"""The ``mlflow server`` command line, written once.
+
+Three things start a tracking server and all of them build its command here:
+
+* ``docker-compose.yml``'s ``mlflow`` service (PostgreSQL backend, MinIO artifacts), checked against
+  :func:`mlflow_server_command` by ``tests/test_compose.py``;
+* the tests' real server (``tests/conftest.py: MlflowServer``), so the flags CI exercises are the
+  flags the team deploys;
+* ``make server`` (``python -m gradsweep.server_cmd``): a local server on 127.0.0.1:5000 with the
+  embedded store (``sqlite:///mlruns/server.db``, artifacts in ``mlruns/server-artifacts``), which
+  ``tracking=server`` points jobs at.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# Host headers the server answers. MLflow's own default admits localhost and private IPs only, so a
+# client that reaches the server by a DNS name (the compose scheduler uses http://mlflow:5000) gets
+# "403 Invalid Host header" on every API call while /health stays green. Add your own host name
+# (MLFLOW_ALLOWED_HOSTS in .env) when you publish the server beyond this machine.
+ALLOWED_HOSTS = "mlflow,mlflow:*,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
+
+# Environment of every server started with this command. MLflow's server-side job runner (a huey
+# consumer process for GenAI features: online trace scoring, trace archival) serves nothing
+# gradsweep does; without it a server holds one process less and starts in about half the time.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_server_command(*, backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1",
+                          port: int | str = 5000, workers: int | str = 1, allowed_hosts: str = ALLOWED_HOSTS,
+                          app_name: str | None = None, executable: str = "mlflow") -> list[str]:
+    """Argv of a tracking server that proxies artifacts (clients up- and download through it, so
+    they need no credentials for the artifact store). ``app_name="basic-auth"`` turns on MLflow's
+    user/password authentication."""
+    cmd = [executable, "server",
+           "--host", host, "--port", str(port), "--workers", str(workers),
+           "--backend-store-uri", backend_store_uri,
+           "--artifacts-destination", artifacts_destination, "--serve-artifacts",
+           "--allowed-hosts", allowed_hosts]
+    if app_name:
+        cmd += ["--app-name", app_name]
+    return cmd
+
+
+def local_server_command(store: Path, port: int = 5000, host: str = "127.0.0.1",
+                         allowed_hosts: str = ALLOWED_HOSTS) -> list[str]:
+    """``make server``: the embedded store under ``store`` (normally ``mlruns/``)."""
+    store = store.resolve()
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
+    return mlflow_server_command(backend_store_uri=f"sqlite:///{store / 'server.db'}",
+                                 artifacts_destination=str(store / "server-artifacts"),
+                                 host=host, port=port, allowed_hosts=allowed_hosts, executable=mlflow)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m gradsweep.server_cmd",
+                                description="Start a local MLflow tracking server (what `make server` runs).")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--store", type=Path, default=Path("mlruns"), help="folder of server.db and server-artifacts/")
+    p.add_argument("--allowed-hosts", default=ALLOWED_HOSTS,
+                   help="Host headers answered (add this machine's name or address when --host is not loopback)")
+    p.add_argument("--print", action="store_true", help="print the command instead of running it")
+    args = p.parse_args(argv)
+    cmd = local_server_command(args.store, args.port, args.host, args.allowed_hosts)
+    if args.print:
+        print(" ".join(cmd))
+        return
+    args.store.mkdir(parents=True, exist_ok=True)
+    os.environ.update(SERVER_ENV)
+    print(f"MLflow tracking server on http://{args.host}:{args.port} (store: {args.store.resolve()}); "
+          f"point jobs at it with tracking=server", flush=True)
+    os.execvp(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()
