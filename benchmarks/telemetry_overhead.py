@@ -3,8 +3,8 @@
 Prints a table: mean step time of
   bare            forward/backward/clip/step only (no norms, no host transfer, no logging)
   telemetry       + per-parameter norms (one fused kernel), one host transfer per step, in-memory sink
-  + embedded      + batched background logging to the embedded sqlite store
-  + server        + batched background logging to a real `mlflow server` on 127.0.0.1
+  + embedded      + the run journal, delivered by the delivery process to the embedded sqlite store
+  + server        + the same to a real `mlflow server` on 127.0.0.1
   (the last column: time to deliver what was still buffered when training ended; the run is open
    meanwhile but the next job can already be starting in a sweep worker)
   naive embedded  one synchronous log_metric call per value (the way to avoid), on fewer steps
@@ -34,8 +34,9 @@ from gradsweep.data import build_data  # noqa: E402
 from gradsweep.loop import Trainer, batch_loss  # noqa: E402
 from gradsweep.models import build_model  # noqa: E402
 from gradsweep.optim import build_optimizer  # noqa: E402
+from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command  # noqa: E402
 from gradsweep.sinks import HistorySink, TeeSink  # noqa: E402
-from gradsweep.tracker import Tracker  # noqa: E402
+from gradsweep.tracker import Tracker, close_run, open_run  # noqa: E402
 
 CFG = TrainerConfig(epochs=50, batch_size=64, reduction="sum", eval_every_steps=100, device="cpu")
 
@@ -114,10 +115,10 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination",
-                             str(root / "artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = mlflow_server_command(executable=mlflow, port=port, backend_store_uri=f"sqlite:///{root}/server.db",
+                                artifacts_destination=str(root / "artifacts"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, **SERVER_ENV})
     uri = f"http://127.0.0.1:{port}"
     for _ in range(180):
         try:
@@ -144,9 +145,13 @@ def main() -> None:
         server = Tracker(server_uri, "bench")
 
         def mlflow_sink(tracker):
-            def make():
-                sender = tracker.metric_sink(tracker.start_run("bench", {}))
-                return sender, sender.close
+            spool = root / f"spool-{tracker.experiment_id}-{abs(hash(tracker.uri))}"
+
+            def make():  # the journal + delivery process the trainer uses (see gradsweep.tracker)
+                journal = open_run(tracker.uri, "bench", "bench", {}, spool_dir=str(spool))
+                return journal, lambda: close_run(journal, "FINISHED")
+            journal, close = make()  # start the delivery process before timing (once per process)
+            close()
             return make
 
         rows = {
