@@ -97,6 +97,17 @@ def test_report_by_experiment_name_creates_a_report_run(sweep, tmp_path):
     assert "report/summary.md" in {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")}
 
 
+def test_report_of_a_single_run(sweep, tmp_path):
+    store, parent, _, _ = sweep
+    client = MlflowClient(store)
+    child = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id],
+                               filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")[0]
+    assert gradsweep(["report", child.info.run_id, "--tracking-uri", store, "--out", str(tmp_path / "one")]) == 0
+    (row,) = read_csv(tmp_path / "one" / "summary.csv")
+    assert row["run_id"] == child.info.run_id and row["grad_health"] == child.data.tags["grad_health"]
+    assert "report/summary.csv" in {a.path for a in client.list_artifacts(child.info.run_id, "report")}
+
+
 @pytest.mark.parametrize("ref,message", [
     ("no_such_thing", "'no_such_thing' is not a run id, study or experiment in sqlite:///"),
     ("0123456789abcdef0123456789abcdef", "run '0123456789abcdef0123456789abcdef' not found in sqlite:///"),

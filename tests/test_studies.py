@@ -114,3 +114,22 @@ def test_study_full(study, tmp_path):
     rows = (tmp_path / "report" / "summary.csv").read_text().splitlines()
     assert len(rows) == STUDIES[study][0] + 1 and all(",FINISHED," in r for r in rows[1:])
     assert Path(rep.files["grad_norm_total"]).is_file()
+
+
+def test_preflight_validates_every_variant_of_a_preset(tmp_path):
+    """A preset's own sweep values are checked before Hydra starts, like command-line sweeps."""
+    import shutil
+
+    from gradsweep.errors import ConfigError
+    from gradsweep.preflight import preflight
+
+    conf = tmp_path / "conf"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "conf", conf)
+    (conf / "experiment" / "bad.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - mlp_vanishing\nhydra:\n  sweeper:\n    params:\n"
+        "      model.activation: relu,swish\n")
+    assert preflight(str(conf), "config", ["-m", "experiment=mlp_vanishing"]) == 3
+    assert preflight(str(conf), "config", ["-m", "experiment=srn_explosion", "clip=none"]) == 7  # the command line wins
+    with pytest.raises(ConfigError, match="model.activation='swish' is invalid; allowed: sigmoid|tanh"):
+        preflight(str(conf), "config", ["-m", "experiment=bad"])
+    assert preflight(str(conf), "config", ["experiment=bad"]) == 1  # a single run does not sweep

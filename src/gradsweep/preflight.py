@@ -1,8 +1,9 @@
 """Validate every job a command line describes before Hydra creates folders or we create runs.
 
 Hydra's callbacks cannot stop a run (their exceptions become warnings), so the entry point
-composes each job of a discrete command-line sweep with Hydra's compose API and validates it
-against the schema first. Values drawn later by a sweeper (Optuna ranges) are validated by
+composes each job of a discrete command-line sweep (and, with ``-m``, of the discrete
+``hydra.sweeper.params`` a preset sets) with Hydra's compose API and validates it against the
+schema first. Values drawn later by a sweeper (Optuna ranges) are validated by
 each job before it creates its run.
 """
 from __future__ import annotations
@@ -49,15 +50,29 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
     combos = job_combinations(args.overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _check_all(config_dir, args.config_name or default_config_name, combos)
-    return len(combos)
+        return _check_all(config_dir, args.config_name or default_config_name, combos, args.multirun)
 
 
-def _check_all(config_dir: str, config_name: str, combos: list[list[str]]) -> None:
+def _config_sweep(cfg, combo: list[str]) -> list[list[str]]:
+    """The discrete ``hydra.sweeper.params`` a config sets (an ``experiment=`` preset's variants),
+    minus the keys the command line sets itself (those win, as in Hydra's sweepers)."""
+    params = cfg.hydra.sweeper.get("params") or {}
+    given = {ov.get_key_element() for ov in OverridesParser.create().parse_overrides(combo)}
+    return job_combinations([f"{k}={v}" for k, v in params.items() if k not in given])
+
+
+def _check_all(config_dir: str, config_name: str, combos: list[list[str]], multirun: bool = False) -> int:
     GlobalHydra.instance().clear()
+    checked = 0
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None):
             for combo in combos:
-                check_inputs(to_objects(compose(config_name=config_name, overrides=combo)))
+                cfg = compose(config_name=config_name, overrides=combo, return_hydra_config=multirun)
+                variants = _config_sweep(cfg, combo) if multirun else [[]]
+                for extra in variants:
+                    job = compose(config_name=config_name, overrides=combo + extra) if extra else cfg
+                    check_inputs(to_objects(job))
+                    checked += 1
     finally:
         GlobalHydra.instance().clear()
+    return checked
