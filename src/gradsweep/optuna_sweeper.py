@@ -67,7 +67,7 @@ class GradsweepOptunaSweeperConf(OptunaSweeperConf):
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
     direction: Any = Direction.maximize  # train.py returns best dev accuracy
     storage: Any = DEFAULT_STORAGE  # sqlite:///..., postgresql://..., journal:<file>, or null (in memory)
-    study_name: Optional[str] = "gradsweep"
+    study_name: Optional[str] = None  # name it to continue the study later; null: a new study every invocation
     n_trials: int = 20  # trials run by this invocation (a re-run adds as many again)
     n_jobs: int = 1  # trials asked and launched together; > 1 needs a parallel launcher to run concurrently
     max_failure_rate: float = 0.0  # stop once more than this fraction of n_trials has failed
