@@ -172,3 +172,35 @@ def test_postgres_advisory_lock(postgres_server):  # noqa: F811
             pass
     with sweep_lock("s", postgres_server.uri, Path("/nonexistent")):
         pass
+
+
+def test_sigkilled_sweep_restarts_with_nothing_left_running(tmp_path):
+    """A sweep worker killed with SIGKILL: the restarted sweep fails its orphaned trial in Optuna,
+    closes the dead runs KILLED in MLflow, and runs its own budget."""
+    write_sweep(tmp_path)
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "+sweep=tiny", "hydra.sweeper.n_trials=2",
+           f"tracking.uri={store}"]
+    proc = subprocess.Popen([*cmd, "trainer.epochs=100000"], cwd=tmp_path, env=env_for(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = MlflowClient(store)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name("gradsweep")
+        if exp and client.search_runs([exp.experiment_id], "tags.`optuna.trial_number` = '0'"):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    time.sleep(1)
+    exp_id = client.get_experiment_by_name("gradsweep").experiment_id
+    assert client.search_runs([exp_id], "attributes.status = 'RUNNING'")  # left behind by the kill
+    res = subprocess.run([*cmd, "trainer.epochs=1"], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = client.search_runs([exp_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert len([r for r in runs if r.info.status == "KILLED" and r.data.tags.get("failure") == "worker_died"]) == 2
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
+    states = [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"]  # the orphan failed, the restart ran its budget of 2

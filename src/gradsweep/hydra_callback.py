@@ -24,7 +24,7 @@ from gradsweep import job as job_state
 from gradsweep.config import to_objects
 from gradsweep.sweep_summary import summarize_sweep
 from gradsweep.spool import RunJournal
-from gradsweep.tracker import SWEEP_TAG, Tracker, close_run, open_run, resolve_uri
+from gradsweep.tracker import SWEEP_TAG, Tracker, close_dead_runs, close_run, open_run, resolve_uri
 from gradsweep.tracking_uri import mask, mask_overrides
 
 log = logging.getLogger("gradsweep")
@@ -63,6 +63,11 @@ class GradsweepCallback(Callback):
         path.write_text(json.dumps(info))
         os.environ[SWEEP_ENV] = str(path.resolve())
         log.info("sweep %s: parent run %s in %s", sweep_id[:8], run_id or "(spooled)", mask(tracking.uri))
+        if run_id:  # the store is up: close what a killed earlier sweep left RUNNING
+            try:
+                close_dead_runs(Tracker(tracking.uri, tracking.experiment_name, tracking.artifact_location))
+            except Exception as e:
+                log.warning("could not check for runs left RUNNING: %s", str(e).splitlines()[0] if str(e) else e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(SWEEP_ENV, None)

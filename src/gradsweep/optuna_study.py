@@ -40,12 +40,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.optuna_trial import (NUMBER_TAG, STATE_TAG, STUDY_ENV, STUDY_TAG, TRIAL_ENV, register_live,
                                     study_spec, unregister_live)
+from gradsweep.tracker import worker_alive, worker_id
 from gradsweep.tracking_uri import is_local_sqlite, mask, sqlite_path
 
 log = logging.getLogger("gradsweep")
 RUN_ID_ATTR = "mlflow_run_id"
 SWEEP_ATTR = "gradsweep_sweep_id"
 FAILURE_ATTR = "gradsweep_failure"
+WORKER_ATTR = "gradsweep_worker"  # host:pid of the process that asked for the trial
 FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "intermediate_values")
 
 
@@ -151,6 +153,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         except (ImportError, OSError, ValueError, SQLAlchemyError) as e:  # bad URL, no driver, server down
             raise ConfigError(f"hydra.sweeper.storage={mask(str(self.storage))}: cannot open the study: "
                               f"{_first_line(e)}") from e
+        self._recover_dead_trials(study)
         before = len(study.get_trials(deepcopy=False))
         log.info("Optuna study %r in %s: %d trials so far; running %d (%d at a time), sampler %s, pruner %s",
                  study.study_name, mask(storage_url) if storage_url else "memory", before, self.n_trials,
@@ -172,6 +175,8 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                 trials: list[optuna.trial.Trial] = []
                 try:
                     trials = [study.ask() for _ in range(batch)]
+                    for t in trials:  # who runs it: a restart recognises trials of a dead worker
+                        t.set_user_attr(WORKER_ATTR, worker_id())
                     mine += [t.number for t in trials]
                     overrides = []
                     for t in trials:
@@ -202,6 +207,18 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         finally:
             os.environ.pop(STUDY_ENV, None)
             self._finish(study, mine, storage_url)
+
+    def _recover_dead_trials(self, study: optuna.Study) -> None:
+        """Trials left RUNNING by a worker process that no longer exists on this host (SIGKILL, a
+        crash) become FAIL (their MLflow runs are closed KILLED by the sweep callback). A worker on
+        another host may be alive as far as we can tell here, so its trials are left."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get(WORKER_ATTR)
+            if not worker or worker_alive(worker):
+                continue
+            study._storage.set_trial_user_attr(t._trial_id, FAILURE_ATTR, f"worker {worker} died")
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            log.warning("trial %d was left RUNNING by dead worker %s: now FAIL", t.number, worker)
 
     def _reseed(self, study: optuna.Study, number: int) -> None:
         """A seeded sampler draws trial ``number``'s values with a seed made of (``seed``, ``number``).

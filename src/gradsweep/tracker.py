@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from gradsweep.tracking_uri import is_local_sqlite, mask, sqlite_path  # noqa: E
 log = logging.getLogger("gradsweep.tracking")
 MAX_PARAMS_PER_BATCH = 100
 PARENT_TAG = "mlflow.parentRunId"
+WORKER_TAG = "gradsweep.worker"  # host:pid of the process writing the run
 SWEEP_TAG = "gradsweep.sweep_id"
 
 
@@ -45,6 +47,41 @@ def resolve_uri(uri: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{path}"
     return uri
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_alive(worker: str) -> bool:
+    """False only when the worker ran on this host and its process is gone."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_dead_runs(tracker: "Tracker") -> list[str]:
+    """Runs left RUNNING by a process of this host that no longer exists (SIGKILL, a crash):
+    closed KILLED with tag ``failure=worker_died``, so a restarted sweep leaves nothing RUNNING."""
+    closed = []
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                      max_results=1000)
+    for run in runs:
+        worker = run.data.tags.get(WORKER_TAG)
+        if worker and not worker_alive(worker):
+            tracker.client.set_tag(run.info.run_id, "failure", "worker_died")
+            tracker.client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d run(s) left RUNNING by dead processes as KILLED", len(closed))
+    return closed
 
 
 def default_artifact_location(uri: str) -> Optional[str]:
@@ -127,6 +164,8 @@ def open_run(uri: str, experiment_name: str, run_name: str, tags: dict[str, str]
     later by the delivery worker (the journal then starts with what is needed to create it)."""
     uri = resolve_uri(uri)
     spool = Path(spool_dir) if spool_dir else default_spool_dir(uri)
+    tags = {**tags, WORKER_TAG: worker_id()}
+    existing = run_id is not None
     header: dict[str, Any] = {"uri": uri, "experiment_name": experiment_name,
                               "artifact_location": artifact_location or default_artifact_location(uri)}
     if run_id is None and parent_local_id is None:
@@ -143,6 +182,8 @@ def open_run(uri: str, experiment_name: str, run_name: str, tags: dict[str, str]
         header["create"] = {"run_name": run_name, "tags": tags, "parent_run_id": parent_run_id,
                             "parent_local_id": parent_local_id, "start_time": now_ms()}
     journal = RunJournal.create(spool, header)
+    if existing:  # a resumed run: it is this process's now (see close_dead_runs)
+        journal.set_tags({WORKER_TAG: tags[WORKER_TAG]})
     DeliveryWorker.ensure(spool)
     return journal
 
