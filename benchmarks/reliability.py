@@ -154,7 +154,7 @@ HOSTILE = [
     "trainer.device=tpu", "trainer.loss=hinge", "model.num_layers=0", "model.num_layers=2.5", "model.hidden_size=-3",
     "model.init=ones", "model.bogus=1", "data=imagenet", "data.length=2", "data.path=/no/such/dir",
     "tracking.uri=not-a-uri", "tracking.uri=http://", "tracking.uri=http://h:99999", "a=b=c", "=1",
-    "clip.max_norm=[1,2", "optimizer.lr='0.1", "+model=srn", "~trainer", "experiment=nope",
+    "clip.max_norm=[1,2", "optimizer.lr='0.1", "experiment=nope",
     "model=mlp", "model=mlp data=moons model.activation=swish", "model=mlp data=moons model.weight_init=orthogonal",
     "trainer.resume_from=/etc/hostname", "trainer.resume_from=/no/such.pt", "optimizer=adam optimizer.beta1=1.5",
     "optimizer=rmsprop optimizer.alpha=0", "data=moons data.split=[1,2,3]",
