@@ -282,9 +282,6 @@ def test_two_workers_share_one_postgres_study(tmp_path, store, postgres_server):
 
 
 @pytest.mark.slow  # ~1 min: two loky worker processes each import torch, MLflow and Hydra
-@pytest.mark.xfail(reason="GradsweepCallback keeps the parent run's RunJournal (an open file) and Hydra's "
-                          "process launchers pickle the callbacks: 'Cannot pickle files that are not opened "
-                          "for reading'. Passed before the journal change (commit 79d18e4).", strict=False)
 def test_joblib_launcher_runs_trials_concurrently(tmp_path, store):
     """hydra/launcher=joblib with n_jobs=2: trials run two at a time in worker processes and still
     report to their trial (through the storage) and land in MLflow under the sweep."""

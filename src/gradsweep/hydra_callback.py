@@ -3,7 +3,7 @@
 Hydra turns exceptions raised in callbacks into warnings, so input validation cannot live here:
 :mod:`gradsweep.preflight` does it before Hydra starts.
 
-* ``on_multirun_start`` opens the parent run and writes ``gradsweep_sweep.json`` into the
+* ``on_multirun_start`` opens the parent run and writes ``gradsweep_sweep.<pid>.json`` into the
   sweep folder; jobs (in this process or in launcher workers) find it through an environment
   variable and nest their runs under it.
 * ``on_multirun_end`` adds the sweep comparison (figure + CSV) to the parent run and closes it.
@@ -44,6 +44,11 @@ class GradsweepCallback(Callback):
         self.journal: Optional[RunJournal] = None
         self.tracking = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Process launchers (joblib) pickle the callbacks for their workers; the parent run's journal
+        (an open file) stays with this process, and workers only need the sweep file."""
+        return {**self.__dict__, "journal": None, "tracking": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.tracking = tracking = to_objects(config).tracking
         sweep_id = uuid.uuid4().hex
@@ -59,7 +64,7 @@ class GradsweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         info = {"sweep_id": sweep_id, "parent_run_id": run_id,
                 "parent_local_id": None if run_id else self.journal.local_id}
-        path = sweep_dir / "gradsweep_sweep.json"
+        path = sweep_dir / f"gradsweep_sweep.{os.getpid()}.json"  # one per process: workers may share the folder
         path.write_text(json.dumps(info))
         os.environ[SWEEP_ENV] = str(path.resolve())
         log.info("sweep %s: parent run %s in %s", sweep_id[:8], run_id or "(spooled)", mask(tracking.uri))
