@@ -8,6 +8,7 @@ CASES = [
     (["optimizer.lr=-1"], "optimizer.lr=-1.0 is invalid; allowed: a finite number > 0"),
     (["clip.max_norm=0"], "clip.max_norm=0.0 is invalid; allowed: a finite number > 0"),
     (["clip.max_norm=-3"], "clip.max_norm=-3.0 is invalid"),
+    (["clip.clip_value=-1"], "clip.clip_value=-1.0 is invalid"),  # ignored by clip=norm, still rejected
     (["model=mlp", "data=moons", "model.activation=swish"],
      "model.activation='swish' is invalid; allowed: sigmoid|tanh|relu|leaky_relu|elu"),
     (["data.path=/no/such/folder"], "data.path='/no/such/folder': folder not found"),

@@ -246,11 +246,12 @@ class ClipConfig:
 
     def __post_init__(self) -> None:
         _choice("clip.name", self.name, ("none", "norm", "value"))
-        if self.name == "norm":
+        # a value given is checked even where this mode ignores it: a typo must not pass silently
+        if self.name == "norm" or self.max_norm is not None:
             _require(self.max_norm is not None and self.max_norm > 0 and math.isfinite(self.max_norm),
                      "clip.max_norm", self.max_norm, "a finite number > 0")
-            _choice("clip.norm_type", self.norm_type, NORM_TYPES)
-        if self.name == "value":
+        _choice("clip.norm_type", self.norm_type, NORM_TYPES)
+        if self.name == "value" or self.clip_value is not None:
             _require(self.clip_value is not None and self.clip_value > 0 and math.isfinite(self.clip_value),
                      "clip.clip_value", self.clip_value, "a finite number > 0")
 

@@ -47,7 +47,14 @@ def run_cli(main: Callable[[], object], config_dir: str, config_name: str) -> No
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's own reporting
         main()
         return
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra raise; we report (and undo this on the way out)
+    try:
+        _run_reporting_errors(main, config_dir, config_name)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_name: str) -> None:
     try:
         preflight(config_dir, config_name, sys.argv[1:])
     except Exception as e:  # preflight only parses and composes the command line: any error is the input's
