@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def run_train(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run src/train.py as a user would, in ``cwd`` (so outputs/ and multirun/ land there)."""
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # tests pick the store
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     return subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)

@@ -220,7 +220,13 @@ def pending(spool: Path, owner_pid: Optional[int] = None) -> list[Path]:
     if not spool.is_dir():
         return []
     out = []
-    for folder in sorted(spool.iterdir(), key=lambda p: p.stat().st_mtime):
+    def age(p: Path) -> float:  # a journal may be removed by its deliverer meanwhile
+        try:
+            return (p / HEADER).stat().st_mtime
+        except OSError:
+            return float("inf")
+
+    for folder in sorted((p for p in spool.iterdir() if p.is_dir()), key=age):
         header = read_json(folder / HEADER)
         state = read_json(folder / STATE) or {}
         if header is None or state.get("done"):
@@ -231,23 +237,39 @@ def pending(spool: Path, owner_pid: Optional[int] = None) -> list[Path]:
 
 
 class OutageReporter:
-    """Says once that it is spooling and once that it caught up."""
+    """Says once that it is spooling and once that it caught up, however many processes (the
+    delivery worker, the job finishing its run, ``gradsweep sync``) notice the same outage: the
+    first to see it creates ``<spool>/.outage`` and speaks, the one that removes it speaks again."""
 
     def __init__(self, out=sys.stderr):
         self.out = out
         self.down_since: Optional[float] = None
+        self.marker: Optional[Path] = None
 
     def unreachable(self, spool: Path, reason: str) -> None:
-        if self.down_since is None:
-            self.down_since = time.monotonic()
-            print(f"[gradsweep] tracking store unreachable ({reason}); training goes on, spooling to {spool}",
-                  file=self.out, flush=True)
+        if self.down_since is not None:
+            return
+        self.down_since = time.monotonic()
+        self.marker = spool / ".outage"
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another process has said it
+        except OSError:
+            pass
+        print(f"[gradsweep] tracking store unreachable ({reason}); training goes on, spooling to {spool}",
+              file=self.out, flush=True)
 
     def reachable(self) -> None:
-        if self.down_since is not None:
-            print(f"[gradsweep] tracking store reachable again after {time.monotonic() - self.down_since:.0f} s; "
-                  "spooled records delivered", file=self.out, flush=True)
-            self.down_since = None
+        if self.down_since is None:
+            return
+        down_s, self.down_since = time.monotonic() - self.down_since, None
+        try:
+            self.marker.unlink()
+        except OSError:
+            return  # another process has said it
+        print(f"[gradsweep] tracking store reachable again after {down_s:.0f} s; spooled records delivered",
+              file=self.out, flush=True)
 
 
 def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path) -> int:
