@@ -1,7 +1,6 @@
 """A real `-m` sweep in a subprocess, read back with MlflowClient (embedded store and real server)."""
 from pathlib import Path
 
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 

@@ -24,7 +24,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 # MLflow prints a "View run at <uri>" line per run; the URI may carry a password, and we print our own.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-from mlflow.entities import Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from gradsweep import delivery  # noqa: E402
@@ -32,7 +31,6 @@ from gradsweep.spool import RunJournal, default_spool_dir, now_ms  # noqa: E402
 from gradsweep.tracking_uri import is_local_sqlite, mask, sqlite_path  # noqa: E402
 
 log = logging.getLogger("gradsweep.tracking")
-MAX_PARAMS_PER_BATCH = 100
 PARENT_TAG = "mlflow.parentRunId"
 WORKER_TAG = "gradsweep.worker"  # host:pid of the process writing the run
 SWEEP_TAG = "gradsweep.sweep_id"
@@ -116,17 +114,6 @@ class Tracker:
             tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         return run.info.run_id
-
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
-
-    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
 
     def end_run(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
