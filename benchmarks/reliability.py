@@ -22,14 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command  # noqa: E402
+from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command, wait_healthy  # noqa: E402
 
 TRAIN = ROOT / "src" / "train.py"
 TELEMETRY = ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef",
@@ -51,13 +50,8 @@ class Server:
                                     artifacts_destination=str(self.root / "artifacts"))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True, env={**os.environ, **SERVER_ENV})
-        for _ in range(400):
-            try:
-                urllib.request.urlopen(self.uri + "/health", timeout=1)
-                return self
-            except OSError:
-                time.sleep(0.25)
-        raise RuntimeError("server did not start")
+        wait_healthy(self.uri, self.proc, timeout_s=100)
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

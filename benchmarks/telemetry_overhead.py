@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from gradsweep.data import build_data  # noqa: E402
 from gradsweep.loop import Trainer, batch_loss  # noqa: E402
 from gradsweep.models import build_model  # noqa: E402
 from gradsweep.optim import build_optimizer  # noqa: E402
-from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command  # noqa: E402
+from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command, wait_healthy  # noqa: E402
 from gradsweep.sinks import HistorySink, TeeSink  # noqa: E402
 from gradsweep.tracker import Tracker, close_run, open_run  # noqa: E402
 
@@ -120,13 +119,8 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, **SERVER_ENV})
     uri = f"http://127.0.0.1:{port}"
-    for _ in range(180):
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=1)
-            return proc, uri
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("mlflow server did not start")
+    wait_healthy(uri, proc)
+    return proc, uri
 
 
 def main() -> None:

@@ -6,13 +6,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command
+from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "src" / "train.py"
@@ -64,17 +62,8 @@ class MlflowServer:
         self.log = open(self.root / f"server-{self.port}.log", "a")
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root,
                                      start_new_session=True, env={**os.environ, **SERVER_ENV, **self.env})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / f'server-{self.port}.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not become healthy")
+        wait_healthy(self.uri, self.proc, timeout, self.root / f"server-{self.port}.log")
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

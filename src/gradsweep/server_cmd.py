@@ -46,6 +46,26 @@ def mlflow_server_command(*, backend_store_uri: str, artifacts_destination: str,
     return cmd
 
 
+def wait_healthy(uri: str, proc, timeout_s: float = 90.0, log_path: Path | None = None) -> None:
+    """Poll ``<uri>/health`` until it answers 200; raise if ``proc`` exits first or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text()[-2000:] if log_path and log_path.is_file() else ""
+            raise RuntimeError(f"mlflow server exited with status {proc.returncode}: {tail}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"mlflow server at {uri} did not become healthy in {timeout_s:.0f} s")
+
+
 def local_server_command(store: Path, port: int = 5000, host: str = "127.0.0.1",
                          allowed_hosts: str = ALLOWED_HOSTS) -> list[str]:
     """``make server``: the embedded store under ``store`` (normally ``mlruns/``)."""
