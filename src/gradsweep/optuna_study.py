@@ -96,7 +96,13 @@ def make_storage(url: Optional[str]) -> Any:
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
     if is_local_sqlite(url):  # several local workers: wait for the write lock instead of failing at once
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return optuna.storages.RDBStorage(url)
+    try:
+        return optuna.storages.RDBStorage(url)
+    except SQLAlchemyError:  # two workers creating a fresh database's tables at once: the loser retries
+        import time
+
+        time.sleep(1.0)
+        return optuna.storages.RDBStorage(url)
 
 
 def make_pruner(cfg: Optional[dict[str, Any]]) -> optuna.pruners.BasePruner:
