@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from gradsweep.delivery import pending  # noqa: E402
 from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command, wait_healthy  # noqa: E402
+from gradsweep.spool import has_artifact  # noqa: E402
 
 TRAIN = ROOT / "src" / "train.py"
 TELEMETRY = ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef",
@@ -119,17 +121,20 @@ def kill_and_resume(root: Path) -> dict:
     job(store, root, *common, "hydra.run.dir=full").communicate()
     client = MlflowClient(store)
     proc = job(store, root, *common, "hydra.run.dir=killed")
-    exp = None
-    while proc.poll() is None:
-        exp = exp or client.get_experiment_by_name("gradsweep")
-        running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") if exp else []
-        if running and client.list_artifacts(running[0].info.run_id, "checkpoints"):
+    while proc.poll() is None:  # kill once its own journal has a checkpoint (the store lags behind)
+        if any(has_artifact(f, "checkpoints") for f in pending(root / "mlruns" / "spool", owner_pid=proc.pid)):
             proc.send_signal(signal.SIGKILL)
-            killed = running[0].info.run_id
             break
-        time.sleep(0.05)
-    proc.wait()
-    time.sleep(1)
+        time.sleep(0.01)
+    if proc.wait() != -signal.SIGKILL:
+        raise RuntimeError("the job ended before it journaled a checkpoint; nothing was killed")
+    exp = client.get_experiment_by_name("gradsweep")
+    killed = None
+    while killed is None:  # its delivery worker sends the checkpoint once the owner is gone
+        running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+        if running and client.list_artifacts(running[0].info.run_id, "checkpoints"):
+            killed = running[0].info.run_id
+        time.sleep(0.1)
     job(store, root, *common, f"trainer.resume_from={killed}", "hydra.run.dir=resumed").communicate()
     full = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id != killed][0]
     resumed = client.get_run(killed)

@@ -8,6 +8,19 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TRAIN, run_train
+from gradsweep.delivery import pending
+from gradsweep.spool import has_artifact
+
+
+def kill_after_first_checkpoint(proc, spool, deadline) -> bool:
+    """SIGKILL ``proc`` as soon as its own run journal records a checkpoint artifact."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(has_artifact(f, "checkpoints") for f in pending(spool, owner_pid=proc.pid)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(60)
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _runs(store):
@@ -80,19 +93,19 @@ def test_sigkill_then_resume_into_same_run_equals_uninterrupted(tmp_path, store)
     assert full.returncode == 0, full.stderr[-2000:]
     proc = subprocess.Popen([sys.executable, str(TRAIN), *common, "hydra.run.dir=killed"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = MlflowClient(store)
+    # Kill as soon as the run's own journal records its first checkpoint: watching the tracking store
+    # instead raced with the end of training (delivery lags, and the 300 steps take well under a second).
     deadline = time.monotonic() + 180
+    checkpointed = kill_after_first_checkpoint(proc, tmp_path / "mlruns" / "spool", deadline)
+    assert checkpointed and proc.returncode == -signal.SIGKILL, "killed after its first checkpoint"
+    client = MlflowClient(store)
     killed_run = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        runs = [r for r in _runs(store)[1] if r.info.status == "RUNNING"]
+    while time.monotonic() < deadline and killed_run is None:  # its delivery worker sends what it has
+        runs = _runs(store)[1][1:]  # the uninterrupted run came first
         if runs and client.list_artifacts(runs[0].info.run_id, "checkpoints"):
             killed_run = runs[0].info.run_id
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait(60)
-    assert killed_run is not None and proc.returncode == -signal.SIGKILL, "killed after its first checkpoint"
-    time.sleep(1.0)  # the delivery worker sends what it has once its owner is gone
+        time.sleep(0.1)
+    assert killed_run is not None, "the killed run's checkpoint reached the store"
     assert client.get_run(killed_run).info.status == "RUNNING"
     resumed = run_train([f"trainer.resume_from={killed_run}", *common, "hydra.run.dir=resumed"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import logging
 import os
 import select
@@ -25,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from gradsweep.spool import HEADER, JOURNAL, STATE, read_json, write_json_atomic
+from gradsweep.spool import HEADER, JOURNAL, STATE, read_json, records, write_json_atomic
 
 log = logging.getLogger("gradsweep.delivery")
 MAX_METRICS = 1000  # MLflow's log_batch limit
@@ -129,17 +128,6 @@ def _ensure_run(folder: Path, client, header: dict[str, Any], state: dict[str, A
     return run.info.run_id
 
 
-def _records(folder: Path, offset: int) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(offset after the record, record) for every complete line from ``offset``."""
-    with open(folder / JOURNAL, "rb") as f:
-        f.seek(offset)
-        for line in f:
-            if not line.endswith(b"\n"):
-                return  # being written
-            offset += len(line)
-            yield offset, json.loads(line)
-
-
 def deliver(folder: Path, wait_s: float = 0.0) -> bool:
     """Deliver one journal as far as possible. True when the run is complete on the store.
     Raises Unreachable (store down) or Busy (another process holds the journal)."""
@@ -174,7 +162,7 @@ def _deliver_locked(folder: Path) -> bool:
             metrics.clear()
             commit(pending_offset)
 
-    for offset, rec in _records(folder, state["offset"]):
+    for offset, rec in records(folder, state["offset"]):
         op = rec["op"]
         if op == "metrics":
             values = rec["values"]

@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from gradsweep.tracking_uri import is_local_sqlite, sqlite_path
 
@@ -50,6 +50,25 @@ def read_json(path: Path) -> Optional[dict[str, Any]]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def records(folder: Path, offset: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(offset after the record, record) for every complete line of a journal from ``offset``."""
+    with open(folder / JOURNAL, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            if not line.endswith(b"\n"):
+                return  # being written
+            offset += len(line)
+            yield offset, json.loads(line)
+
+
+def has_artifact(folder: Path, artifact_path: str) -> bool:
+    """Whether a journal has recorded an artifact under ``artifact_path`` (for watching a live run)."""
+    try:
+        return any(r["op"] == "artifact" and r.get("artifact_path") == artifact_path for _, r in records(folder))
+    except FileNotFoundError:  # delivered and removed meanwhile
+        return False
 
 
 class RunJournal:
