@@ -387,16 +387,17 @@ def register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    cs.store(name="gradsweep_schema", node=GradsweepConfig)
+    # replace=True: registering again (a second compose in one process) is the same content, not a collision
+    cs.store(name="gradsweep_schema", node=GradsweepConfig, replace=True)
     for group, table in SCHEMAS.items():
         for name, schema in table.items():
             # structured(class) does not run __post_init__, so defaults need not be valid yet
             node = OmegaConf.structured(schema)
             node.name = name
-            cs.store(group=group, name=f"{name}_schema", node=node)
-    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
-    cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
-    cs.store(group="diagnostics", name="diagnostics_schema", node=DiagnosticsConfig)
+            cs.store(group=group, name=f"{name}_schema", node=node, replace=True)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig, replace=True)
+    cs.store(group="tracking", name="tracking_schema", node=TrackingConfig, replace=True)
+    cs.store(group="diagnostics", name="diagnostics_schema", node=DiagnosticsConfig, replace=True)
 
 
 def to_objects(cfg: DictConfig) -> JobSpec:

@@ -1,6 +1,7 @@
 """Figures (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +10,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 Series = tuple[list[int], list[float]]
+LEGEND_WIDTH = 40  # characters per legend line: longer run labels squeezed the axes to nothing
+
+
+def _legend(ax, **kwargs) -> None:
+    """A legend whose long labels (run names with their varied params) are wrapped, not clipped."""
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, [textwrap.fill(label, LEGEND_WIDTH) for label in labels], **kwargs)
 
 
 def _positive(series: Series) -> Series:
@@ -30,12 +38,8 @@ def plot_lines(series: dict[str, Series], path: str | Path, title: str, ylabel: 
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     if series:
-        ax.legend(fontsize=8, ncol=2 if len(series) > 8 else 1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _legend(ax, fontsize=8, ncol=2 if len(series) > 8 else 1)
+    return _save(fig, path)
 
 
 def plot_param_norms(history: dict[str, Series], path: str | Path, title: str = "") -> Path:
@@ -72,7 +76,7 @@ def plot_layer_bars(panels: dict[str, dict[str, dict[str, float]]], path: str | 
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", which="both", alpha=0.3)
         if runs:
-            ax.legend(fontsize=7)
+            _legend(ax, fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -95,13 +99,13 @@ def plot_metric_vs_value(points: dict[str, list[tuple[object, float, float]]], p
     if numeric and xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100:
         ax.set_xscale("log")
     if not numeric:
-        ax.set_xticks(range(len(cats)), cats, rotation=20)
+        ax.set_xticks(range(len(cats)), [textwrap.fill(c, LEGEND_WIDTH // 2) for c in cats], rotation=20)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(points) > 3 else 1)
+    _legend(ax, fontsize=7, ncol=2 if len(points) > 3 else 1)
     return _save(fig, path)
 
 
@@ -120,6 +124,6 @@ def plot_epoch_stats(runs: dict[str, dict[str, dict[str, Series]]], path: str | 
             ax.set_title(f"{label}: {stat}", fontsize=9)
             ax.set_xlabel("epoch")
             ax.grid(True, alpha=0.3)
-        row[0].legend(fontsize=7)
+        _legend(row[0], fontsize=7)
     fig.suptitle(title)
     return _save(fig, path, dpi=80)
