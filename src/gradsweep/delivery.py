@@ -295,6 +295,9 @@ def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None) 
     deliver_all(pending(spool, owner_pid), reporter, spool)
 
 
+NICE = 10  # delivery is background work: where cores are scarce, the training step goes first
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description="deliver gradsweep run journals (started by the trainer)")
     ap.add_argument("spool", type=Path)
@@ -303,6 +306,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     logging.basicConfig(level=logging.WARNING, format="[gradsweep.delivery] %(message)s")
+    os.nice(NICE)
     try:
         follow(args.spool, args.owner_pid, control=sys.stdin.buffer)
     except KeyboardInterrupt:
