@@ -18,6 +18,7 @@ CASES = [
     (["model.bogus=1"], "model.bogus: Key 'bogus' not in 'SRNConfig'"),
     (["clip.norm_type=3"], "clip.norm_type=3.0 is invalid; allowed: 1.0|2.0|inf"),
     (["tracking.uri=not a uri"], "tracking.uri='not a uri' is not a tracking URI"),
+    (["trainer.cpu_threads=-1"], "trainer.cpu_threads=-1 is invalid; allowed: an integer >= 0"),
     (["model=mlp"], "data='digit_sum' is invalid; allowed: moons|circles|digits for model=mlp"),
 ]
 

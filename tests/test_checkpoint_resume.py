@@ -73,10 +73,9 @@ def test_sigterm_marks_run_killed(tmp_path, store):
     proc = subprocess.Popen([sys.executable, str(TRAIN), "trainer.epochs=100000", f"tracking.uri={store}"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    for line in proc.stdout:  # wait until training has started
-        if " run " in line and "steps" in line or time.monotonic() > deadline:
+    for line in proc.stdout:  # wait for the first progress line: steps have been taken and logged
+        if "dev_acc" in line or time.monotonic() > deadline:
             break
-    time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     assert proc.returncode != 0
@@ -116,3 +115,18 @@ def test_sigkill_then_resume_into_same_run_equals_uninterrupted(tmp_path, store)
         assert _last(client, killed_run, key).value == _last(client, full_id, key).value, key
     steps = sorted(m.step for m in client.get_metric_history(killed_run, "grad_norm/total"))
     assert steps == list(range(300))  # every step once: none lost, none duplicated
+
+
+def test_resume_sends_each_metric_only_after_the_step_the_run_holds():
+    """Killed between a step's train and dev records: the re-run sends that step's dev metrics only."""
+    from gradsweep.sinks import FromStep, HistorySink
+
+    sent = HistorySink()
+    sink = FromStep(sent, {"train/loss": 7, "grad_norm/total": 7, "dev/acc": 4})
+    for step in range(5, 10):  # the checkpoint was at step 5
+        sink.log_metrics(step, {"train/loss": 1.0, "grad_norm/total": 2.0})
+        if step in (5, 7):
+            sink.log_metrics(step, {"dev/acc": 0.5})
+    sink.log_metrics(9, {"test/acc": 0.6})
+    assert sent.history["train/loss"][0] == [8, 9] and sent.history["grad_norm/total"][0] == [8, 9]
+    assert sent.history["dev/acc"][0] == [5, 7] and sent.history["test/acc"][0] == [9]

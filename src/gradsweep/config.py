@@ -268,6 +268,10 @@ class TrainerConfig:
     checkpoint_every_steps: int = 0  # 0 = only best (at evaluations) and last
     seed: int = 0
     device: str = "auto"  # auto|cpu|cuda
+    #: torch CPU threads of the job. 1 by default: this product's models are small, their ops do
+    #: not scale across threads, and a sweep runs several jobs beside a delivery process, where
+    #: more threads than cores made the first steps up to 10x slower. 0 = torch's default (all cores).
+    cpu_threads: int = 1
     resume_from: Optional[str] = None  # checkpoint path or MLflow run id
     #: at the last step of each epoch also log weight_mean/<param>, weight_std/<param> (after the
     #: update) and grad_mean/<param>, grad_std/<param> (that step's gradient, before clipping)
@@ -283,6 +287,8 @@ class TrainerConfig:
         _require(self.checkpoint_every_steps >= 0, "trainer.checkpoint_every_steps",
                  self.checkpoint_every_steps, "an integer >= 0")
         _choice("trainer.device", self.device, DEVICES)
+        _require(self.cpu_threads >= 0, "trainer.cpu_threads", self.cpu_threads,
+                 "an integer >= 0 (0 = torch's default)")
 
 
 # ----------------------------------------------------------------------------- diagnostics

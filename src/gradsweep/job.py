@@ -104,7 +104,7 @@ class Resume:
     last: dict  # the checkpoint to continue from
     best: Optional[dict]  # the best checkpoint so far, if there is one
     run_id: Optional[str] = None  # continue this run (resume_from was a run id)
-    logged_through: int = -1  # last step the run already has metrics for (after a kill: beyond `last`)
+    logged: dict[str, int] = field(default_factory=dict)  # metric -> last step the run holds (may be beyond `last`)
 
 
 def resolve_resume(ref: str, tracker_factory: Callable[[], Tracker], dest: Path) -> Resume:
@@ -116,7 +116,7 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], Tracker], dest: Path)
         return Resume(load_checkpoint(path), best)
     client = tracker_factory().client
     try:
-        client.get_run(ref)
+        run = client.get_run(ref)
     except Exception:
         raise CheckpointError(f"trainer.resume_from={ref!r}: neither a checkpoint file nor a run in the tracking store") from None
     dest.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], Tracker], dest: Path)
         best = load_checkpoint(client.download_artifacts(ref, "checkpoints/best.pt", str(dest)))
     except Exception:
         best = None
-    logged = max((m.step for m in client.get_metric_history(ref, "grad_norm/total")), default=-1)
+    logged = {key: max((m.step for m in client.get_metric_history(ref, key)), default=-1) for key in run.data.metrics}
     return Resume(load_checkpoint(last), best, ref, logged)
 
 
@@ -144,6 +144,8 @@ def check_inputs(spec: JobSpec) -> None:
 
 def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, float], None]] = None) -> JobOutcome:
     spec: JobSpec = to_objects(cfg)
+    if spec.trainer.cpu_threads:
+        torch.set_num_threads(spec.trainer.cpu_threads)
     torch.manual_seed(spec.trainer.seed)
     data = build_data(spec.data)
     out_features = 1 if spec.trainer.loss == "bce" else data.num_classes
@@ -186,7 +188,7 @@ def run_job(cfg: DictConfig, ctx: JobContext, on_eval: Optional[Callable[[int, f
     history = HistorySink()
     store = CheckpointStore(ctx.output_dir / "checkpoints")
     # steps the run already holds (logged after its last checkpoint, before it was killed) are not sent twice
-    to_store = FromStep(journal, resume.logged_through + 1) if same_run else journal
+    to_store = FromStep(journal, resume.logged) if same_run else journal
     trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, to_store), device, store,
                       config_dict, on_eval)
     if resume is not None:

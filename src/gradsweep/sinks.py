@@ -36,11 +36,14 @@ class TeeSink:
 
 
 class FromStep:
-    """Passes on records from ``first_step`` on (a resumed run that already has the earlier ones)."""
+    """Passes on, for each metric, only the steps after the last one the store already holds
+    (a resumed run that was killed after its checkpoint: the re-run steps are not sent twice, and
+    a step whose train metrics were logged but whose dev metrics were not still gets its dev ones)."""
 
-    def __init__(self, sink: Sink, first_step: int) -> None:
-        self.sink, self.first_step = sink, first_step
+    def __init__(self, sink: Sink, logged: dict[str, int]) -> None:
+        self.sink, self.logged = sink, logged
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        if step >= self.first_step:
-            self.sink.log_metrics(step, metrics)
+        new = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+        if new:
+            self.sink.log_metrics(step, new)
