@@ -85,13 +85,20 @@ def locked(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
         os.close(fd)
 
 
+_last_answer = 0.0  # monotonic time of this process's last call the store answered (even with an error)
+
+
 def _call(fn, *args, **kwargs):
+    global _last_answer
     try:
-        return fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except Exception as e:
         if is_transient(e):
             raise Unreachable(str(e).splitlines()[0][:300]) from None
+        _last_answer = time.monotonic()
         raise
+    _last_answer = time.monotonic()
+    return result
 
 
 def _experiment_id(client, header: dict[str, Any]) -> str:
@@ -262,7 +269,7 @@ class OutageReporter:
 
 def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path) -> int:
     """One pass over journals; returns how many are still not complete."""
-    left = 0
+    started, left = time.monotonic(), 0
     for folder in folders:
         try:
             done = deliver(folder)
@@ -276,7 +283,9 @@ def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path) -> i
             done = False
         if not done:
             left += 1
-    if reporter.down_since is not None:
+    # only an answer from the store ends an outage: a pass that found every journal locked by
+    # another process (Busy) or had nothing new to send has not talked to it
+    if reporter.down_since is not None and _last_answer >= started:
         reporter.reachable()
     return left
 
