@@ -17,7 +17,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,36 +28,13 @@ sys.path.insert(0, str(ROOT / "src"))
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from gradsweep.delivery import pending  # noqa: E402
-from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command, wait_healthy  # noqa: E402
+from gradsweep.server_cmd import MlflowServer  # noqa: E402
 from gradsweep.spool import has_artifact  # noqa: E402
 
 TRAIN = ROOT / "src" / "train.py"
 TELEMETRY = ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef",
              "grad_norm/embedding.weight", "grad_norm/rnn.W", "grad_norm/rnn.U", "grad_norm/rnn.b",
              "grad_norm/classifier.weight", "grad_norm/classifier.bias"]
-
-
-class Server:
-    def __init__(self, root: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.root, self.proc = root, None
-        self.uri = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "Server":
-        mlflow = str(Path(sys.executable).parent / "mlflow")
-        cmd = mlflow_server_command(executable=mlflow, port=self.port, backend_store_uri=f"sqlite:///{self.root}/s.db",
-                                    artifacts_destination=str(self.root / "artifacts"))
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True, env={**os.environ, **SERVER_ENV})
-        wait_healthy(self.uri, self.proc, timeout_s=100)
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(30)
 
 
 def job(uri: str, cwd: Path, *extra: str) -> subprocess.Popen:
@@ -80,7 +56,7 @@ def count_points(uri: str, steps: int) -> tuple[int, int, int]:
 
 
 def outage_mid_run(root: Path, outage_s: float, epochs: int) -> dict:
-    server = Server(root).start()
+    server = MlflowServer(root).start(timeout=100)
     proc = job(server.uri, root, f"trainer.epochs={epochs}", "trainer.eval_every_steps=1000")
     lines: list[str] = []
     for line in proc.stdout:
@@ -101,7 +77,7 @@ def outage_mid_run(root: Path, outage_s: float, epochs: int) -> dict:
 
 
 def outage_whole_job(root: Path, epochs: int) -> dict:
-    server = Server(root)
+    server = MlflowServer(root)
     t0 = time.monotonic()
     proc = job(server.uri, root, f"trainer.epochs={epochs}", "tracking.delivery_timeout_s=1")
     proc.communicate()

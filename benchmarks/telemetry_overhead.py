@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ from gradsweep.data import build_data  # noqa: E402
 from gradsweep.loop import Trainer, batch_loss  # noqa: E402
 from gradsweep.models import build_model  # noqa: E402
 from gradsweep.optim import build_optimizer  # noqa: E402
-from gradsweep.server_cmd import SERVER_ENV, mlflow_server_command, wait_healthy  # noqa: E402
+from gradsweep.server_cmd import MlflowServer  # noqa: E402
 from gradsweep.sinks import HistorySink, TeeSink  # noqa: E402
 from gradsweep.tracker import Tracker, close_run, open_run  # noqa: E402
 
@@ -109,20 +107,6 @@ def naive(tracker: Tracker, steps: int) -> float:
     return (time.perf_counter() - t0) / trainer.total_steps
 
 
-def start_server(root: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    cmd = mlflow_server_command(executable=mlflow, port=port, backend_store_uri=f"sqlite:///{root}/server.db",
-                                artifacts_destination=str(root / "artifacts"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, **SERVER_ENV})
-    uri = f"http://127.0.0.1:{port}"
-    wait_healthy(uri, proc)
-    return proc, uri
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -134,9 +118,9 @@ def main() -> None:
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="gradsweep-bench-"))
     embedded = Tracker(f"sqlite:///{root}/embedded.db", "bench")
-    server_proc, server_uri = start_server(root)
+    server_proc = MlflowServer(root).start()
     try:
-        server = Tracker(server_uri, "bench")
+        server = Tracker(server_proc.uri, "bench")
 
         def mlflow_sink(tracker):
             spool = root / f"spool-{tracker.experiment_id}-{abs(hash(tracker.uri))}"
@@ -161,8 +145,7 @@ def main() -> None:
         results["naive log_metric, embedded"] = [(naive(embedded, args.naive_steps), 0.0)]
         results["naive log_metric, server"] = [(naive(server, args.naive_steps), 0.0)]
     finally:
-        os.killpg(server_proc.pid, 15)
-        server_proc.wait()
+        server_proc.stop()
         shutil.rmtree(root, ignore_errors=True)
     base = statistics.median(t for t, _ in results["bare"])
     base_min = min(t for t, _ in results["bare"])

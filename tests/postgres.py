@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,13 +19,9 @@ from typing import Optional
 
 import pytest
 
+from gradsweep.server_cmd import free_port
+
 FALLBACK_USER = "gradsweep-pg"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _binary(name: str) -> Optional[str]:
@@ -56,7 +51,7 @@ def _server_user() -> Optional[pwd.struct_passwd]:
 class PostgresServer:
     def __init__(self, database: str = "gradsweep"):
         self.database = database
-        self.port = _free_port()
+        self.port = free_port()
         self.user = _server_user()
         self.root = Path(tempfile.mkdtemp(prefix="gradsweep-pg-"))
         self.data = self.root / "data"

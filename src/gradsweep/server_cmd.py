@@ -4,8 +4,8 @@ Three things start a tracking server and all of them build its command here:
 
 * ``docker-compose.yml``'s ``mlflow`` service (PostgreSQL backend, MinIO artifacts), checked against
   :func:`mlflow_server_command` by ``tests/test_compose.py``;
-* the tests' real server (``tests/conftest.py: MlflowServer``), so the flags CI exercises are the
-  flags the team deploys;
+* :class:`MlflowServer`, the real server the tests and benchmarks start and stop, so the flags CI
+  exercises are the flags the team deploys;
 * ``make server`` (``python -m gradsweep.server_cmd``): a local server on 127.0.0.1:5000 with the
   embedded store (``sqlite:///mlruns/server.db``, artifacts in ``mlruns/server-artifacts``), which
   ``tracking=server`` points jobs at.
@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,14 +69,67 @@ def wait_healthy(uri: str, proc, timeout_s: float = 90.0, log_path: Path | None 
     raise RuntimeError(f"mlflow server at {uri} did not become healthy in {timeout_s:.0f} s")
 
 
+def mlflow_executable() -> str:
+    """The ``mlflow`` of this interpreter's environment, else the one on PATH."""
+    return shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
+
+
 def local_server_command(store: Path, port: int = 5000, host: str = "127.0.0.1",
                          allowed_hosts: str = ALLOWED_HOSTS) -> list[str]:
     """``make server``: the embedded store under ``store`` (normally ``mlruns/``)."""
     store = store.resolve()
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow") or "mlflow"
     return mlflow_server_command(backend_store_uri=f"sqlite:///{store / 'server.db'}",
                                  artifacts_destination=str(store / "server-artifacts"),
-                                 host=host, port=port, allowed_hosts=allowed_hosts, executable=mlflow)
+                                 host=host, port=port, allowed_hosts=allowed_hosts, executable=mlflow_executable())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` child process on 127.0.0.1 (tests and benchmarks): it can be
+    stopped and started again on the same port and store, as in an outage. The log is
+    ``<root>/server-<port>.log``."""
+
+    def __init__(self, root: Path, port: int | None = None, backend: str | None = None,
+                 artifacts: str | None = None, app_name: str | None = None, env: dict | None = None):
+        self.root = root
+        self.port = port or free_port()
+        self.backend = backend or f"sqlite:///{root / 'server.db'}"
+        self.artifacts = artifacts or str(root / "artifacts")
+        self.app_name = app_name  # "basic-auth": user/password authentication
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return mlflow_server_command(executable=mlflow_executable(), host="127.0.0.1", port=self.port, workers=1,
+                                     backend_store_uri=self.backend, artifacts_destination=self.artifacts,
+                                     app_name=self.app_name)
+
+    def start(self, timeout: float = 90) -> "MlflowServer":
+        log_path = self.root / f"server-{self.port}.log"
+        with open(log_path, "a") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                         start_new_session=True, env={**os.environ, **SERVER_ENV, **self.env})
+        wait_healthy(self.uri, self.proc, timeout, log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
 
 
 def main(argv: list[str] | None = None) -> None:
