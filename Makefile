@@ -24,7 +24,7 @@ ui:
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
 
 server:  ## a local tracking server on 127.0.0.1:5000 with the embedded store (mlruns/server.db); jobs: tracking=server
-	$(BIN)/python -m gradsweep.server_cmd --port 5000 --store mlruns
+	$(BIN)/python -m gradsweep.track.server --port 5000 --store mlruns
 
 bench: install
 	$(BIN)/python benchmarks/telemetry_overhead.py

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from gradsweep.delivery import pending  # noqa: E402
-from gradsweep.server_cmd import MlflowServer  # noqa: E402
-from gradsweep.spool import has_artifact  # noqa: E402
+from gradsweep.track.delivery import pending  # noqa: E402
+from gradsweep.track.server import MlflowServer  # noqa: E402
+from gradsweep.track.journal import has_artifact  # noqa: E402
 
 TRAIN = ROOT / "src" / "train.py"
 TELEMETRY = ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef",

@@ -25,15 +25,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from gradsweep.clipping import build_clipper  # noqa: E402
-from gradsweep.config import ClipConfig, DigitSumConfig, SGDConfig, SRNConfig, TrainerConfig  # noqa: E402
-from gradsweep.data import build_data  # noqa: E402
-from gradsweep.loop import Trainer, batch_loss  # noqa: E402
-from gradsweep.models import build_model  # noqa: E402
-from gradsweep.optim import build_optimizer  # noqa: E402
-from gradsweep.server_cmd import MlflowServer  # noqa: E402
-from gradsweep.sinks import HistorySink, TeeSink  # noqa: E402
-from gradsweep.tracker import Tracker, close_run, open_run  # noqa: E402
+from gradsweep.train.clipping import NormClipConfig  # noqa: E402
+from gradsweep.train.data import DigitSumConfig  # noqa: E402
+from gradsweep.train.loop import TrainerConfig  # noqa: E402
+from gradsweep.train.models import SRNConfig  # noqa: E402
+from gradsweep.train.optim import SGDConfig  # noqa: E402
+from gradsweep.train.registry import build  # noqa: E402
+from gradsweep.train.loop import Trainer, batch_loss  # noqa: E402
+from gradsweep.track.server import MlflowServer  # noqa: E402
+from gradsweep.train.sinks import HistorySink, TeeSink  # noqa: E402
+from gradsweep.track.settings import TrackingConfig  # noqa: E402
+from gradsweep.track.store import Tracker, open_run  # noqa: E402
 
 CFG = TrainerConfig(epochs=50, batch_size=64, reduction="sum", eval_every_steps=100, device="cpu")
 
@@ -43,9 +45,9 @@ HIDDEN = 32  # set by --hidden
 
 def setup():
     torch.manual_seed(0)
-    data = build_data(DigitSumConfig())
-    model = build_model(SRNConfig(input_size=HIDDEN, hidden_size=HIDDEN), data, data.num_classes)
-    return data, model, build_optimizer(SGDConfig(lr=0.2), model.parameters())
+    data = build("data", DigitSumConfig())
+    model = build("model", SRNConfig(input_size=HIDDEN, hidden_size=HIDDEN), data, data.num_classes)
+    return data, model, build("optimizer", SGDConfig(lr=0.2), model.parameters())
 
 
 def bare(steps: int | None = None) -> float:
@@ -74,7 +76,7 @@ def with_sink(make_sink) -> tuple[float, float]:
     """(seconds per step while training, seconds to deliver what was still buffered at the end)."""
     data, model, opt = setup()
     sink, close = make_sink()
-    trainer = Trainer(model, data, opt, build_clipper(ClipConfig(name="norm", max_norm=20.0)), CFG,
+    trainer = Trainer(model, data, opt, build("clip", NormClipConfig(max_norm=20.0)), CFG,
                       TeeSink(HistorySink(), sink), torch.device("cpu"))
     t0 = time.perf_counter()
     trainer.run()
@@ -99,11 +101,11 @@ def naive(tracker: Tracker, steps: int) -> float:
     run_id = tracker.start_run("naive", {})
     cfg = TrainerConfig(epochs=1, batch_size=max(1, len(data.train) // steps), reduction="sum",
                         eval_every_steps=10**6, device="cpu")
-    trainer = Trainer(model, data, opt, build_clipper(ClipConfig(name="norm", max_norm=20.0)), cfg,
+    trainer = Trainer(model, data, opt, build("clip", NormClipConfig(max_norm=20.0)), cfg,
                       NaiveSink(tracker.client, run_id), torch.device("cpu"))
     t0 = time.perf_counter()
     trainer.run()
-    tracker.end_run(run_id, "FINISHED")
+    tracker.client.set_terminated(run_id, "FINISHED")
     return (time.perf_counter() - t0) / trainer.total_steps
 
 
@@ -125,9 +127,9 @@ def main() -> None:
         def mlflow_sink(tracker):
             spool = root / f"spool-{tracker.experiment_id}-{abs(hash(tracker.uri))}"
 
-            def make():  # the journal + delivery process the trainer uses (see gradsweep.tracker)
-                journal = open_run(tracker.uri, "bench", "bench", {}, spool_dir=str(spool))
-                return journal, lambda: close_run(journal, "FINISHED")
+            def make():  # the journal + delivery process the trainer uses (see gradsweep.track.store)
+                run = open_run(TrackingConfig(uri=tracker.uri, experiment_name="bench", spool_dir=str(spool)), "bench", {})
+                return run, lambda: run.finish("FINISHED")
             journal, close = make()  # start the delivery process before timing (once per process)
             close()
             return make

@@ -14,9 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from gradsweep.config import register_schemas  # noqa: E402
-from gradsweep.entry import run_cli  # noqa: E402
-from gradsweep.hydra_job import job_from_hydra  # noqa: E402
+from gradsweep.cli.hydra_main import run_cli  # noqa: E402
+from gradsweep.sweep.hydra_adapter import job_from_hydra, register_schemas  # noqa: E402
 
 register_schemas()
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")

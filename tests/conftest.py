@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gradsweep.server_cmd import MlflowServer  # noqa: F401 (tests import it from here)
+from gradsweep.track.server import MlflowServer  # noqa: F401 (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "src" / "train.py"

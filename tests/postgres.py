@@ -19,7 +19,7 @@ from typing import Optional
 
 import pytest
 
-from gradsweep.server_cmd import free_port
+from gradsweep.track.server import free_port
 
 FALLBACK_USER = "gradsweep-pg"
 

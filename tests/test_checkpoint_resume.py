@@ -8,8 +8,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TRAIN, run_train
-from gradsweep.delivery import pending
-from gradsweep.spool import has_artifact
+from gradsweep.track.delivery import pending
+from gradsweep.track.journal import has_artifact
 
 
 def kill_after_first_checkpoint(proc, spool, deadline) -> bool:
@@ -119,7 +119,7 @@ def test_sigkill_then_resume_into_same_run_equals_uninterrupted(tmp_path, store)
 
 def test_resume_sends_each_metric_only_after_the_step_the_run_holds():
     """Killed between a step's train and dev records: the re-run sends that step's dev metrics only."""
-    from gradsweep.sinks import FromStep, HistorySink
+    from gradsweep.train.sinks import FromStep, HistorySink
 
     sent = HistorySink()
     sink = FromStep(sent, {"train/loss": 7, "grad_norm/total": 7, "dev/acc": 4})

@@ -17,7 +17,7 @@ import yaml
 from mlflow.server.security_utils import is_allowed_host_header
 
 from conftest import ROOT, MlflowServer
-from gradsweep.server_cmd import ALLOWED_HOSTS, SERVER_ENV, local_server_command, mlflow_server_command
+from gradsweep.track.server import ALLOWED_HOSTS, SERVER_ENV, local_server_command, mlflow_server_command
 
 COMPOSE = ROOT / "docker-compose.yml"
 AUTH = ROOT / "docker-compose.auth.yml"
@@ -210,7 +210,7 @@ def test_basic_auth_override():
 def test_make_server_is_the_server_tracking_server_points_at():
     makefile = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^server:.*\n\t(.+)$", makefile, re.M).group(1)
-    assert "-m gradsweep.server_cmd" in recipe
+    assert "-m gradsweep.track.server" in recipe
     cmd = local_server_command(Path("mlruns"))
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "5000"
     assert flags(cmd) == flags(mlflow_server_command(backend_store_uri="x", artifacts_destination="y"))

@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
 
-from gradsweep.config import DigitsConfig, DigitSumConfig, ToyConfig
-from gradsweep.data import build_data, generate_digit_sum, read_digit_sum, write_digit_sum
+from gradsweep.train.data import DigitsConfig, DigitSumConfig, ToyConfig, generate_digit_sum, read_digit_sum, write_digit_sum
+from gradsweep.train.registry import build
 from gradsweep.errors import DataError
 
 
 def test_digit_sum_sizes_labels_and_noise():
-    ds = build_data(DigitSumConfig())
+    ds = build("data", DigitSumConfig())
     assert (len(ds.train), len(ds.dev), len(ds.test)) == (300, 100, 100)
     assert ds.num_classes == 19 and ds.train.x.shape == (300, 20)
     for split in (ds.train, ds.dev, ds.test):
@@ -31,7 +31,7 @@ def test_file_reader_round_trips(tmp_path):
     back = read_digit_sum(tmp_path)
     for s in splits:
         assert np.array_equal(back[s][0], splits[s][0]) and np.array_equal(back[s][1], splits[s][1])
-    ds = build_data(DigitSumConfig(path=str(tmp_path)))
+    ds = build("data", DigitSumConfig(path=str(tmp_path)))
     assert ds.train.x.shape == (300, 7)
 
 
@@ -46,12 +46,12 @@ def test_file_reader_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("name", ["moons", "circles"])
 def test_toy_sets(name):
-    ds = build_data(ToyConfig(name=name))
+    ds = build("data", ToyConfig(name=name))
     assert (len(ds.train), len(ds.dev), len(ds.test)) == (640, 160, 200)
     assert ds.num_classes == 2 and ds.train.x.shape[1] == 2
 
 
 def test_digits_ship_with_sklearn():
-    ds = build_data(DigitsConfig())
+    ds = build("data", DigitsConfig())
     assert ds.train.x.shape[1:] == (1, 8, 8) and ds.num_classes == 10
     assert len(ds.train) + len(ds.dev) + len(ds.test) == 1797

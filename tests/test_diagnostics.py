@@ -7,9 +7,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from gradsweep.config import DiagnosticsConfig
-from gradsweep.diagnostics import diagnose, layer_weights, spikes, vanished_steps
-from gradsweep.telemetry import ParamStats
+from gradsweep.train.diagnostics import DiagnosticsConfig
+from gradsweep.train.diagnostics import diagnose, layer_weights, spikes, vanished_steps
+from gradsweep.train.telemetry import ParamStats
 from jobs import run_inprocess
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def ok(res: subprocess.CompletedProcess) -> None:
 @pytest.fixture
 def hydra_compose():
     sys.path.insert(0, str(ROOT / "src"))
-    from gradsweep.config import register_schemas
+    from gradsweep.sweep.hydra_adapter import register_schemas
 
     register_schemas()
     GlobalHydra.instance().clear()
@@ -83,7 +83,7 @@ def test_named_sweeps_compose_with_the_optuna_sweeper(hydra_compose):
     for name, params in expected.items():
         cfg = hydra_compose([f"+sweep={name}"])
         sw = cfg.hydra.sweeper
-        assert sw._target_ == "gradsweep.optuna_sweeper.GradsweepOptunaSweeper"
+        assert sw._target_ == "gradsweep.sweep.optuna_sweeper.GradsweepOptunaSweeper"
         assert sw.study_name == name and sw.storage == "sqlite:///mlruns/optuna.db"
         assert str(sw.direction) in ("maximize", "Direction.maximize") and sw.n_trials >= 20
         assert sw.sampler._target_ == "optuna.samplers.TPESampler" and sw.sampler.seed == 0
@@ -92,7 +92,7 @@ def test_named_sweeps_compose_with_the_optuna_sweeper(hydra_compose):
     assert hydra_compose(["+sweep=mlp_depth_lr"]).model.name == "mlp"
     assert hydra_compose(["+sweep=mlp_depth_lr"]).data.name == "moons"
     assert hydra_compose(["+sweep=clip_only"]).hydra.sweeper.custom_search_space == \
-        "gradsweep.search_spaces.clip_norm_or_none"
+        "gradsweep.sweep.search_spaces.clip_norm_or_none"
     for pruner, target in (("none", "NopPruner"), ("hyperband", "HyperbandPruner")):
         cfg = hydra_compose(["+sweep=lr_layers_clip", f"hydra/sweeper/pruner={pruner}"])
         assert cfg.hydra.sweeper.pruner._target_ == f"optuna.pruners.{target}"
@@ -106,7 +106,7 @@ def test_unknown_sweep_is_a_one_line_error(tmp_path):
 
 
 def test_clip_only_space_is_conditional():
-    from gradsweep.search_spaces import clip_norm_or_none
+    from gradsweep.sweep.search_spaces import clip_norm_or_none
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(40):
@@ -123,7 +123,7 @@ def test_clip_only_space_is_conditional():
 
 
 def test_storage_urls(tmp_path, monkeypatch):
-    from gradsweep.optuna_study import make_storage, resolve_storage_url
+    from gradsweep.sweep.optuna_loop import make_storage, resolve_storage_url
 
     monkeypatch.chdir(tmp_path)
     assert resolve_storage_url("sqlite:///mlruns/optuna.db") == f"sqlite:///{tmp_path}/mlruns/optuna.db"
@@ -264,7 +264,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, store, postgres_server):
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     for w, out in zip(workers, outputs):
         assert w.returncode == 0, out[-3000:]
-    from gradsweep.optuna_study import make_storage, resolve_storage_url
+    from gradsweep.sweep.optuna_loop import make_storage, resolve_storage_url
 
     study = optuna.load_study(study_name="shared", storage=make_storage(resolve_storage_url(postgres_server.uri)))
     trials = study.trials

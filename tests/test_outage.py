@@ -76,7 +76,7 @@ def test_server_down_for_whole_job_then_sync(tmp_path):
     assert len(spooled) == 1
     server.start()
     try:
-        sync = subprocess.run([sys.executable, "-m", "gradsweep.cli", "sync"], cwd=tmp_path, capture_output=True,
+        sync = subprocess.run([sys.executable, "-m", "gradsweep.cli.main", "sync"], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
         assert sync.returncode == 0, sync.stdout + sync.stderr
         assert "delivered 1 of 1 spooled runs" in sync.stdout
@@ -84,7 +84,7 @@ def test_server_down_for_whole_job_then_sync(tmp_path):
         (run,) = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
         _assert_complete(client, run)
         assert run.data.tags["gradsweep.spooled"] == "true"
-        again = subprocess.run([sys.executable, "-m", "gradsweep.cli", "sync"], cwd=tmp_path, capture_output=True,
+        again = subprocess.run([sys.executable, "-m", "gradsweep.cli.main", "sync"], cwd=tmp_path, capture_output=True,
                                text=True, timeout=120, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
         assert "nothing to deliver" in again.stdout
     finally:
@@ -97,8 +97,8 @@ def test_a_pass_that_never_reached_the_store_does_not_end_the_outage(tmp_path):
     outage in CI. Only an answer from the store ends it."""
     import io
 
-    from gradsweep.delivery import OutageReporter, deliver_all, locked
-    from gradsweep.spool import RunJournal
+    from gradsweep.track.delivery import OutageReporter, deliver_all, locked
+    from gradsweep.track.journal import RunJournal
 
     spool = tmp_path / "spool"
     journal = RunJournal.create(spool, {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment_name": "e",

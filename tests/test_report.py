@@ -10,9 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import run_train
-from gradsweep.cli import main as gradsweep
+from gradsweep.cli.main import main as gradsweep
 
-FILES = {"grad_norm_total.png", "layer_grad_norms.png", "final_accuracy.png", "summary.md", "summary.csv"}
+FILES = {"grad_norm_total.png", "layer_grad_norms.png", "final_accuracy.png", "summary.md", "summary.csv", "runs.csv"}
 GRADSWEEP = Path(sys.executable).parent / "gradsweep"
 
 
@@ -55,7 +55,7 @@ def test_report_of_sweep_parent(sweep, tmp_path, capsys):
     for png in out.glob("*.png"):
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 400_000
-    rows = read_csv(out / "summary.csv")
+    rows = read_csv(out / "runs.csv")
     by_act = {r["model.activation"]: r for r in rows}
     assert set(by_act) == {"sigmoid", "relu", "leaky_relu"}  # the swept value is the differing param
     assert by_act["sigmoid"]["grad_health"] == "vanishing" and by_act["relu"]["grad_health"] == "ok"
@@ -67,9 +67,13 @@ def test_report_of_sweep_parent(sweep, tmp_path, capsys):
         run = client.get_run(r["run_id"])
         assert float(r["test/acc"]) == run.data.metrics["test/acc"]
         assert r["grad_health"] == run.data.tags["grad_health"]
+    configs = {r["model.activation"]: r for r in read_csv(out / "summary.csv")}  # one seed: one run per configuration
+    assert set(configs) == set(by_act) and all(c["n_runs"] == "1" for c in configs.values())
+    assert configs["sigmoid"]["grad_health"] == "vanishing 1/1"
+    assert float(configs["relu"]["test_acc_median"]) == float(by_act["relu"]["test/acc"])
     md = (out / "summary.md").read_text().splitlines()
-    assert len(md) == 2 + 3 and md[0].startswith("| run | status | grad_health")
-    assert any(line.startswith("| model.activation=sigmoid | FINISHED | vanishing |") for line in md)
+    assert md[0].startswith("| configuration | runs | finished | grad_health | test acc")
+    assert any(line.startswith("| model.activation=sigmoid | 1 | 1 | vanishing 1/1 |") for line in md)
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert logged == {f"report/{f}" for f in FILES}
     assert f"logged to run {parent} under report/" in capsys.readouterr().out
@@ -88,7 +92,7 @@ def test_report_by_study_name_with_the_console_script(sweep, tmp_path):
 def test_report_by_experiment_name_creates_a_report_run(sweep, tmp_path):
     store, parent, _, _ = sweep
     assert gradsweep(["report", "gradsweep", "--tracking-uri", store, "--out", str(tmp_path / "e")]) == 0
-    rows = read_csv(tmp_path / "e" / "summary.csv")
+    rows = read_csv(tmp_path / "e" / "runs.csv")
     assert len(rows) == 3  # the training runs only: no sweep parent, no report run
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("gradsweep")
@@ -103,7 +107,7 @@ def test_report_of_a_single_run(sweep, tmp_path):
     child = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id],
                                filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")[0]
     assert gradsweep(["report", child.info.run_id, "--tracking-uri", store, "--out", str(tmp_path / "one")]) == 0
-    (row,) = read_csv(tmp_path / "one" / "summary.csv")
+    (row,) = read_csv(tmp_path / "one" / "runs.csv")
     assert row["run_id"] == child.info.run_id and row["grad_health"] == child.data.tags["grad_health"]
     assert "report/summary.csv" in {a.path for a in client.list_artifacts(child.info.run_id, "report")}
 
@@ -143,7 +147,7 @@ def test_report_against_real_server(tmp_path, mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     assert gradsweep(["report", "zero_init", "--out", str(tmp_path / "rep")]) == 0
     assert {p.name for p in (tmp_path / "rep").iterdir()} == FILES | {"epoch_stats.png"}
-    rows = read_csv(tmp_path / "rep" / "summary.csv")
+    rows = read_csv(tmp_path / "rep" / "runs.csv")
     assert sorted(r["model.activation"] for r in rows) == ["relu", "sigmoid", "tanh"]
     assert all(float(r["health/hidden_unit_spread"]) < 1e-6 for r in rows)  # symmetric units stay identical
     (parent,) = parents(MlflowClient(mlflow_server.uri))

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import ROOT
 from gradsweep.errors import ConfigError
-from gradsweep.schedule import Schedule, SweepBusy, cron_trigger, missed_runs, sweep_lock
+from gradsweep.sweep.schedule import Schedule, SweepBusy, cron_trigger, missed_runs, sweep_lock
 from postgres import postgres_server  # noqa: F401
 
 GRADSWEEP = str(Path(sys.executable).parent / "gradsweep")
@@ -150,7 +150,7 @@ def test_file_lock_is_exclusive_and_released_when_the_holder_dies(tmp_path):
             with sweep_lock("s", None, tmp_path):
                 pass
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from gradsweep.schedule import sweep_lock; from pathlib import Path;"
+                               "from gradsweep.sweep.schedule import sweep_lock; from pathlib import Path;"
                                "cm = sweep_lock('s', None, Path(sys.argv[2])); cm.__enter__(); print('held', flush=True);"
                                "time.sleep(600)", str(ROOT / "src"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -2,7 +2,7 @@
 
 A real PostgreSQL (tests/postgres.py) initialised with deploy/postgres/*.sql the way the postgres image
 does it, a real ``mlflow server`` started with the command docker-compose.yml runs
-(:func:`gradsweep.server_cmd.mlflow_server_command`, checked against the compose file by
+(:func:`gradsweep.track.server.mlflow_server_command`, checked against the compose file by
 tests/test_compose.py), and a sweep through the CLI. Artifacts go to a local folder where the compose
 stack uses MinIO; the server proxies them either way, so clients download them through it.
 """
@@ -96,7 +96,7 @@ def test_sweep_through_server_on_postgres(postgres, tmp_path):
             assert state["step"] == STEPS  # last.pt
             png = client.download_artifacts(c.info.run_id, "figures/grad_norms.png", str(downloads / c.info.run_id))
             assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-        png = client.download_artifacts(parent.info.run_id, "sweep/sweep_grad_norm_total.png", str(downloads))
+        png = client.download_artifacts(parent.info.run_id, "sweep/grad_norm_total.png", str(downloads))
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
         assert len(list(store.rglob("*.pt"))) == 4  # the server wrote them into its artifact destination
 

@@ -9,8 +9,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import run_train
-from gradsweep.config import to_objects
-from gradsweep.report import make_report, study_names
+from gradsweep.sweep.hydra_adapter import to_spec
+from gradsweep.report.build import make_report, study_names
 from jobs import compose_job, run_inprocess, study_variants
 
 # study -> (number of variants, overrides that shorten it, train steps per epoch)
@@ -28,7 +28,7 @@ STUDIES = {
 @cache
 def specs(study: str) -> list:
     """The validated config of every job of a study (composed once per test session)."""
-    return [to_objects(compose_job(v)) for v in study_variants(study)]
+    return [to_spec(compose_job(v)) for v in study_variants(study)]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_study_full(study, tmp_path):
     res = run_train(["-m", f"experiment={study}", f"tracking.uri={store}"], tmp_path, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     rep = make_report(study, store, str(tmp_path / "report"))
-    rows = (tmp_path / "report" / "summary.csv").read_text().splitlines()
+    rows = (tmp_path / "report" / "runs.csv").read_text().splitlines()
     assert len(rows) == STUDIES[study][0] + 1 and all(",FINISHED," in r for r in rows[1:])
     assert Path(rep.files["grad_norm_total"]).is_file()
 
@@ -121,7 +121,7 @@ def test_preflight_validates_every_variant_of_a_preset(tmp_path):
     import shutil
 
     from gradsweep.errors import ConfigError
-    from gradsweep.preflight import preflight
+    from gradsweep.sweep.hydra_adapter import preflight
 
     conf = tmp_path / "conf"
     shutil.copytree(Path(__file__).resolve().parent.parent / "conf", conf)

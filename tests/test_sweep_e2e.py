@@ -1,4 +1,5 @@
 """A real `-m` sweep in a subprocess, read back with MlflowClient (embedded store and real server)."""
+import csv
 from pathlib import Path
 
 import torch
@@ -43,10 +44,14 @@ def check_sweep(uri: str, tmp_path: Path):
         assert state["step"] == STEPS and set(state) >= {"model", "optimizer", "best_score", "config"}
         assert state["config"]["clip"]["max_norm"] == max_norm and "rnn.U" in state["model"]
     sweep_arts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
-    assert sweep_arts == {"sweep/sweep_grad_norm_total.png", "sweep/sweep_runs.csv"}
-    csv_path = client.download_artifacts(parent.info.run_id, "sweep/sweep_runs.csv", str(tmp_path))
+    assert sweep_arts == {f"sweep/{f}" for f in ("grad_norm_total.png", "summary.md", "summary.csv", "runs.csv")}
+    csv_path = client.download_artifacts(parent.info.run_id, "sweep/runs.csv", str(tmp_path))
     rows = Path(csv_path).read_text().splitlines()
     assert len(rows) == 4 and "clip.max_norm" in rows[0] and "best/dev_acc" in rows[0]
+    summary = list(csv.DictReader(Path(client.download_artifacts(parent.info.run_id, "sweep/summary.csv",
+                                                                 str(tmp_path))).open()))
+    assert sorted(r["clip.max_norm"] for r in summary) == ["1.0", "20.0", "5.0"]
+    assert all(r["n_runs"] == "1" and r["n_finished"] == "1" for r in summary)
 
 
 def test_multirun_embedded_store(tmp_path, store):
@@ -100,3 +105,27 @@ def test_password_in_tracking_uri_is_never_logged(tmp_path, mlflow_server):
     assert run.data.params["tracking.uri"].startswith("http://alice:***@127.0.0.1")
     config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert "s3cret-pw" not in Path(config).read_text()
+
+
+def test_seeds_are_grouped_into_configurations(tmp_path, store):
+    """`trainer.seed=range(0,3)` with any sweep: the parent's summary has one row per configuration
+    with n_runs and the median/min/max over its seeds; the figure draws a median and a band."""
+    res = run_train(["-m", "clip.max_norm=1,20", "trainer.seed=range(0,3)", "trainer.epochs=1",
+                     "tracking.log_checkpoints=false", "tracking.log_figures=false", f"tracking.uri={store}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("gradsweep")
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("gradsweep.role") == "sweep"]
+    rows = list(csv.DictReader(Path(client.download_artifacts(parent.info.run_id, "sweep/summary.csv",
+                                                              str(tmp_path))).open()))
+    assert sorted(r["clip.max_norm"] for r in rows) == ["1.0", "20.0"] and "trainer.seed" not in rows[0]
+    runs = list(csv.DictReader(Path(client.download_artifacts(parent.info.run_id, "sweep/runs.csv",
+                                                              str(tmp_path))).open()))
+    assert sorted(r["trainer.seed"] for r in runs) == ["0", "0", "1", "1", "2", "2"]
+    for row in rows:
+        assert row["n_runs"] == "3" and row["n_finished"] == "3"
+        accs = sorted(float(r["test/acc"]) for r in runs if r["clip.max_norm"] == row["clip.max_norm"])
+        assert float(row["test_acc_min"]) == accs[0] and float(row["test_acc_max"]) == accs[-1]
+        assert float(row["test_acc_median"]) == accs[1]
+    md = Path(client.download_artifacts(parent.info.run_id, "sweep/summary.md", str(tmp_path))).read_text()
+    assert "| clip.max_norm=1.0 | 3 | 3 |" in md and "median [min-max]" in md

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from gradsweep.clipping import NormClip, NoClip, ValueClip
-from gradsweep.config import SRNConfig
-from gradsweep.models import SRN
-from gradsweep.telemetry import GradientNorms
+from gradsweep.train.clipping import NormClip, NoClip, ValueClip
+from gradsweep.train.models import SRNConfig
+from gradsweep.train.models import SRN
+from gradsweep.train.telemetry import GradientNorms
 
 
 def _model_with_grads(seed=0, scale=50.0):

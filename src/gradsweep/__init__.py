@@ -1,2 +1,14 @@
-"""gradsweep: sweeps that record what gradients do, step by step."""
-__version__ = "0.1.0"
+"""gradsweep: sweeps that record what every gradient did at every step.
+
+Subpackages by layer; each imports only the layers below it (``tests/test_layers.py`` checks it):
+
+* :mod:`gradsweep.train`  the training parts and the loop: torch, numpy, scikit-learn only;
+* :mod:`gradsweep.track`  the run-logger seam and its MLflow backend (journal, delivery, store);
+* :mod:`gradsweep.report` figures and tables from runs;
+* :mod:`gradsweep.run`    one job: a typed spec -> train -> a recorded run;
+* :mod:`gradsweep.sweep`  Hydra and Optuna: compose and validate, sweeps, studies, schedules;
+* :mod:`gradsweep.cli`    the ``gradsweep`` command and the ``train.py`` error reporting.
+
+Beside them, used by every layer: ``names`` (metric and tag names), ``errors``, ``checks``
+(schema range checks) and ``paths`` (where the checkout's parts are).
+"""

@@ -2,13 +2,13 @@
 (``src/`` is on ``sys.path``: ``src/train.py`` puts it there, and so does ``pip install -e .``).
 
 * ``hydra/sweeper=gradsweep_optuna`` and ``hydra/sweeper/pruner=median|none|hyperband``
-  (:mod:`gradsweep.optuna_sweeper`);
-* the ``sweep`` config group served from the top-level ``sweeps/`` folder (:mod:`gradsweep.sweeps_source`).
+  (:mod:`gradsweep.sweep.optuna_sweeper`);
+* the ``sweep`` config group served from the top-level ``sweeps/`` folder (:mod:`gradsweep.sweep.sources`).
 
 Hydra imports this module at every start, so it imports nothing heavy (no Optuna, MLflow, torch).
 """
-from gradsweep.optuna_sweeper import GradsweepOptunaSweeper, register_configs
-from gradsweep.sweeps_source import SweepsConfigSource, SweepsSearchPath
+from gradsweep.sweep.optuna_sweeper import GradsweepOptunaSweeper, register_configs
+from gradsweep.sweep.sources import SweepsConfigSource, SweepsSearchPath
 
 register_configs()
 

@@ -1,0 +1,140 @@
+"""The ``gradsweep`` console script: subcommands beside the Hydra entry point (src/train.py).
+
+Each subcommand imports what it needs when it runs, so ``gradsweep --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from gradsweep.errors import GradsweepError
+from gradsweep.paths import TRAIN
+
+# name -> (help, add_arguments(parser), run(args) -> exit code)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def register(run: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = (help, add_arguments, run)
+        return run
+    return register
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="Hydra overrides, e.g. -m clip.max_norm=1,5,20")
+
+
+@command("train", "run src/train.py with Hydra overrides (same as python src/train.py ...)", _train_args)
+def train(args: argparse.Namespace) -> int:
+    return subprocess.call([sys.executable, str(TRAIN), *args.overrides])
+
+
+def _sync_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spool", type=Path, default=Path("mlruns") / "spool",
+                   help="spool folder (default: mlruns/spool, where runs are journaled)")
+    p.add_argument("--wait", type=float, default=0.0, help="keep retrying an unreachable store this many seconds")
+
+
+@command("sync", "deliver run journals still spooled on disk (e.g. after a tracking-server outage)", _sync_args)
+def sync(args: argparse.Namespace) -> int:
+    import time
+
+    from gradsweep.track.delivery import OutageReporter, deliver_all, pending
+
+    folders = pending(args.spool)
+    if not folders:
+        print(f"nothing to deliver in {args.spool}")
+        return 0
+    deadline = time.monotonic() + args.wait
+    reporter = OutageReporter(sys.stdout)
+    while True:
+        left = deliver_all(pending(args.spool), reporter, args.spool)
+        if left == 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    print(f"delivered {len(folders) - left} of {len(folders)} spooled runs" + (f"; {left} still spooled" if left else ""))
+    return 1 if left else 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    from gradsweep.report.build import add_arguments  # light: MLflow and matplotlib load only when it runs
+
+    add_arguments(p)
+
+
+@command("report", "figures and a summary table (with gradient-health verdicts) of a sweep, study or experiment",
+         _report_args)
+def report(args: argparse.Namespace) -> int:
+    from gradsweep.report.build import run
+
+    return run(args)
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("run", help="run a named sweep once (for cron, systemd timers, Kubernetes CronJobs)")
+    run.add_argument("name", help="a sweep in sweeps/ (e.g. lr_layers_clip)")
+    run.add_argument("--trials", type=int, help="trials for this run (default: the schedule's trials_per_run, "
+                                                "else the sweep's n_trials)")
+    run.add_argument("overrides", nargs="*", help="extra Hydra overrides for every trial (e.g. trainer.epochs=5)")
+    sub.add_parser("list", help="the named sweeps and their schedules")
+
+
+@command("sweep", "run or list named sweeps (sweeps/*.yaml)", _sweep_args)
+def sweep(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from gradsweep.sweep.schedule import SweepRunner, load_schedule, sweep_names
+
+    if args.action == "list":
+        for name in sweep_names():
+            sched = load_schedule(name)
+            when = f"cron {sched.cron!r} {sched.timezone}, {sched.trials_per_run} trials/run" if sched else "unscheduled"
+            print(f"{name:<20} {when}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    sched = load_schedule(args.name)
+    trials = args.trials if args.trials is not None else (sched.trials_per_run if sched else None)
+    runner = SweepRunner(extra_overrides=args.overrides)
+    signal.signal(signal.SIGTERM, lambda *_: runner.terminate())
+    return runner.run(args.name, trials)
+
+
+def _schedule_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sweep", action="append", dest="sweeps", help="only this sweep (repeatable; default: all "
+                                                                  "sweeps with a schedule)")
+    p.add_argument("--max-runs", type=int, help="exit after this many sweep runs in all")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every trial")
+
+
+@command("schedule", "run scheduled sweeps whenever they are due (long-running; SIGTERM stops it cleanly)",
+         _schedule_args)
+def schedule(args: argparse.Namespace) -> int:
+    import logging
+
+    from gradsweep.sweep.schedule import Scheduler
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # it logs every tick; we log runs and skips
+    return Scheduler(args.sweeps, max_runs=args.max_runs, extra_overrides=args.overrides).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gradsweep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, _) in sorted(COMMANDS.items()):
+        add_arguments(sub.add_parser(name, help=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args) or 0
+    except GradsweepError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Figures (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+Series = tuple[list[int], list[float]]
+LEGEND_WIDTH = 40  # characters per legend line: longer run labels squeezed the axes to nothing
+
+
+def _legend(ax, **kwargs) -> None:
+    """A legend whose long labels (run names with their varied params) are wrapped, not clipped."""
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, [textwrap.fill(label, LEGEND_WIDTH) for label in labels], **kwargs)
+
+
+def _positive(series: Series) -> Series:
+    """Log axes cannot show zeros: drop non-positive and non-finite points."""
+    pts = [(s, v) for s, v in zip(*series) if v > 0 and v == v and v != float("inf")]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_lines(series: dict[str, Series], path: str | Path, title: str, ylabel: str, log_y: bool = True) -> Path:
+    """One line per series against the optimizer step."""
+    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    for label, s in series.items():
+        steps, values = _positive(s) if log_y else s
+        ax.plot(steps, values, label=label, linewidth=1.2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        _legend(ax, fontsize=8, ncol=2 if len(series) > 8 else 1)
+    return _save(fig, path)
+
+
+def plot_bands(curves: dict[str, tuple[list[int], list[float], list[float], list[float]]], path: str | Path,
+               title: str, ylabel: str) -> Path:
+    """Per configuration: the median line and a shaded min-max band (steps, median, low, high)."""
+    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    for label, (steps, med, lo, hi) in curves.items():
+        pts = [(s, m, a, b) for s, m, a, b in zip(steps, med, lo, hi) if a > 0]  # log axis
+        if not pts:
+            continue
+        s, m, a, b = (list(x) for x in zip(*pts))
+        line, = ax.plot(s, m, label=label, linewidth=1.4)
+        if any(x != y for x, y in zip(a, b)):
+            ax.fill_between(s, a, b, color=line.get_color(), alpha=0.18, linewidth=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if curves:
+        _legend(ax, fontsize=8, ncol=2 if len(curves) > 8 else 1)
+    return _save(fig, path)
+
+
+def plot_param_norms(history: dict[str, Series], path: str | Path, title: str = "") -> Path:
+    """Per-parameter gradient L2 norms vs step, plus the total before and after clipping."""
+    series = {k.removeprefix("grad_norm/"): v for k, v in history.items() if k.startswith("grad_norm/")}
+    return plot_lines(series, path, title or "gradient norms", "gradient L2 norm")
+
+
+def _save(fig, path: str | Path, dpi: int = 110) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_bars(panels: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str,
+                    ylabel: str = "gradient L2 norm") -> Path:
+    """Grouped bars, log scale: one panel per key of ``panels`` (e.g. "first 10 steps"), each
+    ``{run label: {layer: value}}``; layers on the x axis, one bar per run."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), constrained_layout=True, squeeze=False)
+    for ax, (panel, runs) in zip(axes[0], panels.items()):
+        layers = list(dict.fromkeys(layer for values in runs.values() for layer in values))
+        width = 0.8 / max(len(runs), 1)
+        for i, (label, values) in enumerate(runs.items()):
+            ys = [values.get(layer, float("nan")) for layer in layers]
+            ys = [y if y == y and y > 0 else float("nan") for y in ys]  # zeros cannot be drawn on a log axis
+            ax.bar(np.arange(len(layers)) + (i - (len(runs) - 1) / 2) * width, ys, width, label=label)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(layers)), [layer.removesuffix(".weight") for layer in layers], rotation=30)
+        ax.set_title(panel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        if runs:
+            _legend(ax, fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_metric_vs_value(points: dict[str, list[tuple[object, float, float]]], path: str | Path, title: str,
+                         xlabel: str, ylabel: str = "accuracy") -> Path:
+    """Final metrics against a swept value: ``{series label: [(x, test_acc, best_dev_acc)]}``.
+    Numeric x values are placed on a (log, when they span >= 100x) numeric axis, others as categories.
+    Filled markers: test accuracy; hollow: best dev accuracy."""
+    xs_all = [x for pts in points.values() for x, _, _ in pts]
+    numeric = all(isinstance(x, (int, float)) for x in xs_all)
+    cats = list(dict.fromkeys(str(x) for x in xs_all))
+    fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
+    for label, pts in points.items():
+        pts = sorted(pts, key=lambda p: p[0] if numeric else cats.index(str(p[0])))
+        xs = [p[0] if numeric else cats.index(str(p[0])) for p in pts]
+        line, = ax.plot(xs, [p[1] for p in pts], "o-", label=f"{label} test" if label else "test")
+        ax.plot(xs, [p[2] for p in pts], "o--", mfc="none", color=line.get_color(), alpha=0.7,
+                label=f"{label} best dev" if label else "best dev")
+    if numeric and xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100:
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(cats)), [textwrap.fill(c, LEGEND_WIDTH // 2) for c in cats], rotation=20)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    _legend(ax, fontsize=7, ncol=2 if len(points) > 3 else 1)
+    return _save(fig, path)
+
+
+def plot_epoch_stats(runs: dict[str, dict[str, dict[str, Series]]], path: str | Path, title: str) -> Path:
+    """Per-epoch weight and gradient mean/std: one row per run, one column per statistic
+    (``{run label: {stat: {layer: (epochs, values)}}}``), one line per layer."""
+    stats = ["weight_mean", "weight_std", "grad_mean", "grad_std"]
+    fig, axes = plt.subplots(len(runs), 4, figsize=(16, 2.8 * len(runs) + 0.6), constrained_layout=True,
+                             squeeze=False)
+    for row, (label, by_stat) in zip(axes, runs.items()):
+        for ax, stat in zip(row, stats):
+            for layer, (xs, ys) in by_stat.get(stat, {}).items():
+                ax.plot(xs, ys, label=layer.removesuffix(".weight"), linewidth=1.1)
+            if stat == "grad_std":
+                ax.set_yscale("symlog", linthresh=1e-6)
+            ax.set_title(f"{label}: {stat}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.grid(True, alpha=0.3)
+        _legend(row[0], fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path, dpi=80)

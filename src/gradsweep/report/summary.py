@@ -1,0 +1,215 @@
+"""The one summary of a set of runs: what the sweep's parent run, the Optuna sweeper's parent run and
+``gradsweep report`` all write.
+
+Runs that differ only by ``trainer.seed`` are one *configuration*. Files:
+
+* ``runs.csv``: one row per run (status, verdict, seed, the varied params, final and ``health/*`` metrics);
+* ``summary.csv`` and ``summary.md``: one row per configuration with ``n_runs`` and, for test
+  accuracy, best dev accuracy and peak gradient norm, ``<name>_median``, ``_min``, ``_max``, and
+  how many of its runs got each verdict;
+* ``grad_norm_total.png``: ``grad_norm/total`` per configuration, the median over its seeds as a
+  line and the min-max band around it (one line per run when every configuration has one run).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from gradsweep.names import (BEST_DEV_ACC, FAILURE_TAG, GRAD_TOTAL, HEALTH_TAG, OVERRIDES_TAG, TEST_ACC, TEST_LOSS)
+
+SEED = "trainer.seed"
+IGNORED_PARAMS = ("tracking.", "trainer.resume_from", "trainer.device", "trainer.cpu_threads")
+PEAK = "health/peak_grad_norm"
+HEALTH_METRICS = (PEAK, "health/peak_step", "health/growth_ratio", "health/spike_count", "health/median_grad_norm",
+                  "health/clipped_frac", "health/vanishing_frac_max", "health/first_last_ratio",
+                  "health/dead_relu_frac", "health/hidden_unit_spread")
+RUN_METRICS = (BEST_DEV_ACC, TEST_ACC, TEST_LOSS, *HEALTH_METRICS)
+SPREAD = {"test_acc": TEST_ACC, "best_dev_acc": BEST_DEV_ACC, "peak_grad_norm": PEAK}
+Series = tuple[list[int], list[float]]
+
+
+# ----------------------------------------------------------------------------- params
+def differing_params(runs) -> list[str]:
+    """Params whose value is not the same in every run (what the sweep varied)."""
+    keys = sorted({k for r in runs for k in r.data.params})
+    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def varied_params(runs) -> list[str]:
+    """The params that differ between the runs, without bookkeeping keys and without keys that
+    only follow a group choice (``clip.max_norm`` None/20 alongside ``clip.name`` none/norm)."""
+    varied = [k for k in differing_params(runs) if not k.startswith(IGNORED_PARAMS)]
+    out = []
+    for k in varied:
+        group = k.rsplit(".", 1)[0] + ".name"
+        if group != k and group in varied:
+            pairs = {(r.data.params.get(group), r.data.params.get(k)) for r in runs}
+            if len(pairs) == len({r.data.params.get(group) for r in runs}):
+                continue
+        out.append(k)
+    return out
+
+
+def short_key(key: str) -> str:
+    """``clip.name`` -> ``clip`` (the group choice); other keys unchanged."""
+    return key.removesuffix(".name")
+
+
+def child_label(run) -> str:
+    return run.data.tags.get(OVERRIDES_TAG) or run.info.run_name or run.info.run_id[:8]
+
+
+# ------------------------------------------------------------------------------ groups
+@dataclass
+class Config:
+    """Runs that differ only by seed."""
+
+    label: str
+    values: dict[str, str]  # varied param (seed excluded) -> value
+    runs: list = field(default_factory=list)
+
+    def metric(self, key: str) -> list[float]:
+        """Finite values of a final metric over the configuration's finished runs."""
+        return [r.data.metrics[key] for r in self.runs
+                if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get(key, math.nan))]
+
+    def verdicts(self) -> Counter:
+        return Counter(v for r in self.runs for v in (r.data.tags.get(HEALTH_TAG) or "-").split(","))
+
+
+def group_runs(runs, varied: Optional[list[str]] = None) -> list[Config]:
+    varied = varied_params(runs) if varied is None else varied
+    keys = [k for k in varied if k != SEED]
+    groups: dict[tuple, Config] = {}
+    for r in runs:
+        values = {k: r.data.params.get(k, "-") for k in keys}
+        key = tuple(values.values())
+        if key not in groups:
+            label = " ".join(f"{short_key(k)}={v}" for k, v in values.items()) or child_label(r)
+            groups[key] = Config(label, values)
+        groups[key].runs.append(r)
+    return list(groups.values())
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max); NaNs when there is no value."""
+    if not values:
+        return math.nan, math.nan, math.nan
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.2e}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def fmt_spread(values: list[float]) -> str:
+    """``median [min-max]`` (one value: that value)."""
+    med, lo, hi = spread(values)
+    if math.isnan(med):
+        return "-"
+    return fmt(med) if len(values) == 1 else f"{fmt(med)} [{fmt(lo)}-{fmt(hi)}]"
+
+
+def verdict_text(counts: Counter, n: int) -> str:
+    """``exploding 5/5, vanishing 3/5`` (``ok`` counted too)."""
+    return ", ".join(f"{v} {c}/{n}" for v, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+# ------------------------------------------------------------------------------- files
+def write_runs_csv(runs, varied: list[str], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run_id", "run_name", "status", "failure", HEALTH_TAG, SEED, *[k for k in varied if k != SEED],
+                    *RUN_METRICS])
+        for r in runs:
+            m = r.data.metrics
+            w.writerow([r.info.run_id, r.info.run_name, r.info.status, r.data.tags.get(FAILURE_TAG, ""),
+                        r.data.tags.get(HEALTH_TAG, ""), r.data.params.get(SEED, ""),
+                        *(r.data.params.get(k, "") for k in varied if k != SEED), *(m.get(k, "") for k in RUN_METRICS)])
+    return path
+
+
+def write_summary_tables(configs: list[Config], out_dir: Path) -> tuple[Path, Path]:
+    keys = list(configs[0].values) if configs else []
+    csv_path = out_dir / "summary.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config", *keys, "n_runs", "n_finished", HEALTH_TAG,
+                    *(f"{name}_{s}" for name in SPREAD for s in ("median", "min", "max"))])
+        for c in configs:
+            n_finished = sum(r.info.status == "FINISHED" for r in c.runs)
+            w.writerow([c.label, *(c.values[k] for k in keys), len(c.runs), n_finished,
+                        verdict_text(c.verdicts(), len(c.runs)),
+                        *(x for metric in SPREAD.values() for x in spread(c.metric(metric)))])
+    md = ["| configuration | runs | finished | grad_health | test acc | best dev acc | peak grad norm |",
+          "|---|---|---|---|---|---|---|"]
+    for c in configs:
+        md.append("| " + " | ".join([
+            c.label, str(len(c.runs)), str(sum(r.info.status == "FINISHED" for r in c.runs)),
+            verdict_text(c.verdicts(), len(c.runs)), *(fmt_spread(c.metric(m)) for m in SPREAD.values())]) + " |")
+    md.append("")
+    md.append("Values are `median [min-max]` over the configuration's finished runs (seeds).")
+    md_path = out_dir / "summary.md"
+    md_path.write_text("\n".join(md) + "\n")
+    return md_path, csv_path
+
+
+def band(series: list[Series]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps where every run has a finite value, with the median, min and max there."""
+    common = None
+    maps = []
+    for steps, values in series:
+        m = {s: v for s, v in zip(steps, values) if math.isfinite(v)}
+        maps.append(m)
+        common = set(m) if common is None else common & set(m)
+    steps = sorted(common or ())
+    rows = [[m[s] for m in maps] for s in steps]
+    return steps, [statistics.median(r) for r in rows], [min(r) for r in rows], [max(r) for r in rows]
+
+
+def write_summary(runs, out_dir: Path, history: Callable[[str, str], Series], title: str = "") -> dict[str, Path]:
+    """Every file of the summary (see the module docstring) for ``runs``; ``history(run_id, key)``
+    reads a metric's history. Returns name -> path."""
+    from gradsweep.report.figures import plot_bands
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    varied = varied_params(runs)
+    configs = group_runs(runs, varied)
+    curves = {c.label: band([history(r.info.run_id, GRAD_TOTAL) for r in c.runs]) for c in configs}
+    files = {"grad_norm_total": plot_bands(curves, out_dir / "grad_norm_total.png",
+                                           f"{title + ': ' if title else ''}grad_norm/total (before clipping)"
+                                           + (", median and min-max over seeds" if any(len(c.runs) > 1 for c in configs)
+                                              else ""), "global gradient L2 norm")}
+    files["summary_md"], files["summary_csv"] = write_summary_tables(configs, out_dir)
+    files["runs_csv"] = write_runs_csv(runs, varied, out_dir / "runs.csv")
+    return files
+
+
+def summarize_sweep(tracker, parent_run_id: str, out_dir: Path, writer) -> dict[str, Path] | None:
+    """End of a sweep: read the children from the store (``tracker``), write the summary to the
+    parent run (``writer``, a run logger) under ``sweep/``, with counts and the best score as metrics."""
+    runs = tracker.children(parent_run_id)
+    if not runs:
+        return None
+    files = write_summary(runs, out_dir, tracker.history)
+    for path in files.values():
+        writer.log_artifact(path, "sweep")
+    scores = [r.data.metrics[BEST_DEV_ACC] for r in runs
+              if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get(BEST_DEV_ACC, math.nan))]
+    summary = {"sweep/runs": len(runs), "sweep/finished": sum(r.info.status == "FINISHED" for r in runs),
+               "sweep/failed": sum(r.info.status == "FAILED" for r in runs)}
+    if scores:
+        summary[BEST_DEV_ACC] = max(scores)
+    writer.log_metrics(0, summary)
+    return files

@@ -1,0 +1,241 @@
+"""One training job: validated config -> factories -> loop, tracked as one MLflow run.
+
+Everything that can be wrong with the input (config, data files, checkpoint) is checked before
+the run is created, so bad input never leaves a run behind.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import yaml
+
+from gradsweep.errors import CheckpointError, NonFiniteError, StopRun
+from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GIT_COMMIT_TAG, OVERRIDES_TAG,
+                             RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, STOPPED_STEP_TAG, STOPPED_TAG, SWEEP_TAG)
+from gradsweep.run.spec import JobSpec
+from gradsweep.train.checkpoints import CheckpointStore, load_checkpoint
+from gradsweep.train.data import read_digit_sum
+from gradsweep.train.diagnostics import Diagnosis, record_health
+from gradsweep.train.loop import Trainer, TrainResult
+from gradsweep.train.registry import build
+from gradsweep.train.sinks import FromStep, HistorySink, TeeSink
+from gradsweep.track.logger import RunLogger, open_run_logger
+from gradsweep.track.uri import mask, mask_overrides
+
+if TYPE_CHECKING:
+    from gradsweep.track.store import Tracker
+
+log = logging.getLogger("gradsweep")
+
+
+@dataclass
+class JobContext:
+    """What the job needs to know about how it was launched (filled in by the entry point)."""
+
+    overrides: list[str] = field(default_factory=list)
+    output_dir: Path = Path(".")
+    parent_run_id: Optional[str] = None
+    parent_local_id: Optional[str] = None  # the parent run's journal, when it was opened while the store was down
+    sweep_id: Optional[str] = None
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class JobOutcome:
+    run_id: str
+    status: str  # FINISHED | FAILED | KILLED
+    objective: float  # best dev accuracy; nan when the run failed
+    result: Optional[TrainResult] = None
+    failure: Optional[str] = None
+    history: Optional[HistorySink] = None
+    error: Optional[Exception] = None
+    health: Optional[Diagnosis] = None  # gradient-health verdict (gradsweep.train.diagnostics)
+    run: Optional[RunLogger] = None  # what the run recorded through (a MemoryRunLogger holds it all)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run ends KILLED."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def device_for(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def git_commit(cwd: Path) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@dataclass
+class Resume:
+    last: dict  # the checkpoint to continue from
+    best: Optional[dict]  # the best checkpoint so far, if there is one
+    run_id: Optional[str] = None  # continue this run (resume_from was a run id)
+    logged: dict[str, int] = field(default_factory=dict)  # metric -> last step the run holds (may be beyond `last`)
+
+
+def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Path) -> Resume:
+    """``trainer.resume_from``: a checkpoint path (a new run) or an MLflow run id (the same run)."""
+    path = Path(ref)
+    if path.exists() or not RUN_ID.match(ref):
+        best_path = path.with_name("best.pt")
+        best = load_checkpoint(best_path) if best_path.is_file() and best_path != path else None
+        return Resume(load_checkpoint(path), best)
+    client = tracker_factory().client
+    try:
+        run = client.get_run(ref)
+    except Exception:
+        raise CheckpointError(f"trainer.resume_from={ref!r}: neither a checkpoint file nor a run in the tracking store") from None
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        last = client.download_artifacts(ref, "checkpoints/last.pt", str(dest))
+    except Exception:
+        raise CheckpointError(f"trainer.resume_from={ref!r}: run has no checkpoints/last.pt artifact") from None
+    try:
+        best = load_checkpoint(client.download_artifacts(ref, "checkpoints/best.pt", str(dest)))
+    except Exception:
+        best = None
+    logged = {key: max((m.step for m in client.get_metric_history(ref, key)), default=-1) for key in run.data.metrics}
+    return Resume(load_checkpoint(last), best, ref, logged)
+
+
+def check_inputs(spec: JobSpec) -> None:
+    """Input files named by the config: the data folder and a checkpoint path (not run ids)."""
+    path = getattr(spec.data, "path", None)
+    if path:
+        read_digit_sum(path)
+    ref = spec.trainer.resume_from
+    if ref and (Path(ref).exists() or not RUN_ID.match(ref)):
+        load_checkpoint(ref)
+
+
+def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, float], None]] = None) -> JobOutcome:
+    if spec.trainer.cpu_threads:
+        torch.set_num_threads(spec.trainer.cpu_threads)
+    torch.manual_seed(spec.trainer.seed)
+    data = build("data", spec.data)
+    out_features = 1 if spec.trainer.loss == "bce" else data.num_classes
+    model = build("model", spec.model, data, out_features)
+    device = device_for(spec.trainer.device)
+    model.to(device)
+    make_tracker = lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name, spec.tracking.artifact_location)  # noqa: E731
+    resume = resolve_resume(spec.trainer.resume_from, make_tracker, ctx.output_dir / "resume") \
+        if spec.trainer.resume_from else None
+    optimizer = build("optimizer", spec.optimizer, model.parameters())
+    clipper = build("clip", spec.clip)
+    config_dict = spec.public()
+
+    overrides = mask_overrides(ctx.overrides)
+    name = " ".join(o for o in overrides if not o.startswith("trainer.resume_from")) or "default"
+    tags = {OVERRIDES_TAG: " ".join(overrides), "model": spec.model.name, "data": spec.data.name,
+            "clip": spec.clip.name, **ctx.extra_tags}
+    if ctx.sweep_id:
+        tags[SWEEP_TAG] = ctx.sweep_id
+    commit = git_commit(Path.cwd())
+    if commit:
+        tags[GIT_COMMIT_TAG] = commit
+    same_run = resume.run_id if resume is not None else None
+    if same_run:
+        make_tracker().client.update_run(same_run, status="RUNNING")
+    run = open_run_logger(spec.tracking, name, tags, parent_run_id=ctx.parent_run_id,
+                          parent_local_id=ctx.parent_local_id, run_id=same_run)
+    if same_run:
+        run.set_tags({RESUMED_AT_TAG: resume.last["step"]})
+    else:
+        run.log_params(spec.params())
+        if resume is not None:
+            run.set_tags({RESUMED_FROM_TAG: spec.trainer.resume_from})
+    cfg_path = ctx.output_dir / "config.yaml"
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    run.log_artifact(cfg_path)
+
+    history = HistorySink()
+    store = CheckpointStore(ctx.output_dir / "checkpoints")
+    # steps the run already holds (logged after its last checkpoint, before it was killed) are not sent twice
+    to_store = FromStep(run, resume.logged) if same_run else run
+    trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, to_store), device, store,
+                      config_dict, on_eval)
+    if resume is not None:
+        trainer.restore(resume.last, resume.best)
+    if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
+        store.on_save = lambda path: run.log_artifact(path, "checkpoints")
+    log.info("run %s (%s) on %s: %s, %d steps", run.run_ref, name, device, mask(spec.tracking.uri), trainer.total_steps)
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+    status, failure, result, error = "FAILED", None, None, None
+    try:
+        result = trainer.run()
+        status = "FINISHED"
+    except NonFiniteError as e:
+        failure, error = e.tag, e
+        run.set_tags({FAILURE_TAG: e.tag, FAILURE_STEP_TAG: e.step, FAILURE_REASON_TAG: str(e)})
+    except StopRun as e:  # on_eval stopped the run on purpose (an Optuna pruner): KILLED, not FAILED
+        status, error = "KILLED", e
+        run.set_tags({STOPPED_TAG: e.reason, STOPPED_STEP_TAG: e.step})
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as e:
+        failure, error = "exception", e
+        run.set_tags({FAILURE_TAG: "exception", FAILURE_REASON_TAG: f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        health = record_health(history.history, spec.diagnostics, model, trainer.train_x, run, run.set_tags,
+                               run.run_ref)
+        _close_run(run, history, store, spec, status, name)
+    if error is not None:
+        log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", run.run_ref, status,
+                error)
+        return JobOutcome(run.run_ref, status, math.nan, None, failure, history, error, health, run)
+    log.info("run %s FINISHED: best dev acc %.4f (step %d), test acc %.4f", run.run_ref, result.best_dev_acc,
+             result.best_step, result.test_acc)
+    return JobOutcome(run.run_ref, status, result.best_dev_acc, result, None, history, health=health, run=run)
+
+
+def _close_run(run: RunLogger, history: HistorySink, store: CheckpointStore, spec: JobSpec, status: str,
+               name: str) -> None:
+    """Figures and checkpoints, then the final status; then deliver what is left (in that order)."""
+    try:
+        if spec.tracking.log_figures and history.history:
+            from gradsweep.report.figures import plot_param_norms  # matplotlib: only when a figure is drawn
+
+            fig = plot_param_norms(history.history, store.folder.parent / "figures" / "grad_norms.png", title=name)
+            run.log_artifact(fig, "figures")
+        if spec.tracking.log_checkpoints:
+            for ckpt in ("best", "last"):
+                if store.path(ckpt).is_file():
+                    run.log_artifact(store.path(ckpt), "checkpoints")
+    finally:
+        run.finish(status)
+
+
+def _tracker(uri: str, experiment_name: str, artifact_location: Optional[str]) -> "Tracker":
+    from gradsweep.track.store import Tracker  # MLflow: only to resume from a run id
+
+    return Tracker(uri, experiment_name, artifact_location)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread() and os.name == "posix"

@@ -1,0 +1,87 @@
+"""Hydra callback: validate before anything is created, and make a ``-m`` sweep one MLflow parent run.
+
+Hydra turns exceptions raised in callbacks into warnings, so input validation cannot live here:
+:func:`gradsweep.sweep.hydra_adapter.preflight` does it before Hydra starts.
+
+* ``on_multirun_start`` opens the parent run and installs the sweep's
+  :class:`~gradsweep.sweep.context.SweepContext`; every job nests its run under the parent.
+* ``on_multirun_end`` adds the sweep comparison (figure + CSV) to the parent run and closes it.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from gradsweep.names import OVERRIDES_TAG, ROLE_TAG, SWEEP_TAG, SWEEPER_TAG
+from gradsweep.report.summary import summarize_sweep
+from gradsweep.sweep.context import SweepContext
+from gradsweep.sweep.hydra_adapter import tracking_spec
+from gradsweep.track.store import MlflowRun, Tracker, close_dead_runs, open_run, resolve_uri
+from gradsweep.track.uri import mask, mask_overrides
+
+log = logging.getLogger("gradsweep")
+
+
+class GradsweepCallback(Callback):
+    def __init__(self) -> None:
+        self.journal: Optional[MlflowRun] = None
+        self.tracking = None
+        self.outer: Optional[SweepContext] = None  # the context before this sweep (parent tags from a scheduler)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Process launchers (joblib) pickle the callbacks for their workers; the parent run's journal
+        (an open file) stays with this process; workers get the sweep's context with each job."""
+        return {**self.__dict__, "journal": None, "tracking": None}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.tracking = tracking = tracking_spec(config)
+        if tracking.backend != "mlflow":  # a dry run (tracking.backend=memory) has no parent run
+            return
+        self.outer = outer = SweepContext.current()
+        sweep_id = uuid.uuid4().hex
+        overrides = " ".join(mask_overrides(list(config.hydra.overrides.task)))
+        tags = {SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", OVERRIDES_TAG: overrides,
+                SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", "")),
+                **(outer.parent_tags if outer else {})}  # e.g. schedule, scheduled_at
+        self.journal = open_run(tracking, f"sweep: {overrides}" if overrides else "sweep", tags)
+        run_id = self.journal.run_id
+        (outer or SweepContext()).with_(sweep_id=sweep_id, parent_run_id=run_id,
+                                        parent_local_id=None if run_id else self.journal.local_id).install()
+        log.info("sweep %s: parent run %s in %s", sweep_id[:8], run_id or "(spooled)", mask(tracking.uri))
+        if run_id:  # the store is up: close what a killed earlier sweep left RUNNING
+            try:
+                close_dead_runs(Tracker(tracking.uri, tracking.experiment_name, tracking.artifact_location))
+            except Exception as e:
+                log.warning("could not check for runs left RUNNING: %s", str(e).splitlines()[0] if str(e) else e)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepContext.uninstall(self.outer)
+        if self.journal is None:
+            return
+        # Hydra calls this from a `finally`: a Ctrl-C/SIGTERM that ended the sweep is still in flight
+        status = "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FINISHED"
+        run_id = self.journal.run_id
+        try:
+            if run_id:
+                tracker = Tracker(self.tracking.uri, self.tracking.experiment_name, self.tracking.artifact_location)
+                summarize_sweep(tracker, run_id, Path(str(config.hydra.sweep.dir)), self.journal)
+        except Exception as e:  # the children are recorded; a failed summary must not hide that
+            log.error("sweep summary failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        finally:
+            self.journal.finish(status)
+        print_ui_hint(self.journal.run_id and resolve_uri(self.tracking.uri) or self.tracking.uri,
+                      self.journal.run_id or self.journal.local_id)
+
+
+def print_ui_hint(uri: str, run_id: str) -> None:
+    if uri.startswith("sqlite:"):
+        print(f"\nCompare the runs in the MLflow UI:\n  mlflow ui --backend-store-uri {uri}\n"
+              f"then open http://127.0.0.1:5000 (sweep parent run {run_id})", flush=True)
+    else:
+        print(f"\nCompare the runs at {mask(uri)} (sweep parent run {run_id})", flush=True)

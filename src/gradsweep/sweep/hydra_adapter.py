@@ -1,0 +1,199 @@
+"""The one place where Hydra and OmegaConf meet the job: schemas into Hydra's ConfigStore, a composed
+config validated into a typed :class:`~gradsweep.run.spec.JobSpec`, the command line checked
+before Hydra creates anything, and a Hydra job run as :func:`gradsweep.run.job.run_job`.
+
+Validation is :func:`to_spec` and nothing else. It runs before launch for every job a command
+line describes (:func:`preflight`: Hydra turns exceptions raised in callbacks into warnings, so
+bad input must be stopped before Hydra starts) and once in each job, for the values a sweeper
+drew after launch (Optuna ranges).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gradsweep.checks import choice
+from gradsweep.errors import ConfigError, NonFiniteError, StopRun
+from gradsweep.run.job import JobContext, JobOutcome, check_inputs, run_job
+from gradsweep.run.spec import JobSpec
+from gradsweep.sweep.context import SweepContext
+from gradsweep.train.diagnostics import DiagnosticsConfig
+from gradsweep.train.loop import TrainerConfig
+from gradsweep.train.registry import GROUPS, parts
+from gradsweep.track.settings import TrackingConfig
+
+SINGLE_GROUPS = {"trainer": TrainerConfig, "tracking": TrackingConfig, "diagnostics": DiagnosticsConfig}
+
+
+@dataclass
+class GradsweepConfig:
+    """The primary config's schema (``conf/config.yaml``)."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    optimizer: Any = MISSING
+    clip: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    # a sweep file's {cron, timezone, trials_per_run}: read by `gradsweep schedule`, ignored by jobs
+    schedule: Optional[Any] = None
+
+
+# ------------------------------------------------------------------------------ schemas
+def register_schemas() -> None:
+    """Store the schemas so group YAMLs can name ``<option>_schema`` in their defaults list."""
+    cs = ConfigStore.instance()
+    # replace=True: registering again (a second compose in one process) is the same content, not a collision
+    cs.store(name="gradsweep_schema", node=GradsweepConfig, replace=True)
+    for group in GROUPS:
+        for name, part in parts(group).items():
+            node = OmegaConf.structured(part.schema)  # structured(class) does not run __post_init__
+            node.name = name
+            cs.store(group=group, name=f"{name}_schema", node=node, replace=True)
+    for group, schema in SINGLE_GROUPS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema, replace=True)
+
+
+def to_spec(cfg: DictConfig) -> JobSpec:
+    """Validate a composed job config; ConfigError names the key and the allowed values."""
+    values: dict[str, Any] = {}
+    for group in GROUPS:
+        options = parts(group)
+        node = cfg.get(group)
+        if node is None:
+            raise ConfigError(f"{group} is missing; allowed: {'|'.join(options)}")
+        choice(f"{group}.name", node.get("name"), tuple(options))
+        values[group] = _to_dataclass(options[node.name].schema, node, group)
+    for group, schema in SINGLE_GROUPS.items():
+        if cfg.get(group) is not None:
+            values[group] = _to_dataclass(schema, cfg[group], group)
+    return JobSpec(**values)
+
+
+def tracking_spec(cfg: DictConfig) -> TrackingConfig:
+    """Only the ``tracking`` group, for the sweep's parent run (the jobs validate the rest)."""
+    return _to_dataclass(TrackingConfig, cfg.tracking, "tracking")
+
+
+def _to_dataclass(schema: type, node: DictConfig, group: str) -> Any:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or group
+        msg = str(e).splitlines()[0]
+        fields = ", ".join(f for f in schema.__dataclass_fields__)
+        raise ConfigError(f"{group}.{key.split('.')[-1] if key != group else ''}: {msg}; allowed keys: {fields}") from None
+
+
+# ---------------------------------------------------------------------- the command line
+def job_combinations(overrides: list[str]) -> list[list[str]]:
+    """Expand discrete sweeps (``a=1,2 b=x,y`` -> 4 jobs). ``hydra.*`` overrides and
+    non-discrete sweeps (ranges, intervals: drawn later by the sweeper) are left out."""
+    combos: list[list[str]] = [[]]
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        key = ov.get_key_element()
+        if key.lstrip("+~").startswith("hydra"):
+            continue
+        if not ov.is_sweep_override():
+            values = [ov.input_line]
+        elif ov.is_discrete_sweep():
+            values = [f"{key}={v}" for v in ov.sweep_string_iterator()]
+        else:
+            continue
+        combos = [c + [v] for c in combos for v in values]
+    return combos
+
+
+def compose_config(config_dir: str | Path, overrides: list[str], config_name: str = "config",
+                   hydra_config: bool = False) -> DictConfig:
+    """Compose one config with Hydra's compose API (outside a Hydra app: tests, preflight, reports)."""
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+                return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_config)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def expand_jobs(config_dir: str | Path, overrides: list[str], config_name: str = "config",
+                multirun: bool = True) -> list[list[str]]:
+    """The override lists of every job a command line launches: its discrete sweeps and, with
+    ``-m``, the discrete ``hydra.sweeper.params`` a preset sets (the command line's keys win)."""
+    jobs = []
+    for combo in job_combinations(overrides):
+        variants: list[list[str]] = [[]]
+        if multirun:
+            cfg = compose_config(config_dir, combo, config_name, hydra_config=True)
+            params = cfg.hydra.sweeper.get("params") or {}
+            given = {ov.get_key_element() for ov in OverridesParser.create().parse_overrides(combo)}
+            variants = job_combinations([f"{k}={v}" for k, v in params.items() if k not in given])
+        jobs.extend(combo + extra for extra in variants)
+    return jobs
+
+
+def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Optional[int]:
+    """Compose and validate each job of a command line; raise on the first bad one.
+
+    Returns the number of jobs checked, or None when the command is not a training run
+    (``--help``, ``--cfg``, ``--info``, a custom config path)."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_intermixed_args(argv)
+    if args.help or args.hydra_help or args.info or args.cfg or args.shell_completion \
+            or args.config_path or args.config_dir or args.experimental_rerun:
+        return None
+    name = args.config_name or default_config_name
+    jobs = expand_jobs(config_dir, args.overrides, name, args.multirun)
+    for job in jobs:
+        check_inputs(to_spec(compose_config(config_dir, job, name)))
+    return len(jobs)
+
+
+# ------------------------------------------------------------------------------ the job
+def context_from_hydra(extra_tags: Optional[dict[str, str]] = None) -> JobContext:
+    hc = HydraConfig.get()
+    sweep = SweepContext.current() if hc.mode == RunMode.MULTIRUN else None
+    return JobContext(
+        overrides=list(hc.overrides.task),
+        output_dir=Path(hc.runtime.output_dir),
+        parent_run_id=sweep.parent_run_id if sweep else None,
+        parent_local_id=sweep.parent_local_id if sweep else None,
+        sweep_id=sweep.sweep_id if sweep else None,
+        extra_tags=extra_tags or {},
+    )
+
+
+def run_hydra_job(cfg: DictConfig, on_eval: Optional[Callable[[int, float], None]] = None,
+                  extra_tags: Optional[dict[str, str]] = None) -> JobOutcome:
+    return run_job(to_spec(cfg), context_from_hydra(extra_tags), on_eval)
+
+
+def job_from_hydra(cfg: DictConfig) -> float:
+    """Single run: a diverged run is an error (exit 1). Sweep: it is a failed job returning NaN,
+    so the sweep goes on (and Optuna records the trial as FAIL)."""
+    sweep = SweepContext.current()
+    trial = sweep.job_trial() if sweep is not None else None  # set when gradsweep's Optuna sweeper launched this job
+    outcome = run_hydra_job(cfg, trial.on_eval if trial else None, trial.tags if trial else None)
+    if isinstance(outcome.error, StopRun):
+        raise outcome.error  # pruned: the sweeper tells Optuna PRUNED
+    if isinstance(outcome.error, NonFiniteError) and HydraConfig.get().mode != RunMode.MULTIRUN:
+        raise outcome.error
+    return outcome.objective if outcome.status == "FINISHED" else math.nan

@@ -1,0 +1,350 @@
+"""Delivery of run journals (:mod:`gradsweep.track.journal`) to the tracking store.
+
+``deliver(folder)`` sends whatever a journal holds beyond its recorded offset, in journal order
+(so metrics arrive in step order), metrics batched by ``log_batch`` up to 1000 per request, and
+moves the offset after every successful request. A request that fails because the store is
+unreachable stops the pass; the next pass resumes at the same offset. Re-sending a batch whose
+offset was not yet recorded is harmless: the same (key, step, timestamp, value) is stored once.
+
+One delivery worker per training process runs :func:`follow` in a child process, so sending
+costs the training thread nothing (``python -m gradsweep.track.delivery``); the job delivers the rest
+itself at the end. ``gradsweep sync`` delivers journals left by processes that ended.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import select
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from gradsweep.track.journal import HEADER, JOURNAL, STATE, read_json, records, write_json_atomic
+
+log = logging.getLogger("gradsweep.track.delivery")
+MAX_METRICS = 1000  # MLflow's log_batch limit
+MAX_PARAMS = 100
+MAX_TAGS = 100
+
+
+class Unreachable(Exception):
+    """The tracking store could not be reached; try again later."""
+
+
+class Busy(Exception):
+    """Another process is delivering this journal right now."""
+
+
+def is_transient(e: BaseException) -> bool:
+    """Connection failures and server-side unavailability, as opposed to a request the store rejects."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(e, MlflowException):
+        text = str(e)
+        markers = ("Max retries exceeded", "Connection refused", "failed with exception", "TEMPORARILY_UNAVAILABLE",
+                   "Connection aborted", "Read timed out", "502", "503", "504", "database is locked")
+        return any(m in text for m in markers)
+    return False
+
+
+_clients: dict[str, Any] = {}
+#: How every MLflow client of ours talks to a store. Fail fast: MLflow's default (7 retries,
+#: exponential backoff) blocks a call for minutes when the server is down; we retry ourselves, with
+#: the data safe in the journal meanwhile. And no "View run at <uri>" lines: the URI may carry a
+#: password, and we print our own. MLflow reads these variables per request; a value the user or
+#: the delivery process set first wins.
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def mlflow_client(uri: str):
+    """A new MlflowClient for ``uri``, configured as above (the one way this package makes one)."""
+    from mlflow.tracking import MlflowClient
+
+    for key, value in CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri)
+
+
+def client_for(uri: str):
+    """One client per store for the delivery loop."""
+    if uri not in _clients:
+        _clients[uri] = mlflow_client(uri)
+    return _clients[uri]
+
+
+@contextmanager
+def locked(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """Exclusive delivery lock (flock: released by the kernel if the holder dies)."""
+    fd = os.open(folder / "lock", os.O_CREAT | os.O_RDWR)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Busy(str(folder)) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+_last_answer = 0.0  # monotonic time of this process's last call the store answered (even with an error)
+
+
+def _call(fn, *args, **kwargs):
+    global _last_answer
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as e:
+        if is_transient(e):
+            raise Unreachable(str(e).splitlines()[0][:300]) from None
+        _last_answer = time.monotonic()
+        raise
+    _last_answer = time.monotonic()
+    return result
+
+
+def experiment_id(client, name: str, artifact_location: Optional[str] = None,
+                  call: Callable[..., Any] = lambda fn, *a, **k: fn(*a, **k)) -> str:
+    """The id of experiment ``name``, created if missing (by another worker at the same time, too)."""
+    exp = call(client.get_experiment_by_name, name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return call(client.create_experiment, name, artifact_location=artifact_location)
+    except Unreachable:
+        raise
+    except Exception:  # created concurrently by another worker
+        exp = call(client.get_experiment_by_name, name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _experiment_id(client, header: dict[str, Any]) -> str:
+    return experiment_id(client, header["experiment_name"], header.get("artifact_location"), _call)
+
+
+def _ensure_run(folder: Path, client, header: dict[str, Any], state: dict[str, Any]) -> Optional[str]:
+    """Create the run on the store if the journal was opened while it was unreachable."""
+    if state.get("run_id"):
+        return state["run_id"]
+    create = header["create"]
+    tags = dict(create.get("tags") or {})
+    parent = create.get("parent_run_id")
+    if not parent and create.get("parent_local_id"):
+        parent_state = read_json(folder.parent / create["parent_local_id"] / STATE) or {}
+        parent = parent_state.get("run_id")
+        if not parent:
+            return None  # the parent run is not on the store yet; it is delivered first
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    tags["gradsweep.spooled"] = "true"
+    run = _call(client.create_run, _experiment_id(client, header), start_time=create.get("start_time"),
+                tags=tags, run_name=create.get("run_name"))
+    state.update(run_id=run.info.run_id, offset=0, done=False)
+    write_json_atomic(folder / STATE, state)
+    return run.info.run_id
+
+
+def deliver(folder: Path, wait_s: float = 0.0) -> bool:
+    """Deliver one journal as far as possible. True when the run is complete on the store.
+    Raises Unreachable (store down) or Busy (another process holds the journal)."""
+    try:
+        with locked(folder, wait_s):
+            return _deliver_locked(folder)
+    except FileNotFoundError:
+        return True  # a journal folder is removed only once delivered
+
+
+def _deliver_locked(folder: Path) -> bool:
+    from mlflow.entities import Metric, Param, RunTag
+
+    header = read_json(folder / HEADER)
+    state = read_json(folder / STATE) or {"offset": 0, "done": False}
+    if state.get("done") or header is None:  # no header: removed by whoever delivered it
+        return True
+    client = client_for(header["uri"])
+    run_id = _ensure_run(folder, client, header, state)
+    if run_id is None:
+        return False
+    metrics: list[Metric] = []
+    pending_offset = state["offset"]
+
+    def commit(offset: int) -> None:
+        state["offset"] = offset
+        write_json_atomic(folder / STATE, state)
+
+    def send_metrics() -> None:
+        if metrics:
+            _call(client.log_batch, run_id, metrics=list(metrics))
+            metrics.clear()
+            commit(pending_offset)
+
+    for offset, rec in records(folder, state["offset"]):
+        op = rec["op"]
+        if op == "metrics":
+            values = rec["values"]
+            if len(metrics) + len(values) > MAX_METRICS:
+                send_metrics()
+            metrics.extend(Metric(k, float(v), rec["ts"], rec["step"]) for k, v in values.items())
+            pending_offset = offset
+            continue
+        send_metrics()
+        if op == "params":
+            items = [Param(k, v) for k, v in rec["params"].items()]
+            for i in range(0, len(items), MAX_PARAMS):
+                _call(client.log_batch, run_id, params=items[i:i + MAX_PARAMS])
+        elif op == "tags":
+            items = [RunTag(k, v) for k, v in rec["tags"].items()]
+            for i in range(0, len(items), MAX_TAGS):
+                _call(client.log_batch, run_id, tags=items[i:i + MAX_TAGS])
+        elif op == "artifact":
+            _call(client.log_artifact, run_id, str(folder / rec["file"]), rec.get("artifact_path"))
+        elif op == "end":
+            _call(client.set_terminated, run_id, rec["status"], rec.get("end_time"))
+            state["done"] = True
+        pending_offset = offset
+        commit(offset)
+    send_metrics()
+    if state.get("done"):
+        finish(folder, keep_state="create" in header)
+    return bool(state.get("done"))
+
+
+def finish(folder: Path, keep_state: bool) -> None:
+    """Drop a delivered journal. A run created from the spool keeps its state.json: children
+    spooled with it find its run id there."""
+    if keep_state:
+        (folder / JOURNAL).unlink(missing_ok=True)
+        shutil.rmtree(folder / "artifacts", ignore_errors=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pending(spool: Path, owner_pid: Optional[int] = None) -> list[Path]:
+    """Journals not yet fully delivered (of one owner process, or of any)."""
+    if not spool.is_dir():
+        return []
+    out = []
+    def age(p: Path) -> float:  # a journal may be removed by its deliverer meanwhile
+        try:
+            return (p / HEADER).stat().st_mtime
+        except OSError:
+            return float("inf")
+
+    for folder in sorted((p for p in spool.iterdir() if p.is_dir()), key=age):
+        header = read_json(folder / HEADER)
+        state = read_json(folder / STATE) or {}
+        if header is None or state.get("done"):
+            continue
+        if owner_pid is None or header.get("owner_pid") == owner_pid:
+            out.append(folder)
+    return out
+
+
+class OutageReporter:
+    """Says once that it is spooling and once that it caught up, however many processes (the
+    delivery worker, the job finishing its run, ``gradsweep sync``) notice the same outage: the
+    first to see it creates ``<spool>/.outage`` and speaks, the one that removes it speaks again."""
+
+    def __init__(self, out=sys.stderr):
+        self.out = out
+        self.down_since: Optional[float] = None
+        self.marker: Optional[Path] = None
+
+    def unreachable(self, spool: Path, reason: str) -> None:
+        if self.down_since is not None:
+            return
+        self.down_since = time.monotonic()
+        self.marker = spool / ".outage"
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # another process has said it
+        except OSError:
+            pass
+        print(f"[gradsweep] tracking store unreachable ({reason}); training goes on, spooling to {spool}",
+              file=self.out, flush=True)
+
+    def reachable(self) -> None:
+        if self.down_since is None:
+            return
+        down_s, self.down_since = time.monotonic() - self.down_since, None
+        try:
+            self.marker.unlink()
+        except OSError:
+            return  # another process has said it
+        print(f"[gradsweep] tracking store reachable again after {down_s:.0f} s; spooled records delivered",
+              file=self.out, flush=True)
+
+
+def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path) -> int:
+    """One pass over journals; returns how many are still not complete."""
+    started, left = time.monotonic(), 0
+    for folder in folders:
+        try:
+            done = deliver(folder)
+        except Unreachable as e:
+            reporter.unreachable(spool, str(e))
+            return len(folders)
+        except Busy:
+            done = False
+        except Exception as e:  # a journal the store rejects must not block the others
+            log.error("delivery of %s failed: %s", folder.name, e)
+            done = False
+        if not done:
+            left += 1
+    # only an answer from the store ends an outage: a pass that found every journal locked by
+    # another process (Busy) or had nothing new to send has not talked to it
+    if reporter.down_since is not None and _last_answer >= started:
+        reporter.reachable()
+    return left
+
+
+def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None) -> None:
+    """Deliver the owner's journals until ``control`` (the owner's pipe) closes, then once more."""
+    reporter = OutageReporter()
+    while True:
+        deliver_all(pending(spool, owner_pid), reporter, spool)
+        if control is None:
+            time.sleep(interval_s)
+            continue
+        ready, _, _ = select.select([control], [], [], interval_s)
+        if ready and not control.read(1):
+            break  # owner closed the pipe or died
+    deliver_all(pending(spool, owner_pid), reporter, spool)
+
+
+NICE = 10  # delivery is background work: where cores are scarce, the training step goes first
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description="deliver gradsweep run journals (started by the trainer)")
+    ap.add_argument("spool", type=Path)
+    ap.add_argument("--owner-pid", type=int, required=True)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    logging.basicConfig(level=logging.WARNING, format="[gradsweep.track.delivery] %(message)s")
+    os.nice(NICE)
+    try:
+        follow(args.spool, args.owner_pid, control=sys.stdin.buffer)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The ``tracking`` config group's schema: where runs are recorded and how they are delivered."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from gradsweep.checks import choice, positive, require
+from gradsweep.names import EMBEDDED_STORE, EXPERIMENT
+from gradsweep.track.uri import check_tracking_uri
+
+
+BACKENDS = ("mlflow", "memory")
+
+
+@dataclass
+class TrackingConfig:
+    #: mlflow: a run journal delivered to the tracking store at ``uri``; memory: record nothing
+    #: beyond this process (a dry run; see gradsweep.track.logger)
+    backend: str = "mlflow"
+    uri: str = EMBEDDED_STORE  # or http://host:port; MLFLOW_TRACKING_URI wins if set
+    experiment_name: str = EXPERIMENT
+    artifact_location: Optional[str] = None  # embedded store: defaults to mlruns/artifacts
+    spool_dir: Optional[str] = None  # run journals before delivery; default: mlruns/spool
+    delivery_timeout_s: float = 60.0  # at the end of a run, wait this long for an unreachable store
+    log_figures: bool = True
+    log_checkpoints: bool = True
+
+    def __post_init__(self) -> None:
+        choice("tracking.backend", self.backend, BACKENDS)
+        check_tracking_uri(self.uri)
+        require(bool(self.experiment_name.strip()), "tracking.experiment_name", self.experiment_name, "a non-empty name")
+        positive("tracking.delivery_timeout_s", self.delivery_timeout_s, strict=False)

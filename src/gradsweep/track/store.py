@@ -1,0 +1,219 @@
+"""MLflow tracking: the store and experiment (:class:`Tracker`), and opening a run's journal.
+
+Runs are written through a :class:`~gradsweep.track.journal.RunJournal` on local disk and delivered by a
+worker process (:mod:`gradsweep.track.delivery`) with ``log_batch`` (up to 1000 metrics per request):
+the training thread never waits on the store and never sends one request per value, and a
+store that is down at start or mid-run only delays delivery.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from mlflow.tracking import MlflowClient
+
+from gradsweep.names import PARENT_TAG, WORKER_TAG
+from gradsweep.paths import SRC
+from gradsweep.track import delivery
+from gradsweep.track.journal import RunJournal, default_spool_dir, now_ms
+from gradsweep.track.settings import TrackingConfig
+from gradsweep.track.uri import absolute_sqlite, is_local_sqlite, mask, sqlite_path
+
+log = logging.getLogger("gradsweep.tracking")
+
+
+def resolve_uri(uri: str) -> str:
+    """Make a relative embedded-store path absolute and create its folder."""
+    return absolute_sqlite(uri, create=True)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_alive(worker: str) -> bool:
+    """False only when the worker ran on this host and its process is gone."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_dead_runs(tracker: "Tracker") -> list[str]:
+    """Runs left RUNNING by a process of this host that no longer exists (SIGKILL, a crash):
+    closed KILLED with tag ``failure=worker_died``, so a restarted sweep leaves nothing RUNNING."""
+    closed = []
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                      max_results=1000)
+    for run in runs:
+        worker = run.data.tags.get(WORKER_TAG)
+        if worker and not worker_alive(worker):
+            tracker.client.set_tag(run.info.run_id, "failure", "worker_died")
+            tracker.client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d run(s) left RUNNING by dead processes as KILLED", len(closed))
+    return closed
+
+
+def default_artifact_location(uri: str) -> Optional[str]:
+    """Embedded store: ``mlruns/artifacts`` beside the database. A server decides for itself."""
+    return (sqlite_path(uri).parent / "artifacts").as_uri() if is_local_sqlite(uri) else None
+
+
+def metric_history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric of one run, in step order."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    return [m.step for m in points], [m.value for m in points]
+
+
+class Tracker:
+    """One tracking store (embedded sqlite or a server) and one experiment in it."""
+
+    def __init__(self, uri: str, experiment_name: str, artifact_location: Optional[str] = None):
+        self.uri = resolve_uri(uri)
+        self.client = delivery.mlflow_client(self.uri)
+        self.experiment_id = self._experiment(experiment_name, artifact_location)
+
+    def _experiment(self, name: str, artifact_location: Optional[str]) -> str:
+        return delivery.experiment_id(self.client, name, artifact_location or default_artifact_location(self.uri))
+
+    def start_run(self, run_name: str, tags: dict[str, str], parent_run_id: Optional[str] = None) -> str:
+        tags = dict(tags)
+        if parent_run_id:
+            tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        return run.info.run_id
+
+    def children(self, parent_run_id: str) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                       max_results=10000, order_by=["attributes.start_time ASC"])
+
+    def history(self, run_id: str, key: str) -> tuple[list[int], list[float]]:
+        return metric_history(self.client, run_id, key)
+
+    def __repr__(self) -> str:
+        return f"Tracker({mask(self.uri)!r}, experiment {self.experiment_id})"
+
+
+# ------------------------------------------------------------------------------ run journals
+class MlflowRun:
+    """The ``mlflow`` backend of the run-logger seam (:class:`~gradsweep.track.logger.RunLogger`):
+    records go to the run's journal; :meth:`finish` writes the status and delivers what is left."""
+
+    def __init__(self, journal: RunJournal, timeout_s: float) -> None:
+        self.journal = journal
+        self.timeout_s = timeout_s
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.journal.run_id
+
+    @property
+    def local_id(self) -> str:
+        return self.journal.local_id
+
+    @property
+    def run_ref(self) -> str:
+        return self.journal.run_id or f"(spooled {self.journal.local_id})"
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.journal.log_metrics(step, metrics)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.journal.log_params(params)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.journal.set_tags(tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self.journal.log_artifact(path, artifact_path)
+
+    def finish(self, status: str) -> bool:
+        return close_run(self.journal, status, self.timeout_s)
+
+
+def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
+             parent_run_id: Optional[str] = None, parent_local_id: Optional[str] = None,
+             run_id: Optional[str] = None) -> MlflowRun:
+    """Open a run for writing. The run is created on the store now if it can be reached, else
+    later by the delivery worker (the journal then starts with what is needed to create it)."""
+    uri = resolve_uri(tracking.uri)
+    experiment_name, artifact_location = tracking.experiment_name, tracking.artifact_location
+    spool = Path(tracking.spool_dir) if tracking.spool_dir else default_spool_dir(uri)
+    tags = {**tags, WORKER_TAG: worker_id()}
+    existing = run_id is not None
+    header: dict[str, Any] = {"uri": uri, "experiment_name": experiment_name,
+                              "artifact_location": artifact_location or default_artifact_location(uri)}
+    if run_id is None and parent_local_id is None:
+        try:
+            run_id = Tracker(uri, experiment_name, artifact_location).start_run(run_name, tags, parent_run_id)
+        except Exception as e:
+            if not delivery.is_transient(e):
+                raise
+            print(f"[gradsweep] tracking store {mask(uri)} unreachable; the run is spooled to {spool} "
+                  "and created there when it answers", file=sys.stderr, flush=True)
+    if run_id:
+        header["run_id"] = run_id
+    else:
+        header["create"] = {"run_name": run_name, "tags": tags, "parent_run_id": parent_run_id,
+                            "parent_local_id": parent_local_id, "start_time": now_ms()}
+    journal = RunJournal.create(spool, header)
+    if existing:  # a resumed run: it is this process's now (see close_dead_runs)
+        journal.set_tags({WORKER_TAG: tags[WORKER_TAG]})
+    DeliveryWorker.ensure(spool)
+    return MlflowRun(journal, tracking.delivery_timeout_s)
+
+
+def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0) -> bool:
+    """Write the final status and deliver what is left. False if the store stayed unreachable:
+    the journal stays on disk for ``gradsweep sync``."""
+    journal.end(status)
+    reporter = delivery.OutageReporter()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if delivery.deliver(journal.folder, wait_s=max(0.1, min(30.0, deadline - time.monotonic()))):
+                reporter.reachable()
+                return True
+        except delivery.Busy:  # the delivery process holds the journal: wait for it, not past the deadline
+            pass
+        except delivery.Unreachable as e:
+            reporter.unreachable(journal.folder.parent, str(e))
+        if time.monotonic() > deadline:
+            print(f"[gradsweep] run not fully delivered; it stays in {journal.folder.parent}: "
+                  "run `gradsweep sync` when the tracking store is back", file=sys.stderr, flush=True)
+            return False
+        time.sleep(1.0)
+
+
+class DeliveryWorker:
+    """One delivery process per training process and spool folder (see :mod:`gradsweep.track.delivery`).
+
+    It stops when this process closes its stdin pipe, i.e. also when this process dies."""
+
+    _workers: dict[Path, subprocess.Popen] = {}
+
+    @classmethod
+    def ensure(cls, spool: Path) -> None:
+        spool = spool.resolve()
+        proc = cls._workers.get(spool)
+        if proc is not None and proc.poll() is None:
+            return
+        src = str(SRC)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        cls._workers[spool] = subprocess.Popen(
+            [sys.executable, "-m", "gradsweep.track.delivery", str(spool), "--owner-pid", str(os.getpid())],
+            stdin=subprocess.PIPE, env=env, start_new_session=True)

@@ -1,0 +1,63 @@
+"""Tracking URI checks and masking (no MLflow import: cheap to use in config validation)."""
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from gradsweep.errors import ConfigError
+
+SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    parts = urlsplit(uri or "")
+    scheme = parts.scheme.split("+")[0]
+    if scheme not in SCHEMES or (scheme in ("http", "https") and not parts.hostname):
+        raise ConfigError(f"tracking.uri={mask(uri)!r} is not a tracking URI; allowed: "
+                          "sqlite:///path.db | http(s)://host:port | file:///path | postgresql://...")
+    if scheme in ("http", "https"):
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError(f"tracking.uri={mask(uri)!r} has an invalid port; allowed: 1-65535") from None
+
+
+def mask(uri: str) -> str:
+    """Replace the password of a URI with ***."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def mask_overrides(overrides: list[str]) -> list[str]:
+    """Command-line overrides with the password of any URI value masked (for tags and run names)."""
+    out = []
+    for ov in overrides:
+        key, sep, value = ov.partition("=")
+        out.append(f"{key}{sep}{mask(value.replace(chr(92), ''))}" if sep and "://" in value else ov)
+    return out
+
+
+def is_local_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):])
+
+
+def absolute_sqlite(uri: str, create: bool = False) -> str:
+    """A ``sqlite:///`` URI with a relative path made absolute against the working directory (its
+    folder created when ``create``); any other URI unchanged. One rule for MLflow and Optuna stores."""
+    if not is_local_sqlite(uri):
+        return uri
+    path = sqlite_path(uri)
+    path = path if path.is_absolute() else Path.cwd() / path
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"

@@ -1,0 +1,265 @@
+"""Gradient-health diagnostics: a verdict per run from its recorded telemetry.
+
+:func:`diagnose` is a pure function of the run's history (``name -> (steps, values)``, as kept
+by :class:`~gradsweep.train.sinks.HistorySink` or read back from MLflow) plus, for ReLU MLPs, the
+model and training inputs. It returns ``health/*`` metrics and the verdict list behind the tag
+``grad_health`` (``ok`` or a comma list of ``exploding``, ``vanishing``, ``dead_units``,
+``nonfinite``). Thresholds are DiagnosticsConfig.
+
+* exploding: spikes, steps whose total norm (``grad_norm/total``, before clipping) exceeds
+  ``spike_factor`` x the median of the previous ``spike_window`` steps.
+* vanishing: (a) some weight's gradient vanished on at least ``vanishing_frac`` of the steps:
+  numerically zero, or collapsed below a tiny fraction of its own earlier peak while still tiny
+  beside the step's total norm (per parameter: a recurrent matrix can collapse while the
+  classifier's gradient keeps the total up). Biases are measured but do not decide: their
+  gradient is a sum of signed errors and legitimately cancels once the output fits the class
+  balance (seen on plateaued MLPs). Or (b) in a layered model the first layer's
+  gradient is a tiny fraction of the last layer's over the first steps.
+* dead_units: a ReLU MLP whose hidden units output 0 on every training example.
+* nonfinite: a NaN/Inf loss or gradient norm was recorded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from gradsweep.checks import positive, require
+
+Series = tuple[list[int], list[float]]
+LAYER = re.compile(r"^(layers|convs)\.(\d+)\.weight$")
+BIAS = re.compile(r"(^|\.)(bias|b)$|\.bias_(ih|hh)_l\d+(_reverse)?$")
+TAG = "grad_health"
+DEAD_UNIT_ROWS = 8192  # training rows fed to the model for the dead-unit count
+log = logging.getLogger("gradsweep")
+VERDICTS = ("exploding", "vanishing", "dead_units", "nonfinite")
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Thresholds of the end-of-run gradient-health verdict (:mod:`gradsweep.train.diagnostics`).
+
+    The verdict is the tag ``grad_health``: ``ok``, or a comma list of ``exploding``,
+    ``vanishing``, ``dead_units``, ``nonfinite``.
+    """
+
+    enabled: bool = True
+    #: a spike is a step whose total gradient norm (before clipping) exceeds spike_factor x the
+    #: median total norm of the previous spike_window steps; counted from step spike_min_history
+    spike_factor: float = 10.0
+    spike_window: int = 50
+    spike_min_history: int = 5
+    exploding_spikes: int = 1  # exploding when spike_count >= this
+    #: a parameter's gradient has vanished on a step when its norm is below vanish_abs, or below
+    #: both vanish_rel_peak x its own peak so far and vanish_rel_total x that step's total norm
+    #: (it collapsed while other parameters still get gradient)
+    vanish_abs: float = 1e-12
+    vanish_rel_peak: float = 1e-4
+    vanish_rel_total: float = 1e-3
+    vanishing_frac: float = 0.5  # vanishing when some parameter vanished on >= this fraction of steps
+    #: layered models (MLP layers.i, CNN convs.i + classifier): median over the first ratio_steps
+    #: steps of |grad first-layer weight| / |grad last-layer weight|; vanishing when below the minimum
+    ratio_steps: int = 10
+    first_last_ratio_min: float = 1e-7
+    #: ReLU MLPs: dead_units when >= this fraction of hidden units output 0 on every training example
+    dead_frac: float = 0.5
+
+    def __post_init__(self) -> None:
+        require(self.spike_factor > 1, "diagnostics.spike_factor", self.spike_factor, "a number > 1")
+        for k in ("spike_window", "spike_min_history", "exploding_spikes", "ratio_steps"):
+            require(getattr(self, k) >= 1, f"diagnostics.{k}", getattr(self, k), "an integer >= 1")
+        for k in ("vanish_abs", "vanish_rel_peak", "vanish_rel_total", "first_last_ratio_min"):
+            positive(f"diagnostics.{k}", getattr(self, k), strict=False)
+        for k in ("vanishing_frac", "dead_frac"):
+            require(0 < getattr(self, k) <= 1, f"diagnostics.{k}", getattr(self, k), "a number in (0, 1]")
+
+
+@dataclass
+class Diagnosis:
+    metrics: dict[str, float] = field(default_factory=dict)
+    verdicts: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one clause per verdict, for the console
+
+    @property
+    def tag(self) -> str:
+        return ",".join(self.verdicts) or "ok"
+
+    def summary(self) -> str:
+        return f"grad_health={self.tag}" + (": " + "; ".join(self.notes) if self.notes else "")
+
+
+def layer_weights(param_names: list[str]) -> list[str]:
+    """First-to-last weight parameters of a layered model (MLP ``layers.i``, CNN ``convs.i`` then
+    ``classifier``); empty when the model is not layered."""
+    found = sorted((int(m.group(2)), n) for n in param_names if (m := LAYER.match(n)))
+    names = [n for _, n in found]
+    if names and names[0].startswith("convs.") and "classifier.weight" in param_names:
+        names.append("classifier.weight")
+    return names if len(names) >= 2 else []
+
+
+def spikes(total: np.ndarray, factor: float, window: int, min_history: int) -> np.ndarray:
+    """Indices of steps whose value exceeds ``factor`` x the median of the previous ``window`` values."""
+    out = []
+    for t in range(min_history, len(total)):
+        ref = np.median(total[max(0, t - window):t])
+        if ref > 0 and total[t] > factor * ref:
+            out.append(t)
+    return np.array(out, dtype=int)
+
+
+def vanished_steps(norm: np.ndarray, total: np.ndarray, cfg: DiagnosticsConfig) -> np.ndarray:
+    """Boolean per step: this parameter's gradient has vanished (see the module docstring)."""
+    peak_so_far = np.maximum.accumulate(norm)
+    collapsed = (norm < cfg.vanish_rel_peak * peak_so_far) & (norm < cfg.vanish_rel_total * total)
+    return (norm < cfg.vanish_abs) | collapsed
+
+
+def _aligned(history: dict[str, Series], names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Values of ``names`` on the steps where all of them were recorded and finite."""
+    by_step: dict[int, dict[str, float]] = {}
+    for n in names:
+        for s, v in zip(*history[n]):
+            by_step.setdefault(s, {})[n] = v
+    steps = sorted(s for s, d in by_step.items() if len(d) == len(names) and all(math.isfinite(x) for x in d.values()))
+    return np.array(steps, dtype=int), {n: np.array([by_step[s][n] for s in steps], dtype=float) for n in names}
+
+
+def dead_relu_fraction(model, x) -> Optional[float]:
+    """Fraction of the hidden units of a ReLU MLP that output 0 on every row of ``x``."""
+    import torch
+
+    if not hasattr(model, "hidden_activations") or not isinstance(getattr(model, "act", None), torch.nn.ReLU):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            acts = model.hidden_activations(x)
+    finally:
+        model.train(was_training)
+    dead = sum(int((a <= 0).all(dim=0).sum()) for a in acts)
+    units = sum(a.shape[1] for a in acts)
+    return dead / units if units else None
+
+
+def hidden_unit_spread(model) -> Optional[float]:
+    """Largest spread (std across units) of the incoming weights and bias of any hidden layer of an
+    MLP: 0 means every hidden layer's units are identical (symmetry never broken)."""
+    import torch
+
+    layers = getattr(model, "layers", None)
+    if layers is None or not hasattr(model, "hidden_activations") or len(layers) < 2:
+        return None
+    with torch.no_grad():
+        spreads = [torch.cat([lay.weight, lay.bias[:, None]], 1).std(dim=0, unbiased=False).max()
+                   for lay in layers[:-1] if lay.weight.shape[0] > 1]
+    return float(torch.stack(spreads).max()) if spreads else None
+
+
+def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None, model=None,
+             train_x=None) -> Diagnosis:
+    """Health metrics and verdicts of one run (``history`` as recorded by the training loop)."""
+    cfg = cfg or DiagnosticsConfig()
+    d = Diagnosis()
+    if not history.get("grad_norm/total", ([], []))[0]:
+        return d
+    raw_total = np.array(history["grad_norm/total"][1], dtype=float)
+    raw_loss = np.array(history.get("train/loss", ([], []))[1], dtype=float)
+    if not np.isfinite(raw_total).all() or not np.isfinite(raw_loss).all():
+        d.verdicts.append("nonfinite")
+        bad = [s for s, v in zip(*history["grad_norm/total"]) if not math.isfinite(v)]
+        d.notes.append(f"non-finite gradient norm at step {bad[0]}" if bad else "non-finite loss")
+
+    params = [k.removeprefix("grad_norm/") for k in history
+              if k.startswith("grad_norm/") and k not in ("grad_norm/total", "grad_norm/total_clipped")]
+    steps, vals = _aligned(history, ["grad_norm/total", *(f"grad_norm/{p}" for p in params)])
+    if len(steps) == 0:
+        d.verdicts = d.verdicts or ["nonfinite"]
+        return d
+    total = vals["grad_norm/total"]
+
+    # exploding
+    peak = int(np.argmax(total))
+    sp = spikes(total, cfg.spike_factor, cfg.spike_window, cfg.spike_min_history)
+    d.metrics.update({"health/peak_grad_norm": float(total[peak]), "health/peak_step": float(steps[peak]),
+                      "health/spike_count": float(len(sp)), "health/median_grad_norm": float(np.median(total))})
+    if "clip/coef" in history:
+        coef = np.array(history["clip/coef"][1], dtype=float)
+        d.metrics["health/clipped_frac"] = float(np.mean(coef < 1.0)) if len(coef) else 0.0
+    if len(sp) >= cfg.exploding_spikes:
+        d.verdicts.append("exploding")
+        d.notes.append(f"{len(sp)} spike(s) > {cfg.spike_factor:g}x the running median, peak "
+                       f"{total[peak]:.4g} at step {steps[peak]}")
+
+    # vanishing (a): per parameter
+    fracs = {p: float(np.mean(vanished_steps(vals[f"grad_norm/{p}"], total, cfg))) for p in params}
+    for p, f in fracs.items():
+        d.metrics[f"health/vanishing_frac/{p}"] = f
+    vanishing = []
+    if fracs:
+        worst = max(fracs, key=lambda p: fracs[p])
+        d.metrics["health/vanishing_frac_max"] = fracs[worst]
+        weights = {p: f for p, f in fracs.items() if not BIAS.search(p)}
+        if weights and max(weights.values()) >= cfg.vanishing_frac:
+            gone = sorted((p for p in weights if weights[p] >= cfg.vanishing_frac), key=lambda p: -weights[p])
+            vanishing.append(f"gradient vanished on {weights[gone[0]]:.0%} of steps for {', '.join(gone[:4])}"
+                             + (f" (+{len(gone) - 4} more)" if len(gone) > 4 else ""))
+
+    # vanishing (b): first / last layer of a layered model, over the first steps
+    layered = layer_weights(params)
+    if layered:
+        first, last = vals[f"grad_norm/{layered[0]}"], vals[f"grad_norm/{layered[-1]}"]
+        n = min(cfg.ratio_steps, len(first))
+        ok = last[:n] > 0
+        if ok.any():
+            ratio = float(np.median(first[:n][ok] / last[:n][ok]))
+            d.metrics["health/first_last_ratio"] = ratio
+            if ratio < cfg.first_last_ratio_min:
+                vanishing.append(f"first-layer gradient is {ratio:.2g}x the last layer's "
+                                 f"({layered[0]} / {layered[-1]}, first {n} steps)")
+    if vanishing:
+        d.verdicts.append("vanishing")
+        d.notes.extend(vanishing)
+
+    # dead units (ReLU MLPs), symmetry (MLPs)
+    if model is not None and train_x is not None:
+        frac = dead_relu_fraction(model, train_x)
+        if frac is not None:
+            d.metrics["health/dead_relu_frac"] = frac
+            if frac >= cfg.dead_frac:
+                d.verdicts.append("dead_units")
+                d.notes.append(f"{frac:.0%} of ReLU units never active on the training set")
+    if model is not None:
+        spread = hidden_unit_spread(model)
+        if spread is not None:
+            d.metrics["health/hidden_unit_spread"] = spread
+    d.verdicts = [v for v in VERDICTS if v in d.verdicts]
+    return d
+
+
+def record_health(history: dict[str, Series], cfg: DiagnosticsConfig, model, train_x, sink,
+                  set_tags: Callable[[dict[str, str]], None], run_ref: str = "") -> Optional[Diagnosis]:
+    """End of a run: diagnose, send the ``health/*`` metrics to ``sink`` (at the last step), set the
+    ``grad_health`` tag, and say so on the console when exploding or vanishing. Never raises: a
+    failed diagnosis must not cost the run its status."""
+    if not cfg.enabled:
+        return None
+    try:
+        x = train_x[:DEAD_UNIT_ROWS] if train_x is not None else None
+        d = diagnose(history, cfg, model, x)
+        if not history.get("grad_norm/total", ([], []))[0]:
+            return d
+        if d.metrics:
+            sink.log_metrics(max(history["grad_norm/total"][0]), d.metrics)
+        set_tags({TAG: d.tag})
+        flagged = {"exploding", "vanishing"} & set(d.verdicts)
+        (log.warning if flagged else log.info)("run %s %s", run_ref, d.summary())
+        return d
+    except Exception as e:  # noqa: BLE001
+        log.error("gradient-health diagnostics failed: %s: %s", type(e).__name__, e)
+        return None

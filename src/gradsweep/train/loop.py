@@ -1,0 +1,230 @@
+"""The training loop: forward -> loss -> backward -> gradient norms -> clip -> step -> evaluate.
+
+It emits plain records to a :class:`~gradsweep.train.sinks.Sink` and knows nothing of MLflow or Hydra.
+Per step the host receives one vector (loss, accuracy, norms, clip factor, every parameter's norm)
+in a single device-to-host transfer.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradsweep.train.checkpoints import CheckpointStore
+from gradsweep.train.clipping import Clipper
+from gradsweep.train.data import DataSet, Split
+from gradsweep.checks import choice, require
+from gradsweep.errors import NonFiniteError
+from gradsweep.names import CLIP_COEF, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_LOSS
+from gradsweep.train.sinks import Sink
+from gradsweep.train.telemetry import GradientNorms, ParamStats, epoch_stat_names, metric_names, step_vector
+
+log = logging.getLogger("gradsweep")
+EVAL_CHUNK = 4096
+REDUCTIONS = ("sum", "mean")
+LOSSES = ("cross_entropy", "bce")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 50
+    batch_size: int = 64  # 0 = full batch
+    loss: str = "cross_entropy"  # cross_entropy|bce (bce: binary data, one output unit)
+    reduction: str = "sum"  # sum|mean
+    eval_every_steps: int = 100  # also evaluated after the last step
+    log_every_steps: int = 1
+    checkpoint_every_steps: int = 0  # 0 = only best (at evaluations) and last
+    seed: int = 0
+    device: str = "auto"  # auto|cpu|cuda
+    #: torch CPU threads of the job. 1 by default: this product's models are small, their ops do
+    #: not scale across threads, and a sweep runs several jobs beside a delivery process, where
+    #: more threads than cores made the first steps up to 10x slower. 0 = torch's default (all cores).
+    cpu_threads: int = 1
+    resume_from: Optional[str] = None  # checkpoint path or MLflow run id
+    #: at the last step of each epoch also log weight_mean/<param>, weight_std/<param> (after the
+    #: update) and grad_mean/<param>, grad_std/<param> (that step's gradient, before clipping)
+    epoch_stats: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
+        require(self.batch_size >= 0, "trainer.batch_size", self.batch_size, "an integer >= 0 (0 = full batch)")
+        choice("trainer.loss", self.loss, LOSSES)
+        choice("trainer.reduction", self.reduction, REDUCTIONS)
+        require(self.eval_every_steps >= 1, "trainer.eval_every_steps", self.eval_every_steps, "an integer >= 1")
+        require(self.log_every_steps >= 1, "trainer.log_every_steps", self.log_every_steps, "an integer >= 1")
+        require(self.checkpoint_every_steps >= 0, "trainer.checkpoint_every_steps",
+                 self.checkpoint_every_steps, "an integer >= 0")
+        choice("trainer.device", self.device, DEVICES)
+        require(self.cpu_threads >= 0, "trainer.cpu_threads", self.cpu_threads,
+                 "an integer >= 0 (0 = torch's default)")
+
+
+@dataclass
+class TrainResult:
+    best_dev_acc: float
+    best_step: int
+    last_step: int
+    test_acc: float
+    test_loss: float
+
+
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss with the configured reduction, number of correct predictions)."""
+    if loss == "bce":
+        z = logits.reshape(-1)
+        return (F.binary_cross_entropy_with_logits(z, y.float(), reduction=reduction),
+                ((z > 0).long() == y).sum())
+    return F.cross_entropy(logits, y, reduction=reduction), (logits.argmax(-1) == y).sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, loss: str, device: torch.device) -> tuple[float, float]:
+    """(accuracy, mean loss per example) over a whole split."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for i in range(0, len(split), EVAL_CHUNK):
+        x, y = split.x[i:i + EVAL_CHUNK].to(device), split.y[i:i + EVAL_CHUNK].to(device)
+        lsum, c = batch_loss(model(x), y, loss, "sum")
+        total_loss += lsum
+        correct += c
+    model.train(was_training)
+    acc, lsum = torch.stack([correct.float(), total_loss]).tolist()
+    return acc / len(split), lsum / len(split)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, data: DataSet, optimizer: torch.optim.Optimizer, clipper: Clipper,
+                 cfg: TrainerConfig, sink: Sink, device: torch.device, store: Optional[CheckpointStore] = None,
+                 config_dict: Optional[dict] = None, on_eval: Optional[Callable[[int, float], None]] = None):
+        self.model, self.data, self.optimizer, self.clipper = model, data, optimizer, clipper
+        self.cfg, self.sink, self.device, self.store = cfg, sink, device, store
+        self.config_dict = config_dict or {}
+        self.on_eval = on_eval  # e.g. report to an Optuna trial; may raise to stop the run
+        self.norms = GradientNorms(model)
+        self.names = metric_names(self.norms.names)
+        self.param_stats = ParamStats(self.norms.params) if getattr(cfg, "epoch_stats", False) else None
+        self.stat_names = epoch_stat_names(self.norms.names)
+        self.epoch_stats: Optional[torch.Tensor] = None  # set by train_step(stats=True)
+        n = len(data.train)
+        self.batch_size = cfg.batch_size or n
+        self.steps_per_epoch = math.ceil(n / self.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        # position: next step to run, epoch and batch within it, and that epoch's data order
+        self.step, self.epoch, self.batch = 0, 0, 0
+        self.perm: Optional[torch.Tensor] = None
+        self.best_score, self.best_step = -math.inf, -1
+        self.best_state: Optional[dict] = None
+        self.train_x = data.train.x.to(device)
+        self.train_y = data.train.y.to(device)
+
+    # ----------------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch": self.batch, "perm": self.perm,
+            "best_score": self.best_score, "best_step": self.best_step, "config": self.config_dict,
+            "rng": {"data": self.gen.get_state(), "torch": torch.get_rng_state()},
+        }
+
+    def restore(self, state: dict[str, Any], best: Optional[dict[str, Any]] = None) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.batch = int(state["step"]), int(state.get("epoch", 0)), int(state.get("batch", 0))
+        self.perm = state.get("perm")
+        self.best_score, self.best_step = float(state["best_score"]), int(state.get("best_step", -1))
+        rng = state.get("rng") or {}
+        if "data" in rng:
+            self.gen.set_state(rng["data"])
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if best is not None:
+            self.best_state = best["model"]
+
+    def _save(self, name: str) -> None:
+        if self.store is not None:
+            self.store.save(name, self.state())
+
+    # -------------------------------------------------------------------------- the loop
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: bool = False) -> list[float]:
+        self.optimizer.zero_grad(set_to_none=False)
+        loss, correct = batch_loss(self.model(x), y, self.cfg.loss, self.cfg.reduction)
+        loss.backward()
+        grads = self.norms.grads()
+        per_param = self.norms.per_param(grads)
+        total = self.norms.total(per_param)
+        grad_stats = self.param_stats(grads) if stats else None  # before clipping
+        coef, total_clipped = self.clipper(self.norms, grads, total)
+        self.optimizer.step()
+        if grad_stats is not None:  # weights after the update; stays on the device
+            self.epoch_stats = torch.cat([self.param_stats(self.norms.params).reshape(-1), grad_stats.reshape(-1)])
+        vec = step_vector(loss, correct.float() / len(y), total, total_clipped, coef, per_param)
+        return vec.tolist()  # the step's single device-to-host transfer
+
+    def run(self) -> TrainResult:
+        self.model.train()
+        while self.step < self.total_steps:
+            if self.perm is None:
+                self.perm = torch.randperm(len(self.train_y), generator=self.gen)
+            idx = self.perm[self.batch * self.batch_size:(self.batch + 1) * self.batch_size].to(self.device)
+            end_of_epoch = self.param_stats is not None and self.batch == self.steps_per_epoch - 1
+            values = self.train_step(self.train_x[idx], self.train_y[idx], stats=end_of_epoch)
+            record = dict(zip(self.names, values))
+            if self.step % self.cfg.log_every_steps == 0 or not _finite(values):
+                self.sink.log_metrics(self.step, record)
+            if end_of_epoch:  # one transfer per epoch
+                self.sink.log_metrics(self.step, dict(zip(self.stat_names, self.epoch_stats.tolist())))
+            if not math.isfinite(record[TRAIN_LOSS]):
+                raise NonFiniteError("loss", self.step)
+            if not math.isfinite(record[GRAD_TOTAL]):
+                raise NonFiniteError("grad", self.step)
+            self.batch += 1
+            if self.batch == self.steps_per_epoch:
+                self.batch, self.epoch, self.perm = 0, self.epoch + 1, None
+            self.step += 1
+            last = self.step == self.total_steps
+            if self.step % self.cfg.eval_every_steps == 0 or last:
+                self._evaluate(record)
+            if self.cfg.checkpoint_every_steps and self.step % self.cfg.checkpoint_every_steps == 0 and not last:
+                self._save("last")
+        self._save("last")
+        return self._finish()
+
+    def _evaluate(self, record: dict[str, float]) -> None:
+        step = self.step - 1  # the optimizer step just taken
+        acc, loss = evaluate(self.model, self.data.dev, self.cfg.loss, self.device)
+        self.sink.log_metrics(step, {"dev/acc": acc, "dev/loss": loss})
+        if acc > self.best_score:
+            self.best_score, self.best_step = acc, step
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            self._save("best")
+        norm = f"grad_norm {record[GRAD_TOTAL]:.4g}"
+        if record[CLIP_COEF] < 1.0:  # say "clipped" only when the clipper changed this step's gradients
+            norm += f" (clipped to {record[GRAD_TOTAL_CLIPPED]:.4g})"
+        log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1, self.total_steps,
+                 self.epoch, record[TRAIN_LOSS], record["train/acc"], norm, acc, self.best_score)
+        if self.on_eval is not None:
+            self.on_eval(step, acc)
+
+    def _finish(self) -> TrainResult:
+        last_state = copy.deepcopy(self.model.state_dict())  # state_dict() aliases the parameters
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        test_acc, test_loss = evaluate(self.model, self.data.test, self.cfg.loss, self.device)
+        self.model.load_state_dict(last_state)
+        last_step = self.total_steps - 1
+        self.sink.log_metrics(last_step, {"test/acc": test_acc, "test/loss": test_loss, "best/dev_acc": self.best_score})
+        return TrainResult(self.best_score, self.best_step, last_step, test_acc, test_loss)
+
+
+def _finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)

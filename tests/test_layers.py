@@ -1,0 +1,113 @@
+"""The layering stated in each subpackage's docstring, checked from the code's own imports."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "src" / "gradsweep"
+SHARED = {"gradsweep", "gradsweep.errors", "gradsweep.names", "gradsweep.checks", "gradsweep.paths"}
+THIRD_PARTY = ("mlflow", "hydra", "hydra_plugins", "omegaconf", "optuna", "torch", "matplotlib", "sqlalchemy")
+
+# layer -> (gradsweep layers it may import, third-party packages it must never import)
+RULES = {
+    "train": ((), ("mlflow", "hydra", "hydra_plugins", "omegaconf", "optuna", "matplotlib", "sqlalchemy")),
+    "track": ((), ("torch", "hydra", "hydra_plugins", "omegaconf", "optuna", "matplotlib")),
+    "report": (("train", "track"), ("hydra", "hydra_plugins", "omegaconf", "optuna")),
+    "run": (("train", "track", "report"), ("hydra", "hydra_plugins", "omegaconf", "optuna")),
+    "sweep": (("train", "track", "report", "run"), ()),
+    "cli": (("train", "track", "report", "run", "sweep"), ()),
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports(path: Path, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+MODULES = sorted(PKG.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_layer_imports_only_downward(path):
+    name = module_name(path)
+    layer = name.split(".")[1] if name.count(".") >= 1 else None
+    found = imports(path)
+    ours = {m for m in found if m.startswith("gradsweep.")}
+    if layer not in RULES:  # a shared module: imports no layer
+        assert all(".".join(m.split(".")[:2]) in SHARED for m in ours), (name, ours)
+        assert not any(m.split(".")[0] in THIRD_PARTY for m in found), (name, found)
+        return
+    allowed, forbidden = RULES[layer]
+    for m in ours:
+        top = ".".join(m.split(".")[:2])
+        if top in SHARED:
+            continue
+        other = m.split(".")[1]
+        assert other == layer or other in allowed, f"{name} imports {m}: layer {layer} may import {allowed}"
+    bad = sorted(m for m in found if m.split(".")[0] in forbidden)
+    assert not bad, f"{name} imports {bad}"
+
+
+def test_no_import_cycles_between_modules():
+    """Module-level imports form no cycle (deferred imports inside functions are not counted)."""
+    names = {module_name(p): p for p in MODULES}
+    graph = {}
+    for name, path in names.items():
+        deps = set()
+        for m in imports(path, top_level_only=True):
+            while m and m not in names:
+                m = m.rpartition(".")[0]
+            if m and m != name and m != "gradsweep":
+                deps.add(m)
+        graph[name] = deps
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for dep in graph[node]:
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack + [node, dep]))
+            if dep not in state:
+                visit(dep, stack + [node])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [])
+
+
+def test_every_subpackage_states_its_contract():
+    for init in PKG.glob("*/__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "May import" in doc, f"{init.parent.name}/__init__.py does not say what it may import"
+
+
+def test_training_layer_imports_without_mlflow_or_hydra():
+    """Importing every training module in a fresh interpreter loads none of the tracking or sweep stack."""
+    import subprocess
+    import sys
+
+    mods = [module_name(p) for p in sorted((PKG / "train").glob("*.py"))]
+    code = (f"import sys; import {', '.join(mods)}; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'hydra', 'omegaconf', 'optuna')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
