@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from gradsweep.cli.hydra_main import run_cli  # noqa: E402
+from gradsweep.cli.hydra_main import run_as_process  # noqa: E402
 from gradsweep.sweep.hydra_adapter import job_from_hydra, register_schemas  # noqa: E402
 
 register_schemas()
@@ -28,4 +28,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    run_cli(main, CONFIG_DIR, "config")
+    run_as_process(main, CONFIG_DIR, "config")

@@ -6,9 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+# Tests run in parallel on few cores: an OpenMP thread that spins while it waits for its peers
+# (libgomp's default) burns the core another test needs; a 2-thread job then ran 5x slower.
+# Set before torch loads its OpenMP runtime here and inherited by every process the tests start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from gradsweep.track.server import MlflowServer  # noqa: F401 (tests import it from here)
+import pytest  # noqa: E402
+
+from gradsweep.track.server import MlflowServer  # noqa: F401,E402 (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "src" / "train.py"
@@ -33,3 +38,16 @@ def mlflow_server(tmp_path):
     server = MlflowServer(tmp_path).start()
     yield server
     server.stop()
+
+
+# The integration tier: modules that start real processes (train.py, mlflow server, PostgreSQL,
+# schedulers, SIGKILL). Everything else is the unit tier: `pytest -m "not integration"` runs it in
+# about a minute. The default run is both, in parallel (pytest-xdist, see pyproject.toml).
+INTEGRATION = {"test_bad_input", "test_hostile_input", "test_sweep_e2e", "test_outage", "test_checkpoint_resume",
+               "test_optuna_sweeps", "test_schedule", "test_server_postgres", "test_report", "test_cpu_threads"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in INTEGRATION:
+            item.add_marker(pytest.mark.integration)

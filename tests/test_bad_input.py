@@ -1,7 +1,12 @@
 """Bad input: one-line error naming the key and the allowed values, exit 2, nothing created."""
+import sys
+from pathlib import Path
+
 import pytest
 
 from conftest import run_train
+from gradsweep.cli.hydra_main import run_cli
+from gradsweep.paths import CONF_DIR
 
 CASES = [
     (["model=foo"], "model=foo: unknown option; allowed: cnn|gru|lstm|mlp|srn"),
@@ -20,20 +25,43 @@ CASES = [
     (["tracking.uri=not a uri"], "tracking.uri='not a uri' is not a tracking URI"),
     (["trainer.cpu_threads=-1"], "trainer.cpu_threads=-1 is invalid; allowed: an integer >= 0"),
     (["model=mlp"], "data='digit_sum' is invalid; allowed: moons|circles|digits for model=mlp"),
+    (["tracking.backend=memory", "trainer.resume_from=0123456789abcdef0123456789abcdef"],
+     "tracking.backend='memory' is invalid; allowed: mlflow to resume from the run id"),
+    (["tracking.backend=sql"], "tracking.backend='sql' is invalid; allowed: mlflow|memory"),
 ]
 
 
+def cli(args: list[str], tmp_path: Path, capsys, monkeypatch) -> tuple[int, list[str]]:
+    """src/train.py's entry (run_cli) in this process: what a user sees, without a Python start-up
+    per case (the subprocess cases below check the same wiring end to end)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: pytest.fail("bad input reached the job"), str(CONF_DIR), "config")
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
 @pytest.mark.parametrize("args,message", CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_bad_input(tmp_path, args, message):
+def test_bad_input(tmp_path, capsys, monkeypatch, args, message):
     store_dir = tmp_path / "store"
     has_uri = any(a.startswith("tracking.uri=") for a in args)
     extra = [] if has_uri else [f"tracking.uri=sqlite:///{store_dir}/mlflow.db"]
-    res = run_train([*args, *extra], tmp_path, timeout=120)
-    assert res.returncode == 2, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
+    code, lines = cli([*args, *extra], tmp_path, capsys, monkeypatch)
+    assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: ") and message in lines[0]
     assert not store_dir.exists()  # no tracking store, so no run
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize("args,message", [CASES[0], CASES[7]], ids=["single", "multirun"])
+def test_bad_input_as_a_process(tmp_path, args, message):
+    """The same through `python src/train.py` as a user runs it: stderr, exit status, no folders."""
+    store_dir = tmp_path / "store"
+    res = run_train([*args, f"tracking.uri=sqlite:///{store_dir}/mlflow.db"], tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert not store_dir.exists()
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 

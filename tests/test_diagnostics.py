@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from gradsweep.train.diagnostics import DiagnosticsConfig
 from gradsweep.train.diagnostics import diagnose, layer_weights, spikes, vanished_steps
+from gradsweep.train.diagnostics_cases import cases
 from gradsweep.train.telemetry import ParamStats
 from jobs import run_inprocess
 
@@ -45,22 +46,36 @@ def test_vanished_steps_needs_collapse_and_smallness():
     assert vanished_steps(norm, total, cfg).tolist() == [True, False, True, False, False, True]
 
 
-def test_diagnose_synthetic_exploding_and_vanishing():
-    n = 40
-    total = [10.0] * n
-    total[10] = 500.0
-    u = [5.0] * 11 + [1e-5] * (n - 11)  # a recurrent matrix collapsing after the spike
-    h = hist(grad_norm__total=total, train__loss=[1.0] * n, grad_norm__rnn_dot_U=u,
-             grad_norm__rnn_dot_b=u, grad_norm__classifier_dot_weight=[9.0] * n)
+@pytest.mark.parametrize("seed", range(10))
+def test_labelled_synthetic_histories_get_their_verdicts(seed):
+    """Every case of the labelled set (steady, converging, one spike, slow growth, climb then
+    collapse, repeated spikes, clipped spikes, one escaped clip, vanishing layers), with ten
+    different draws of minibatch noise."""
+    for case in cases(seed=seed):
+        assert diagnose(case.history).tag == case.expected, (case.name, diagnose(case.history).summary())
+
+
+def test_growth_is_judged_against_the_start_whatever_the_path():
+    """A norm that climbs 150x over several steps (no step 10x its predecessors) and stays up is
+    exploding; the same climb bounded by a clipper on every large step is spikes_clipped; one
+    isolated spike of the same height is reported, not called an explosion."""
+    n = 60
+    total = [13.0 * 1.5 ** i for i in range(13)] + [1925.0] * (n - 13)
+    h = hist(grad_norm__total=total, train__loss=[1.0] * n, grad_norm__w=total)
     d = diagnose(h)
-    assert d.verdicts == ["exploding", "vanishing"] and d.tag == "exploding,vanishing"
-    assert d.metrics["health/peak_grad_norm"] == 500.0 and d.metrics["health/peak_step"] == 10
-    assert d.metrics["health/spike_count"] == 1
-    assert d.metrics["health/vanishing_frac/rnn.U"] == pytest.approx(29 / 40)
-    assert d.metrics["health/vanishing_frac/classifier.weight"] == 0.0
-    assert "rnn.U" in d.summary() and "rnn.b" not in d.summary()  # biases are measured, not decisive
-    assert diagnose(h, DiagnosticsConfig(vanishing_frac=0.8)).tag == "exploding"
-    assert diagnose(h, DiagnosticsConfig(spike_factor=100)).tag == "vanishing"
+    assert d.metrics["health/growth_ratio"] == pytest.approx(1925 / 13)
+    assert d.metrics["health/level_ratio"] == pytest.approx(1925 / 13)
+    assert d.tag == "exploding" and "148x its start" in d.summary() and "at step 13" in d.summary()
+    coef = [min(1.0, 20.0 / v) for v in total]
+    assert diagnose({**h, "clip/coef": (list(range(n)), coef)}).tag == "spikes_clipped"
+    assert diagnose(h, DiagnosticsConfig(growth_factor=200)).tag == "ok"
+    assert diagnose(h, DiagnosticsConfig(level_factor=200)).tag == "ok"
+
+    one = [13.0] * n
+    one[30] = 1925.0
+    d = diagnose(hist(grad_norm__total=one, train__loss=[1.0] * n, grad_norm__w=one))
+    assert d.tag == "ok" and d.metrics["health/spike_count"] == 1 and d.metrics["health/growth_ratio"] > 100
+    assert "1 isolated spike(s)" in d.summary() and "at step 30" in d.summary()
 
 
 def test_diagnose_biases_alone_do_not_decide_and_ok_is_ok():
@@ -96,30 +111,32 @@ def tag_of(store, outcome):
     return MlflowClient(store).get_run(outcome.run_id).data.tags["grad_health"]
 
 
-def test_unclipped_srn_explodes_then_recurrent_gradients_vanish(tmp_path, store):
-    """The default SRN job without clipping: one spike, then rnn.U/W collapse while the classifier
-    keeps a large gradient; with clipping at 20 the recurrent gradients stay alive."""
-    none = run_inprocess([*SRN_SHORT, "clip=none"], tmp_path / "none", store)
-    m = none.health.metrics
-    assert none.status == "FINISHED" and none.health.verdicts == ["exploding", "vanishing"]
-    assert tag_of(store, none) == "exploding,vanishing"
-    assert m["health/peak_grad_norm"] > 1000 and m["health/spike_count"] >= 1
-    assert m["health/vanishing_frac/rnn.U"] > 0.7 and m["health/vanishing_frac/rnn.W"] > 0.7
-    assert m["health/vanishing_frac/classifier.weight"] < 0.05
-    steps, u = none.history.history["grad_norm/rnn.U"]
-    assert max(u[-50:]) < 1.0 < max(u)  # collapsed after the spike
-    assert min(none.history.history["grad_norm/classifier.weight"][1][-50:]) > 50
-    # the metrics went to the store too, at the last step
-    client = MlflowClient(store)
-    logged = client.get_run(none.run_id).data.metrics
-    assert logged["health/spike_count"] == m["health/spike_count"] and logged["health/peak_step"] == m["health/peak_step"]
+@pytest.mark.parametrize("threads", [1, 2])
+def test_default_job_verdicts_hold_for_every_seed_and_thread_count(tmp_path, threads):
+    """The unclipped SRN is chaotic: its trajectory differs between CPUs and thread counts (peak
+    1925 at step 13 on one machine, 7076 at step 12 on another). What holds for every seed 0-4 and
+    1 or 2 threads: without clipping the norm grows >= 40x its first step and the recurrent
+    gradients vanish; with the default clip norm 20 the run is neither exploding nor vanishing."""
+    for seed in range(5):
+        common = [f"trainer.seed={seed}", f"trainer.cpu_threads={threads}", "tracking.log_checkpoints=false"]
+        none = run_inprocess([*common, "clip=none"], tmp_path / f"none{seed}", "memory")
+        m = none.health.metrics
+        assert {"exploding", "vanishing"} <= set(none.health.verdicts), (seed, none.health.summary())
+        assert m["health/growth_ratio"] >= 40 and m["health/vanishing_frac/rnn.U"] >= 0.5
+        assert m["health/vanishing_frac/classifier.weight"] < 0.05  # the classifier keeps its gradient
+        norm = run_inprocess([*common, "clip=norm"], tmp_path / f"norm{seed}", "memory")
+        assert not {"exploding", "vanishing"} & set(norm.health.verdicts), (seed, norm.health.summary())
+        assert norm.health.metrics["health/vanishing_frac/rnn.U"] < 0.05
+        assert norm.run.tags["grad_health"] == norm.health.tag
 
-    norm = run_inprocess([*SRN_SHORT, "clip=norm"], tmp_path / "norm", store)
-    assert "vanishing" not in norm.health.verdicts and "vanishing" not in tag_of(store, norm)
-    assert norm.health.metrics["health/vanishing_frac/rnn.U"] < 0.05
-    assert norm.health.metrics["health/clipped_frac"] > 0.9
-    alive = np.median(norm.history.history["grad_norm/rnn.U"][1][-50:])
-    assert alive > 1.0 and alive > 100 * np.median(u[-50:])
+
+def test_verdict_and_health_metrics_reach_the_store(tmp_path, store):
+    none = run_inprocess([*SRN_SHORT, "clip=none"], tmp_path / "none", store)
+    client = MlflowClient(store)
+    run = client.get_run(none.run_id)
+    assert run.data.tags["grad_health"] == none.health.tag and "exploding" in none.health.tag
+    for key in ("health/growth_ratio", "health/peak_grad_norm", "health/peak_step", "health/vanishing_frac/rnn.U"):
+        assert run.data.metrics[key] == pytest.approx(none.health.metrics[key])
 
 
 @pytest.mark.parametrize("activation,verdict", [("sigmoid", "vanishing"), ("relu", "ok")])

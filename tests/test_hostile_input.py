@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TRAIN
+from gradsweep.cli.hydra_main import run_cli
 
 spec = importlib.util.spec_from_file_location("gradsweep_train_entry", TRAIN)
 train = importlib.util.module_from_spec(spec)
@@ -58,7 +59,7 @@ def test_malformed_override_is_rejected_cleanly(override, multirun, tmp_path, ca
     monkeypatch.setattr(sys, "argv", argv)
     assert "HYDRA_FULL_ERROR" not in os.environ  # run_cli leaves no trace for the next call
     with pytest.raises(SystemExit) as exit_info:
-        train.run_cli(train.main, train.CONFIG_DIR, "config")
+        run_cli(train.main, train.CONFIG_DIR, "config")
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2, (override, err)
     assert len(err) == 1 and err[0].startswith("error: "), (override, err)

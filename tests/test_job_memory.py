@@ -56,3 +56,15 @@ def test_memory_backend_loads_no_mlflow(tmp_path):
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.split()[-2:] == ["FINISHED", "False"], out.stdout + out.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_dry_run_sweep_with_train_py_records_nothing(tmp_path):
+    """`tracking.backend=memory` through the real entry point, callback and sweep included: both
+    jobs train and finish, and no store, spool or run appears."""
+    from conftest import run_train
+
+    res = run_train(["-m", "clip.max_norm=1,20", "trainer.epochs=1", "tracking.backend=memory"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert out.count("FINISHED: best dev acc") == 2 and "(in memory)" in out
+    assert not (tmp_path / "mlruns").exists()

@@ -7,10 +7,12 @@ yourself to get Hydra's full traceback instead.
 """
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
@@ -71,3 +73,24 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def run_as_process(main: Callable[[], object], config_dir: str, config_name: str) -> NoReturn:
+    """``python src/train.py``: :func:`run_cli`, then exit without tearing down every module.
+
+    The exit handlers libraries registered run, files and streams are flushed; what is skipped is
+    the interpreter's module-by-module finalization, which took 1.3-1.6 s after a job with torch
+    and MLflow loaded (measured: every job and every test that starts one waited for it)."""
+    try:
+        run_cli(main, config_dir, config_name)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if isinstance(code, str):  # sys.exit("message"): Python would print it and exit 1
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

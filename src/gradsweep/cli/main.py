@@ -123,6 +123,20 @@ def schedule(args: argparse.Namespace) -> int:
     return Scheduler(args.sweeps, max_runs=args.max_runs, extra_overrides=args.overrides).start()
 
 
+def _studies_args(p: argparse.ArgumentParser) -> None:
+    from gradsweep.cli.studies import add_arguments
+
+    add_arguments(p)
+
+
+@command("studies", "re-run the seven studies over seeds and regenerate docs/studies.md's numbers and tables",
+         _studies_args)
+def studies(args: argparse.Namespace) -> int:
+    from gradsweep.cli.studies import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradsweep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

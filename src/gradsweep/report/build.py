@@ -8,15 +8,14 @@ The reference is resolved in this order:
 3. an MLflow experiment name: every training run in it (sweep parents and reports left out).
 
 Written to ``--out`` (default ``reports/<reference>``) and logged to the parent run under
-``report/`` (for an experiment, to a new run tagged ``gradsweep.role=report``):
+``report/`` (for an experiment, to a new run tagged ``gradsweep.role=report``): the summary of
+:mod:`gradsweep.report.summary` (``grad_norm_total.png``, ``summary.md``/``summary.csv`` per
+configuration, ``runs.csv`` per run) and
 
-* ``grad_norm_total.png``: ``grad_norm/total`` vs step, one line per run, log scale, labelled by
-  the params that differ between the runs;
 * ``layer_grad_norms.png``: per-layer gradient norms (mean over the first and last steps), for
   layered models (MLP, CNN);
 * ``final_accuracy.png``: test and best dev accuracy against the swept value;
-* ``epoch_stats.png``: per-epoch weight/gradient mean and std, when the runs logged them;
-* ``summary.md`` and ``summary.csv``: one row per run with its status, verdict and ``health/*``.
+* ``epoch_stats.png``: per-epoch weight/gradient mean and std, when the runs logged them.
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ import argparse
 import math
 import os
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,7 +31,7 @@ from typing import Any, Optional
 from gradsweep.errors import GradsweepError
 from gradsweep.names import BEST_DEV_ACC, EMBEDDED_STORE, OVERRIDES_TAG, PARENT_TAG, ROLE_TAG, RUN_ID, TEST_ACC
 from gradsweep.paths import CONF_DIR
-from gradsweep.report.summary import child_label, short_key, varied_params, write_summary
+from gradsweep.report.summary import Config, group_runs, short_key, write_summary
 
 
 
@@ -131,16 +131,6 @@ def resolve(client, ref: str, uri: str) -> Target:
 
 
 # ----------------------------------------------------------------------------- reading
-def run_labels(runs, varied: list[str]) -> dict[str, str]:
-    labels = {}
-    for r in runs:
-        parts = [f"{short_key(k)}={r.data.params.get(k, '-')}" for k in varied[:4]]
-        labels[r.info.run_id] = " ".join(parts) or child_label(r)
-    if len(set(labels.values())) < len(labels):  # same overrides twice: tell them apart by id
-        labels = {rid: f"{lab} [{rid[:6]}]" for rid, lab in labels.items()}
-    return labels
-
-
 def history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
     from gradsweep.track.store import metric_history
 
@@ -161,62 +151,76 @@ def _value(text: Optional[str]) -> Any:
 
 
 # ------------------------------------------------------------------------------ figures
-def _layer_panels(client, runs, labels, steps: int) -> dict[str, dict[str, dict[str, float]]]:
+def _layer_panels(client, configs: list[Config], steps: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Per configuration and layer: the mean weight-gradient norm over the first and the last
+    ``steps`` steps, the median of that over the configuration's seeds."""
     from gradsweep.train.diagnostics import layer_weights
 
     first: dict[str, dict[str, float]] = {}
     last: dict[str, dict[str, float]] = {}
-    for r in runs:
-        params = [k.removeprefix("grad_norm/") for k in r.data.metrics if k.startswith("grad_norm/")]
+    for config in configs:
+        params = [k.removeprefix("grad_norm/") for k in config.runs[0].data.metrics if k.startswith("grad_norm/")]
         layers = layer_weights(params)
         if not layers:
             continue
-        label = labels[r.info.run_id]
-        first[label], last[label] = {}, {}
+        first[config.label], last[config.label] = {}, {}
         for layer in layers:
-            _, values = history(client, r.info.run_id, f"grad_norm/{layer}")
-            values = [v for v in values if math.isfinite(v)]
-            if values:
-                first[label][layer] = sum(values[:steps]) / len(values[:steps])
-                last[label][layer] = sum(values[-steps:]) / len(values[-steps:])
+            heads, tails = [], []
+            for r in config.runs:
+                _, values = history(client, r.info.run_id, f"grad_norm/{layer}")
+                values = [v for v in values if math.isfinite(v)]
+                if values:
+                    heads.append(sum(values[:steps]) / len(values[:steps]))
+                    tails.append(sum(values[-steps:]) / len(values[-steps:]))
+            if heads:
+                first[config.label][layer] = statistics.median(heads)
+                last[config.label][layer] = statistics.median(tails)
     if not first:
         return {}
-    return {f"mean over the first {steps} steps": first, f"mean over the last {steps} steps": last}
+    seeds = " (median over seeds)" if any(len(c.runs) > 1 for c in configs) else ""
+    return {f"mean over the first {steps} steps{seeds}": first, f"mean over the last {steps} steps{seeds}": last}
 
 
-def _accuracy_points(runs, varied: list[str], labels) -> tuple[str, dict[str, list]]:
-    """x = the swept param with the most distinct (numeric first) values; series = the others."""
-    if not varied:
+def _accuracy_points(configs: list[Config]) -> tuple[str, dict[str, list]]:
+    """x = the swept param with the most distinct (numeric first) values; series = the others.
+    A point per configuration: (x, test median, best dev median, test min, test max) over its seeds."""
+    keys = list(configs[0].values) if configs else []
+    if not keys:
         x_key = None
     else:
         def rank(k):
-            vals = [_value(r.data.params.get(k)) for r in runs]
+            vals = [_value(c.values[k]) for c in configs]
             return (all(isinstance(v, (int, float)) for v in vals), len(set(map(str, vals))))
-        x_key = max(varied, key=rank)
+        x_key = max(keys, key=rank)
     points: dict[str, list] = {}
-    for r in runs:
-        m = r.data.metrics
-        if TEST_ACC not in m:
+    for c in configs:
+        test, dev = c.metric(TEST_ACC), c.metric(BEST_DEV_ACC)
+        if not test:
             continue
-        series = " ".join(f"{short_key(k)}={r.data.params.get(k, '-')}" for k in varied if k != x_key)
-        x = _value(r.data.params.get(x_key)) if x_key else labels[r.info.run_id]
-        points.setdefault(series, []).append((x, m[TEST_ACC], m.get(BEST_DEV_ACC, math.nan)))
+        series = " ".join(f"{short_key(k)}={c.values[k]}" for k in keys if k != x_key)
+        x = _value(c.values[x_key]) if x_key else c.label
+        points.setdefault(series, []).append((x, statistics.median(test), statistics.median(dev) if dev else math.nan,
+                                              min(test), max(test)))
     return (short_key(x_key) if x_key else "run"), points
 
 
-def _epoch_stats(client, runs, labels) -> dict[str, dict[str, dict[str, tuple[list, list]]]]:
+def _epoch_stats(client, configs: list[Config]) -> dict[str, dict[str, dict[str, tuple[list, list]]]]:
+    """Per configuration, stat and layer: the per-epoch median over its seeds."""
     out: dict[str, dict[str, dict[str, tuple[list, list]]]] = {}
-    for r in runs:
-        keys = [k for k in r.data.metrics if k.startswith(("weight_mean/", "weight_std/", "grad_mean/", "grad_std/"))
-                and k.endswith(".weight")]
+    for config in configs:
+        keys = [k for k in config.runs[0].data.metrics
+                if k.startswith(("weight_mean/", "weight_std/", "grad_mean/", "grad_std/")) and k.endswith(".weight")]
         if not keys:
             continue
         by_stat: dict[str, dict[str, tuple[list, list]]] = {}
         for k in sorted(keys):
             stat, layer = k.split("/", 1)
-            _, values = history(client, r.info.run_id, k)
-            by_stat.setdefault(stat, {})[layer] = (list(range(1, len(values) + 1)), values)
-        out[labels[r.info.run_id]] = by_stat
+            series = [history(client, r.info.run_id, k)[1] for r in config.runs]
+            n = min(len(s) for s in series)
+            values = [statistics.median(s[i] for s in series) for i in range(n)]
+            by_stat.setdefault(stat, {})[layer] = (list(range(1, n + 1)), values)
+        label = config.label + (f" (median of {len(config.runs)} seeds)" if len(config.runs) > 1 else "")
+        out[label] = by_stat
     return out
 
 
@@ -226,19 +230,18 @@ def build_report(client, target: Target, out_dir: Path, steps: int = 10) -> Repo
 
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = target.runs
-    varied = varied_params(runs)
-    labels = run_labels(runs, varied)
+    configs = group_runs(runs)
     rep = ReportFiles(out_dir)
     rep.files.update(write_summary(runs, out_dir, lambda run_id, key: history(client, run_id, key), target.title))
-    panels = _layer_panels(client, runs, labels, steps)
+    panels = _layer_panels(client, configs, steps)
     if panels:
         rep.files["layer_grad_norms"] = plot_layer_bars(panels, out_dir / "layer_grad_norms.png",
                                                         f"{target.title}: per-layer weight gradient norms")
-    x_label, points = _accuracy_points(runs, varied, labels)
+    x_label, points = _accuracy_points(configs)
     if points:
         rep.files["final_accuracy"] = plot_metric_vs_value(points, out_dir / "final_accuracy.png",
                                                            f"{target.title}: final accuracy", x_label)
-    stats = _epoch_stats(client, runs, labels)
+    stats = _epoch_stats(client, configs)
     if stats:
         rep.files["epoch_stats"] = plot_epoch_stats(stats, out_dir / "epoch_stats.png",
                                                     f"{target.title}: per-epoch weight / gradient statistics")

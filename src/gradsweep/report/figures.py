@@ -42,22 +42,45 @@ def plot_lines(series: dict[str, Series], path: str | Path, title: str, ylabel: 
     return _save(fig, path)
 
 
+SMOOTH_POINTS = 200  # a band figure draws at most about this many points per line
+
+
+def _geometric_mean(values: list[float], window: int) -> list[float]:
+    """Non-overlapping windows of ``window`` values -> their geometric mean."""
+    if window <= 1:
+        return values
+    import math
+
+    out = []
+    for i in range(0, len(values) - window + 1, window):
+        chunk = values[i:i + window]
+        out.append(math.exp(sum(math.log(v) for v in chunk) / window) if min(chunk) > 0
+                   else sum(chunk) / window)
+    return out
+
+
 def plot_bands(curves: dict[str, tuple[list[int], list[float], list[float], list[float]]], path: str | Path,
                title: str, ylabel: str) -> Path:
     """Per configuration: the median line and a shaded min-max band (steps, median, low, high)."""
     fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    if len(curves) > 10:  # the default cycle repeats after 10 colours
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    longest = max((len(c[0]) for c in curves.values()), default=0)
+    window = longest // SMOOTH_POINTS if longest > 2 * SMOOTH_POINTS else 1  # minibatch noise hides the trend
     for label, (steps, med, lo, hi) in curves.items():
         pts = [(s, m, a, b) for s, m, a, b in zip(steps, med, lo, hi) if a > 0]  # log axis
         if not pts:
             continue
         s, m, a, b = (list(x) for x in zip(*pts))
+        s = [sum(s[i:i + window]) / window for i in range(0, len(s) - window + 1, window)]
+        m, a, b = (_geometric_mean(x, window) for x in (m, a, b))
         line, = ax.plot(s, m, label=label, linewidth=1.4)
         if any(x != y for x, y in zip(a, b)):
             ax.fill_between(s, a, b, color=line.get_color(), alpha=0.18, linewidth=0)
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel("step" + (f" (each point: geometric mean over {window} steps)" if window > 1 else ""))
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 90), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if curves:
         _legend(ax, fontsize=8, ncol=2 if len(curves) > 8 else 1)
@@ -105,10 +128,11 @@ def plot_layer_bars(panels: dict[str, dict[str, dict[str, float]]], path: str | 
 
 def plot_metric_vs_value(points: dict[str, list[tuple[object, float, float]]], path: str | Path, title: str,
                          xlabel: str, ylabel: str = "accuracy") -> Path:
-    """Final metrics against a swept value: ``{series label: [(x, test_acc, best_dev_acc)]}``.
-    Numeric x values are placed on a (log, when they span >= 100x) numeric axis, others as categories.
-    Filled markers: test accuracy; hollow: best dev accuracy."""
-    xs_all = [x for pts in points.values() for x, _, _ in pts]
+    """Final metrics against a swept value: ``{series label: [(x, test_acc, best_dev_acc[, test_min,
+    test_max])]}``. Numeric x values are placed on a (log, when they span >= 100x) numeric axis, others
+    as categories. Filled markers: test accuracy (medians over seeds, with a min-max bar when given);
+    hollow: best dev accuracy."""
+    xs_all = [p[0] for pts in points.values() for p in pts]
     numeric = all(isinstance(x, (int, float)) for x in xs_all)
     cats = list(dict.fromkeys(str(x) for x in xs_all))
     fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
@@ -116,6 +140,9 @@ def plot_metric_vs_value(points: dict[str, list[tuple[object, float, float]]], p
         pts = sorted(pts, key=lambda p: p[0] if numeric else cats.index(str(p[0])))
         xs = [p[0] if numeric else cats.index(str(p[0])) for p in pts]
         line, = ax.plot(xs, [p[1] for p in pts], "o-", label=f"{label} test" if label else "test")
+        if any(len(p) == 5 and p[3] != p[4] for p in pts):
+            ax.errorbar(xs, [p[1] for p in pts], yerr=[[p[1] - p[3] for p in pts], [p[4] - p[1] for p in pts]],
+                        fmt="none", ecolor=line.get_color(), capsize=3, alpha=0.8)
         ax.plot(xs, [p[2] for p in pts], "o--", mfc="none", color=line.get_color(), alpha=0.7,
                 label=f"{label} best dev" if label else "best dev")
     if numeric and xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100:

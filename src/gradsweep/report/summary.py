@@ -23,8 +23,9 @@ from typing import Any, Callable, Optional
 from gradsweep.names import (BEST_DEV_ACC, FAILURE_TAG, GRAD_TOTAL, HEALTH_TAG, OVERRIDES_TAG, TEST_ACC, TEST_LOSS)
 
 SEED = "trainer.seed"
-IGNORED_PARAMS = ("tracking.", "trainer.resume_from", "trainer.device", "trainer.cpu_threads")
+IGNORED_PARAMS = ("tracking.", "trainer.resume_from", "trainer.device", "trainer.cpu_threads", "schedule")
 PEAK = "health/peak_grad_norm"
+VANISHING_FRAC = "health/vanishing_frac/"  #: + <param>: one column per parameter in runs.csv
 HEALTH_METRICS = (PEAK, "health/peak_step", "health/growth_ratio", "health/spike_count", "health/median_grad_norm",
                   "health/clipped_frac", "health/vanishing_frac_max", "health/first_last_ratio",
                   "health/dead_relu_frac", "health/hidden_unit_spread")
@@ -128,15 +129,17 @@ def verdict_text(counts: Counter, n: int) -> str:
 
 # ------------------------------------------------------------------------------- files
 def write_runs_csv(runs, varied: list[str], path: Path) -> Path:
+    per_param = sorted({k for r in runs for k in r.data.metrics if k.startswith(VANISHING_FRAC)})
+    metrics = [*RUN_METRICS, *per_param]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run_id", "run_name", "status", "failure", HEALTH_TAG, SEED, *[k for k in varied if k != SEED],
-                    *RUN_METRICS])
+        w.writerow(["run_id", "run_name", "status", "failure", HEALTH_TAG, "overrides", SEED,
+                    *[k for k in varied if k != SEED], *metrics])
         for r in runs:
             m = r.data.metrics
             w.writerow([r.info.run_id, r.info.run_name, r.info.status, r.data.tags.get(FAILURE_TAG, ""),
-                        r.data.tags.get(HEALTH_TAG, ""), r.data.params.get(SEED, ""),
-                        *(r.data.params.get(k, "") for k in varied if k != SEED), *(m.get(k, "") for k in RUN_METRICS)])
+                        r.data.tags.get(HEALTH_TAG, ""), r.data.tags.get(OVERRIDES_TAG, ""), r.data.params.get(SEED, ""),
+                        *(r.data.params.get(k, "") for k in varied if k != SEED), *(m.get(k, "") for k in metrics)])
     return path
 
 

@@ -112,7 +112,9 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
         best = load_checkpoint(client.download_artifacts(ref, "checkpoints/best.pt", str(dest)))
     except Exception:
         best = None
-    logged = {key: max((m.step for m in client.get_metric_history(ref, key)), default=-1) for key in run.data.metrics}
+    from gradsweep.track.store import metric_history
+
+    logged = {key: max(metric_history(client, ref, key)[0], default=-1) for key in run.data.metrics}
     return Resume(load_checkpoint(last), best, ref, logged)
 
 

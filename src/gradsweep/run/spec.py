@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gradsweep.checks import require
+from gradsweep.names import RUN_ID
 from gradsweep.train.clipping import ClipConfig
 from gradsweep.train.data import DataConfig
 from gradsweep.train.diagnostics import DiagnosticsConfig
@@ -30,6 +32,10 @@ class JobSpec:
         """Checks across groups (each group's own keys were checked by its schema)."""
         allowed = parts("model")[self.model.name].data
         require(self.data.name in allowed, "data", self.data.name, f"{'|'.join(allowed)} for model={self.model.name}")
+        ref = self.trainer.resume_from
+        if ref and RUN_ID.match(ref) and not Path(ref).exists():
+            require(self.tracking.backend == "mlflow", "tracking.backend", self.tracking.backend,
+                    f"mlflow to resume from the run id trainer.resume_from={ref} (memory records no runs)")
         if self.trainer.loss == "bce":
             require(self.data.name in ("moons", "circles"), "trainer.loss", "bce",
                     "cross_entropy for data with more than 2 classes")

@@ -22,7 +22,6 @@ from gradsweep.names import OVERRIDES_TAG, ROLE_TAG, SWEEP_TAG, SWEEPER_TAG
 from gradsweep.report.summary import summarize_sweep
 from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.hydra_adapter import tracking_spec
-from gradsweep.track.store import MlflowRun, Tracker, close_dead_runs, open_run, resolve_uri
 from gradsweep.track.uri import mask, mask_overrides
 
 log = logging.getLogger("gradsweep")
@@ -30,7 +29,7 @@ log = logging.getLogger("gradsweep")
 
 class GradsweepCallback(Callback):
     def __init__(self) -> None:
-        self.journal: Optional[MlflowRun] = None
+        self.journal = None  # the parent run (gradsweep.track.store.MlflowRun)
         self.tracking = None
         self.outer: Optional[SweepContext] = None  # the context before this sweep (parent tags from a scheduler)
 
@@ -49,6 +48,8 @@ class GradsweepCallback(Callback):
         tags = {SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", OVERRIDES_TAG: overrides,
                 SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", "")),
                 **(outer.parent_tags if outer else {})}  # e.g. schedule, scheduled_at
+        from gradsweep.track.store import open_run  # MLflow: only for a sweep that records to it
+
         self.journal = open_run(tracking, f"sweep: {overrides}" if overrides else "sweep", tags)
         run_id = self.journal.run_id
         (outer or SweepContext()).with_(sweep_id=sweep_id, parent_run_id=run_id,
@@ -56,6 +57,8 @@ class GradsweepCallback(Callback):
         log.info("sweep %s: parent run %s in %s", sweep_id[:8], run_id or "(spooled)", mask(tracking.uri))
         if run_id:  # the store is up: close what a killed earlier sweep left RUNNING
             try:
+                from gradsweep.track.store import Tracker, close_dead_runs
+
                 close_dead_runs(Tracker(tracking.uri, tracking.experiment_name, tracking.artifact_location))
             except Exception as e:
                 log.warning("could not check for runs left RUNNING: %s", str(e).splitlines()[0] if str(e) else e)
@@ -69,12 +72,16 @@ class GradsweepCallback(Callback):
         run_id = self.journal.run_id
         try:
             if run_id:
+                from gradsweep.track.store import Tracker
+
                 tracker = Tracker(self.tracking.uri, self.tracking.experiment_name, self.tracking.artifact_location)
                 summarize_sweep(tracker, run_id, Path(str(config.hydra.sweep.dir)), self.journal)
         except Exception as e:  # the children are recorded; a failed summary must not hide that
             log.error("sweep summary failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         finally:
             self.journal.finish(status)
+        from gradsweep.track.store import resolve_uri
+
         print_ui_hint(self.journal.run_id and resolve_uri(self.tracking.uri) or self.tracking.uri,
                       self.journal.run_id or self.journal.local_id)
 

@@ -9,12 +9,15 @@ Written in three places and read in one:
 * gradsweep's Optuna sweeper adds the ``study`` and each job's ``trial_id``.
 
 The channel is one environment variable, ``GRADSWEEP_SWEEP`` (JSON). Jobs in the sweeping process
-read it directly; a launcher's jobs in other processes or on other hosts receive it through Hydra's
-own per-job ``hydra.job.env_set`` (see :meth:`SweepContext.job_override`), which every launcher
-applies in the job's process.
+read it directly, and so do a launcher's worker processes started from it (they inherit the
+environment). The Optuna sweeper hands each job its own context through Hydra's per-job
+``hydra.job.env_set`` (see :meth:`SweepContext.job_override`), which every launcher applies in the
+job's process, on whatever host it runs. It carries no secret: the study's storage URL (which may
+hold a password) is not in it; a job reads it from its own Hydra config.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -24,21 +27,12 @@ ENV = "GRADSWEEP_SWEEP"
 
 
 @dataclass(frozen=True)
-class StudySpec:
-    """What a job in another process needs to open the Optuna study (the storage URL is absolute)."""
-
-    study_name: str
-    storage: Optional[str]
-    pruner: Optional[dict[str, Any]] = None
-
-
-@dataclass(frozen=True)
 class SweepContext:
     parent_tags: dict[str, str] = field(default_factory=dict)  #: extra tags for the sweep's parent run
     sweep_id: Optional[str] = None
     parent_run_id: Optional[str] = None  #: the parent run on the tracking store
     parent_local_id: Optional[str] = None  #: the parent's journal, when the store was down at its start
-    study: Optional[StudySpec] = None  #: set by gradsweep's Optuna sweeper
+    study_name: Optional[str] = None  #: set by gradsweep's Optuna sweeper
     trial_id: Optional[int] = None  #: the job's Optuna trial
 
     @classmethod
@@ -46,9 +40,9 @@ class SweepContext:
         raw = os.environ.get(ENV)
         if not raw:
             return None
-        data = json.loads(raw)
-        study = data.pop("study", None)
-        return cls(**data, study=StudySpec(**study) if study else None)
+        if not raw.startswith("{"):  # from job_override: base64url
+            raw = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        return cls(**json.loads(raw))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -68,18 +62,15 @@ class SweepContext:
         return replace(self, **changes)
 
     def job_override(self) -> str:
-        """The Hydra override that hands this context to one job, in whatever process it runs."""
-        quoted = self.to_json().replace("\\", "\\\\").replace("'", "\\'")
-        return f"++hydra.job.env_set.{ENV}='{quoted}'"
+        """The Hydra override that hands this context to one job, in whatever process it runs.
+
+        Base64url: Hydra's override grammar and OmegaConf's interpolation would otherwise change
+        quotes, backslashes, non-ASCII text and ``${...}`` in names on the way."""
+        encoded = base64.urlsafe_b64encode(self.to_json().encode()).decode().rstrip("=")
+        return f"++hydra.job.env_set.{ENV}={encoded}"
 
     def env(self) -> dict[str, str]:
         """For a child process started outside Hydra (``gradsweep sweep run``)."""
         return {ENV: self.to_json()}
 
-    def job_trial(self):
-        """The job's Optuna trial, or None when gradsweep's Optuna sweeper did not launch this job."""
-        if self.trial_id is None or self.study is None:
-            return None
-        from gradsweep.sweep.optuna_trial import job_trial  # Optuna: only in Optuna sweeps
 
-        return job_trial(self.study, self.trial_id)

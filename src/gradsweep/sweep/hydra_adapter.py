@@ -186,11 +186,23 @@ def run_hydra_job(cfg: DictConfig, on_eval: Optional[Callable[[int, float], None
     return run_job(to_spec(cfg), context_from_hydra(extra_tags), on_eval)
 
 
+def _optuna_trial(sweep: Optional[SweepContext]):
+    """The job's Optuna trial when gradsweep's Optuna sweeper launched it (Optuna imported only then).
+    The study's storage and pruner come from the job's own Hydra config, not from the context."""
+    if sweep is None or sweep.trial_id is None or sweep.study_name is None:
+        return None
+    from gradsweep.sweep.optuna_trial import job_trial
+
+    sweeper = HydraConfig.get().sweeper
+    pruner = sweeper.get("pruner")
+    return job_trial(sweep.study_name, sweep.trial_id, sweeper.get("storage"),
+                     OmegaConf.to_container(pruner, resolve=True) if pruner is not None else None)
+
+
 def job_from_hydra(cfg: DictConfig) -> float:
     """Single run: a diverged run is an error (exit 1). Sweep: it is a failed job returning NaN,
     so the sweep goes on (and Optuna records the trial as FAIL)."""
-    sweep = SweepContext.current()
-    trial = sweep.job_trial() if sweep is not None else None  # set when gradsweep's Optuna sweeper launched this job
+    trial = _optuna_trial(SweepContext.current())
     outcome = run_hydra_job(cfg, trial.on_eval if trial else None, trial.tags if trial else None)
     if isinstance(outcome.error, StopRun):
         raise outcome.error  # pruned: the sweeper tells Optuna PRUNED

@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.names import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
-from gradsweep.sweep.context import StudySpec, SweepContext
+from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.optuna_storage import make_pruner, make_storage, resolve_storage_url
 from gradsweep.sweep.optuna_trial import register_live, unregister_live
 from gradsweep.track.store import worker_alive, worker_id
@@ -115,7 +115,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
 
         sweep = SweepContext.current() or SweepContext()
         self.sweep_id, self.parent_run_id = sweep.sweep_id, sweep.parent_run_id
-        self.context = sweep.with_(study=StudySpec(study.study_name, storage_url, self.pruner_cfg))
+        self.context = sweep.with_(study_name=study.study_name)
         allowed = math.floor(self.max_failure_rate * self.n_trials + 1e-9)
         failures: list[str] = []
         mine: list[int] = []  # trial numbers run by this invocation
@@ -220,9 +220,12 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         try:
             if self.tracker is None:
                 from gradsweep.sweep.hydra_adapter import tracking_spec
-                from gradsweep.track.store import Tracker
 
                 tracking = tracking_spec(self.config)
+                if tracking.backend != "mlflow":  # a dry run records nothing
+                    return None
+                from gradsweep.track.store import Tracker
+
                 self.tracker = Tracker(tracking.uri, tracking.experiment_name, tracking.artifact_location)
             return action(self.tracker)
         except Exception as e:

@@ -25,7 +25,7 @@ import optuna
 
 from gradsweep.errors import StopRun
 from gradsweep.names import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
-from gradsweep.sweep.context import StudySpec
+from gradsweep.sweep.optuna_storage import make_pruner, make_storage, resolve_storage_url
 
 log = logging.getLogger("gradsweep")
 
@@ -84,18 +84,17 @@ class JobTrial:
             raise TrialPruned(f"trial {self.number} pruned at step {step} (dev acc {dev_acc:.4f})", step)
 
 
-def job_trial(study: StudySpec, trial_id: int) -> Optional[JobTrial]:
-    """The job's trial: the sweeper's own trial object in its process, else opened from the storage."""
+def job_trial(study_name: str, trial_id: int, storage: Optional[str], pruner: Optional[dict]) -> Optional[JobTrial]:
+    """The job's trial: the sweeper's own trial object in its process, else opened from the storage
+    (``storage`` and ``pruner`` as the job's own Hydra config states them)."""
     with _live_lock:
         trial = _live.get(trial_id)
     if trial is None:
-        if study.storage is None:  # an in-memory study lives only in the sweeper's process
+        if storage is None:  # an in-memory study lives only in the sweeper's process
             log.warning("trial %d: in-memory Optuna storage is not reachable from this process; "
                         "no intermediate reports or pruning (set hydra.sweeper.storage)", trial_id)
             return None
-        from gradsweep.sweep.optuna_loop import make_pruner, make_storage
-
-        loaded = optuna.load_study(study_name=study.study_name, storage=make_storage(study.storage),
-                                   pruner=make_pruner(study.pruner))
+        loaded = optuna.load_study(study_name=study_name, storage=make_storage(resolve_storage_url(storage)),
+                                   pruner=make_pruner(pruner))
         trial = optuna.trial.Trial(loaded, trial_id)
-    return JobTrial(trial, study.study_name)
+    return JobTrial(trial, study_name)

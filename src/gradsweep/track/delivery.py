@@ -16,9 +16,9 @@ import argparse
 import fcntl
 import logging
 import os
-import select
 import shutil
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -317,15 +317,37 @@ def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path) -> i
 def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None) -> None:
     """Deliver the owner's journals until ``control`` (the owner's pipe) closes, then once more."""
     reporter = OutageReporter()
+    closed = threading.Event()
+    if control is not None:
+        threading.Thread(target=_detach_when_closed, args=(control, closed, spool), daemon=True).start()
     while True:
         deliver_all(pending(spool, owner_pid), reporter, spool)
         if control is None:
             time.sleep(interval_s)
-            continue
-        ready, _, _ = select.select([control], [], [], interval_s)
-        if ready and not control.read(1):
+        elif closed.wait(interval_s):
             break  # owner closed the pipe or died
     deliver_all(pending(spool, owner_pid), reporter, spool)
+
+
+def _detach_when_closed(control, closed: threading.Event, spool: Path) -> None:
+    """Once the owner is gone, stop holding its stdout/stderr: whoever reads the owner's output
+    (a terminal pipeline, ``subprocess.run``) sees it end when the owner ends, not 1-2 s later
+    when this process has finished importing MLflow and its last pass. What the last pass says
+    (only a killed owner leaves anything to deliver) goes to ``<spool>/delivery.log``."""
+    while control.read(1):
+        pass  # the owner never writes: this returns at EOF
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(spool / "delivery.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    except OSError:  # the spool is gone or not writable: be silent rather than hold the pipe
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    closed.set()
 
 
 NICE = 10  # delivery is background work: where cores are scarce, the training step goes first
