@@ -314,15 +314,22 @@ def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path) -> i
     return left
 
 
-def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None) -> None:
+def watch_owner(control, spool: Path) -> threading.Event:
+    """An event set once the owner's pipe ``control`` closes (the owner ended or died)."""
+    closed = threading.Event()
+    threading.Thread(target=_detach_when_closed, args=(control, closed, spool), daemon=True).start()
+    return closed
+
+
+def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
+           closed: Optional[threading.Event] = None) -> None:
     """Deliver the owner's journals until ``control`` (the owner's pipe) closes, then once more."""
     reporter = OutageReporter()
-    closed = threading.Event()
-    if control is not None:
-        threading.Thread(target=_detach_when_closed, args=(control, closed, spool), daemon=True).start()
+    if closed is None and control is not None:
+        closed = watch_owner(control, spool)
     while True:
         deliver_all(pending(spool, owner_pid), reporter, spool)
-        if control is None:
+        if closed is None:
             time.sleep(interval_s)
         elif closed.wait(interval_s):
             break  # owner closed the pipe or died
@@ -362,8 +369,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     logging.basicConfig(level=logging.WARNING, format="[gradsweep.track.delivery] %(message)s")
     os.nice(NICE)
+    closed = watch_owner(sys.stdin.buffer, args.spool)  # from the start: the owner may end during the import
+    # Import MLflow before the first pass: a pass holds the journal's lock, and a lock held through
+    # a niced 1-2 s import made a short job's own final delivery wait for it (Busy) at its close.
+    import mlflow.entities  # noqa: F401
+    import mlflow.tracking  # noqa: F401
+
     try:
-        follow(args.spool, args.owner_pid, control=sys.stdin.buffer)
+        follow(args.spool, args.owner_pid, closed=closed)
     except KeyboardInterrupt:
         pass
 
