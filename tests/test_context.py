@@ -15,7 +15,7 @@ NASTY = ["plain", "quote \" and ' apostrophe", "back\\slash", "nächtlich ünïc
 @pytest.mark.parametrize("text", NASTY)
 def test_job_override_round_trips_through_hydra(text, monkeypatch):
     ctx = SweepContext(parent_tags={"schedule": text}, sweep_id="s" * 32, parent_run_id="p" * 32,
-                       study_name=text, trial_id=7)
+                       constant_keys=("trainer.epochs", "tracking.uri"), study_name=text, trial_id=7)
     cfg = compose_config(CONF_DIR, [ctx.job_override()], hydra_config=True)
     value = cfg.hydra.job.env_set[ENV]  # what the launcher puts into the job's environment
     monkeypatch.setenv(ENV, value)
@@ -36,4 +36,18 @@ def test_context_has_no_place_for_a_storage_url():
     """The Optuna storage URL may hold a password; jobs read it from their own Hydra config, so the
     context (which Hydra's launchers print with every job's overrides) never carries it."""
     fields = {f.name for f in dataclasses.fields(SweepContext)}
-    assert fields == {"parent_tags", "sweep_id", "parent_run_id", "parent_local_id", "study_name", "trial_id"}
+    assert fields == {"parent_tags", "sweep_id", "parent_run_id", "parent_local_id", "constant_keys", "study_name",
+                      "trial_id"}
+
+
+def test_run_names_say_only_what_the_run_varies():
+    from gradsweep.run.job import run_name
+    from gradsweep.sweep.hydra_adapter import constant_keys
+
+    line = ["clip.max_norm=1,5,20", "trainer.epochs=2", "tracking.uri=sqlite:////tmp/x/m.db"]
+    keys = constant_keys(line)
+    assert keys == ("trainer.epochs", "tracking.uri")
+    job = ["clip.max_norm=5", "trainer.epochs=2", "tracking.uri=sqlite:////tmp/x/m.db"]
+    assert run_name(job, keys) == "clip.max_norm=5"
+    assert run_name(["clip=norm", "tracking.uri=sqlite:////tmp/m.db"]) == "clip=norm"  # a single run
+    assert run_name(["tracking.experiment_name=x"]) == "default"

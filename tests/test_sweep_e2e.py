@@ -28,6 +28,8 @@ def check_sweep(uri: str, tmp_path: Path):
         max_norm = float(c.data.params["clip.max_norm"])
         assert c.data.params["model.hidden_size"] == "32" and c.data.params["optimizer.lr"] == "0.2"
         assert "clip.max_norm=" in c.data.tags["gradsweep.overrides"]
+        # the name says what the child varies; the sweep's constant overrides (epochs, store) are left out
+        assert c.info.run_name == f"clip.max_norm={c.data.tags['gradsweep.overrides'].split('clip.max_norm=')[1].split()[0]}"
         total = client.get_metric_history(c.info.run_id, "grad_norm/total")
         clipped = client.get_metric_history(c.info.run_id, "grad_norm/total_clipped")
         assert sorted(m.step for m in total) == list(range(STEPS))
@@ -59,6 +61,18 @@ def test_multirun_embedded_store(tmp_path, store):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in res.stdout
     check_sweep(store, tmp_path)
+    # the printed UI command runs as printed (an absolute path to this environment's mlflow), and the
+    # links open the runs view and the comparison of exactly the sweep's children
+    (command,) = [ln.strip() for ln in res.stdout.splitlines() if " ui --backend-store-uri " in ln]
+    assert Path(command.split()[0]).is_file() and command.endswith(store.replace("sqlite:///", "sqlite:///"))
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("gradsweep")
+    children = {r.info.run_id for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags}
+    (runs_link,) = [ln.split()[-1] for ln in res.stdout.splitlines() if ln.strip().startswith("runs:")]
+    (compare,) = [ln.split()[-1] for ln in res.stdout.splitlines() if ln.strip().startswith("comparison:")]
+    assert runs_link == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    ids = compare.split("runs=[")[1].split("]")[0].replace('"', "").split(",")
+    assert set(ids) == children and compare.endswith("workflowType=machine_learning")
 
 
 def test_multirun_against_real_server(tmp_path, mlflow_server):

@@ -31,7 +31,7 @@ from typing import Any, Optional
 from gradsweep.errors import GradsweepError
 from gradsweep.names import BEST_DEV_ACC, EMBEDDED_STORE, OVERRIDES_TAG, PARENT_TAG, ROLE_TAG, RUN_ID, TEST_ACC
 from gradsweep.paths import CONF_DIR
-from gradsweep.report.summary import Config, group_runs, short_key, write_summary
+from gradsweep.report.summary import UI, Config, group_runs, short_key, ui_command, ui_links, write_summary
 
 
 
@@ -53,6 +53,7 @@ class ReportFiles:
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
     logged_to: Optional[str] = None
+    links: dict[str, str] = field(default_factory=dict)  # into the MLflow UI: the runs view, their comparison
 
 
 # --------------------------------------------------------------------------- resolving
@@ -264,7 +265,7 @@ def log_report(client, target: Target, rep: ReportFiles, ref: str) -> str:
 def make_report(ref: str, tracking_uri: Optional[str] = None, out: Optional[str] = None, steps: int = 10,
                 log: bool = True) -> ReportFiles:
     from gradsweep.track.delivery import mlflow_client
-    from gradsweep.track.uri import mask
+    from gradsweep.track.uri import is_local_sqlite, mask
 
     uri = resolve_tracking_uri(tracking_uri)
     client = mlflow_client(uri)
@@ -276,6 +277,8 @@ def make_report(ref: str, tracking_uri: Optional[str] = None, out: Optional[str]
         raise ReportError(f"cannot read the tracking store {mask(uri)}: {str(e).splitlines()[0][:200]}") from None
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", ref)
     rep = build_report(client, target, Path(out) if out else Path("reports") / safe, steps)
+    rep.links = ui_links(UI if is_local_sqlite(uri) else mask(uri), target.experiment_id,
+                         [r.info.run_id for r in target.runs])
     if log:
         log_report(client, target, rep, ref)
     return rep
@@ -299,4 +302,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {path}")
     if rep.logged_to:
         print(f"logged to run {rep.logged_to} under report/")
+    print("in the MLflow UI" + (f" (after {ui_command(resolve_tracking_uri(args.tracking_uri))})"
+                                if rep.links["runs"].startswith(UI) else "") + ":")
+    for name, link in rep.links.items():
+        print(f"  {name + ':':<11} {link}")
     return 0

@@ -216,3 +216,27 @@ def summarize_sweep(tracker, parent_run_id: str, out_dir: Path, writer) -> dict[
         summary[BEST_DEV_ACC] = max(scores)
     writer.log_metrics(0, summary)
     return files
+
+
+# ------------------------------------------------------------------------------ the UI
+UI = "http://127.0.0.1:5000"  #: where `mlflow ui` serves by default
+
+
+def ui_links(base: str, experiment_id: str, run_ids: list[str]) -> dict[str, str]:
+    """Links into the MLflow UI (3.x) that open the runs view, not its GenAI landing view: it takes the
+    view from ``workflowType`` in the URL before the browser's stored choice."""
+    base = base.rstrip("/")
+    links = {"runs": f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"}
+    if len(run_ids) > 1:
+        runs = ",".join(f'"{r}"' for r in run_ids)
+        links["comparison"] = (f"{base}/#/compare-runs?runs=[{runs}]&experiments=[\"{experiment_id}\"]"
+                               "&workflowType=machine_learning")
+    return links
+
+
+def ui_command(uri: str) -> str:
+    """An ``mlflow ui`` command that runs as printed, also in a shell without the venv activated."""
+    import sys
+
+    exe = Path(sys.executable).with_name("mlflow")
+    return f"{exe if exe.is_file() else 'mlflow'} ui --backend-store-uri {uri}"

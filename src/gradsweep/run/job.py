@@ -46,6 +46,19 @@ class JobContext:
     parent_local_id: Optional[str] = None  # the parent run's journal, when it was opened while the store was down
     sweep_id: Optional[str] = None
     extra_tags: dict[str, str] = field(default_factory=dict)
+    #: keys the whole sweep sets alike (e.g. trainer.epochs in `-m clip.max_norm=1,5 trainer.epochs=2`):
+    #: left out of the run's name, which then says only what this run varies
+    constant_keys: tuple[str, ...] = ()
+
+
+NAME_NOISE = ("tracking.", "trainer.resume_from", "hydra.")  # never part of a run's name
+
+
+def run_name(overrides: list[str], constant_keys: tuple[str, ...] = ()) -> str:
+    """What the run varies, as its overrides (``clip.max_norm=5``); ``default`` when nothing does."""
+    keep = [o for o in overrides
+            if not o.lstrip("+~").startswith(NAME_NOISE) and o.split("=", 1)[0].lstrip("+~") not in constant_keys]
+    return " ".join(keep) or "default"
 
 
 @dataclass
@@ -145,7 +158,7 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
     config_dict = spec.public()
 
     overrides = mask_overrides(ctx.overrides)
-    name = " ".join(o for o in overrides if not o.startswith("trainer.resume_from")) or "default"
+    name = run_name(overrides, ctx.constant_keys)
     tags = {OVERRIDES_TAG: " ".join(overrides), "model": spec.model.name, "data": spec.data.name,
             "clip": spec.clip.name, **ctx.extra_tags}
     if ctx.sweep_id:

@@ -19,9 +19,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from gradsweep.names import OVERRIDES_TAG, ROLE_TAG, SWEEP_TAG, SWEEPER_TAG
-from gradsweep.report.summary import summarize_sweep
+from gradsweep.report.summary import UI, summarize_sweep, ui_command, ui_links
+from gradsweep.run.job import run_name
 from gradsweep.sweep.context import SweepContext
-from gradsweep.sweep.hydra_adapter import tracking_spec
+from gradsweep.sweep.hydra_adapter import constant_keys, tracking_spec
 from gradsweep.track.uri import mask, mask_overrides
 
 log = logging.getLogger("gradsweep")
@@ -50,10 +51,11 @@ class GradsweepCallback(Callback):
                 **(outer.parent_tags if outer else {})}  # e.g. schedule, scheduled_at
         from gradsweep.track.store import open_run  # MLflow: only for a sweep that records to it
 
-        self.journal = open_run(tracking, f"sweep: {overrides}" if overrides else "sweep", tags)
+        self.journal = open_run(tracking, "sweep: " + run_name(mask_overrides(list(config.hydra.overrides.task))), tags)
         run_id = self.journal.run_id
         (outer or SweepContext()).with_(sweep_id=sweep_id, parent_run_id=run_id,
-                                        parent_local_id=None if run_id else self.journal.local_id).install()
+                                        parent_local_id=None if run_id else self.journal.local_id,
+                                        constant_keys=constant_keys(list(config.hydra.overrides.task))).install()
         log.info("sweep %s: parent run %s in %s", sweep_id[:8], run_id or "(spooled)", mask(tracking.uri))
         if run_id:  # the store is up: close what a killed earlier sweep left RUNNING
             try:
@@ -70,11 +72,14 @@ class GradsweepCallback(Callback):
         # Hydra calls this from a `finally`: a Ctrl-C/SIGTERM that ended the sweep is still in flight
         status = "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FINISHED"
         run_id = self.journal.run_id
+        experiment_id, children = None, []
         try:
             if run_id:
                 from gradsweep.track.store import Tracker
 
                 tracker = Tracker(self.tracking.uri, self.tracking.experiment_name, self.tracking.artifact_location)
+                experiment_id = tracker.experiment_id
+                children = [r.info.run_id for r in tracker.children(run_id)]
                 summarize_sweep(tracker, run_id, Path(str(config.hydra.sweep.dir)), self.journal)
         except Exception as e:  # the children are recorded; a failed summary must not hide that
             log.error("sweep summary failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -83,12 +88,20 @@ class GradsweepCallback(Callback):
         from gradsweep.track.store import resolve_uri
 
         print_ui_hint(self.journal.run_id and resolve_uri(self.tracking.uri) or self.tracking.uri,
-                      self.journal.run_id or self.journal.local_id)
+                      self.journal.run_id or self.journal.local_id, experiment_id, children)
 
 
-def print_ui_hint(uri: str, run_id: str) -> None:
-    if uri.startswith("sqlite:"):
-        print(f"\nCompare the runs in the MLflow UI:\n  mlflow ui --backend-store-uri {uri}\n"
-              f"then open http://127.0.0.1:5000 (sweep parent run {run_id})", flush=True)
+def print_ui_hint(uri: str, run_id: str, experiment_id: Optional[str] = None, children: Optional[list] = None) -> None:
+    """Where to look: the UI command for an embedded store, and links that open the runs view and
+    the comparison of the sweep's children directly."""
+    local = uri.startswith("sqlite:")
+    lines = ["", "Compare the runs in the MLflow UI:"]
+    if local:
+        lines.append(f"  {ui_command(uri)}")
+    base = UI if local else mask(uri)
+    if experiment_id is not None:
+        lines.append(("then open" if local else "open") + f" (sweep parent run {run_id}):")
+        lines += [f"  {name + ':':<11} {link}" for name, link in ui_links(base, experiment_id, children or []).items()]
     else:
-        print(f"\nCompare the runs at {mask(uri)} (sweep parent run {run_id})", flush=True)
+        lines.append(f"  {base} (sweep parent run {run_id})")
+    print("\n".join(lines), flush=True)

@@ -32,6 +32,7 @@ class SweepContext:
     sweep_id: Optional[str] = None
     parent_run_id: Optional[str] = None  #: the parent run on the tracking store
     parent_local_id: Optional[str] = None  #: the parent's journal, when the store was down at its start
+    constant_keys: tuple[str, ...] = ()  #: command-line keys every job of the sweep sets alike
     study_name: Optional[str] = None  #: set by gradsweep's Optuna sweeper
     trial_id: Optional[int] = None  #: the job's Optuna trial
 
@@ -42,7 +43,9 @@ class SweepContext:
             return None
         if not raw.startswith("{"):  # from job_override: base64url
             raw = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        data["constant_keys"] = tuple(data.get("constant_keys", ()))
+        return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -119,6 +119,12 @@ def job_combinations(overrides: list[str]) -> list[list[str]]:
     return combos
 
 
+def constant_keys(overrides: list[str]) -> tuple[str, ...]:
+    """Keys of a multirun's command line that are not swept: every job gets the same value."""
+    return tuple(ov.get_key_element().lstrip("+~") for ov in OverridesParser.create().parse_overrides(overrides)
+                 if not ov.is_sweep_override())
+
+
 def compose_config(config_dir: str | Path, overrides: list[str], config_name: str = "config",
                    hydra_config: bool = False) -> DictConfig:
     """Compose one config with Hydra's compose API (outside a Hydra app: tests, preflight, reports)."""
@@ -178,6 +184,7 @@ def context_from_hydra(extra_tags: Optional[dict[str, str]] = None) -> JobContex
         parent_local_id=sweep.parent_local_id if sweep else None,
         sweep_id=sweep.sweep_id if sweep else None,
         extra_tags=extra_tags or {},
+        constant_keys=sweep.constant_keys if sweep else (),
     )
 
 

@@ -71,6 +71,8 @@ def mlflow_client(uri: str):
 
     for key, value in CLIENT_ENV.items():
         os.environ.setdefault(key, value)
+    if not os.environ.get("MLFLOW_LOGGING_LEVEL"):  # its INFO lines ("Creating initial MLflow database
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # tables...") are not the user's business
     return MlflowClient(tracking_uri=uri)
 
 
