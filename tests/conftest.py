@@ -44,7 +44,8 @@ def mlflow_server(tmp_path):
 # schedulers, SIGKILL). Everything else is the unit tier: `pytest -m "not integration"` runs it in
 # about a minute. The default run is both, in parallel (pytest-xdist, see pyproject.toml).
 INTEGRATION = {"test_bad_input", "test_hostile_input", "test_sweep_e2e", "test_outage", "test_checkpoint_resume",
-               "test_optuna_sweeps", "test_schedule", "test_server_postgres", "test_report", "test_cpu_threads"}
+               "test_optuna_sweeps", "test_schedule", "test_server_postgres", "test_report", "test_cpu_threads",
+               "test_browser"}
 
 
 def pytest_collection_modifyitems(config, items):
