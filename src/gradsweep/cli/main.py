@@ -12,6 +12,7 @@ from typing import Callable
 from gradsweep.errors import GradsweepError
 from gradsweep.paths import TRAIN
 
+DESCRIPTION = "Subcommands beside the Hydra entry point (python src/train.py ...): reports, studies, named and scheduled sweeps, delivery of spooled runs."
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -138,7 +139,7 @@ def studies(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gradsweep", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gradsweep", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in sorted(COMMANDS.items()):
         add_arguments(sub.add_parser(name, help=help_text))

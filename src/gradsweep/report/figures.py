@@ -88,9 +88,27 @@ def plot_bands(curves: dict[str, tuple[list[int], list[float], list[float], list
 
 
 def plot_param_norms(history: dict[str, Series], path: str | Path, title: str = "") -> Path:
-    """Per-parameter gradient L2 norms vs step, plus the total before and after clipping."""
-    series = {k.removeprefix("grad_norm/"): v for k, v in history.items() if k.startswith("grad_norm/")}
-    return plot_lines(series, path, title or "gradient norms", "gradient L2 norm")
+    """Per-parameter gradient L2 norms vs step, and the total before (thick) and after clipping
+    (dashed, drawn only when the clipper changed something, under the total so it never hides it);
+    legend beside the axes, not over the data."""
+    fig, ax = plt.subplots(figsize=(10, 5), constrained_layout=True)
+    for key, series in history.items():
+        name = key.removeprefix("grad_norm/")
+        if not key.startswith("grad_norm/") or name in ("total", "total_clipped"):
+            continue
+        ax.plot(*_positive(series), label=name, linewidth=1.0, alpha=0.85)
+    if "grad_norm/total" in history:
+        ax.plot(*_positive(history["grad_norm/total"]), label="total (before clipping)", color="black", linewidth=2.0)
+    clipped = history.get("grad_norm/total_clipped")
+    if clipped and "grad_norm/total" in history and clipped[1] != history["grad_norm/total"][1]:
+        ax.plot(*_positive(clipped), label="total after clipping", color="black", linestyle="--", linewidth=1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient L2 norm")
+    ax.set_title(title or "gradient norms")
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(ax, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return _save(fig, path)
 
 
 def _save(fig, path: str | Path, dpi: int = 110) -> Path:
