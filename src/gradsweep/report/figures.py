@@ -98,7 +98,8 @@ def plot_param_norms(history: dict[str, Series], path: str | Path, title: str = 
             continue
         ax.plot(*_positive(series), label=name, linewidth=1.0, alpha=0.85)
     if "grad_norm/total" in history:
-        ax.plot(*_positive(history["grad_norm/total"]), label="total (before clipping)", color="black", linewidth=2.0)
+        ax.plot(*_positive(history["grad_norm/total"]), label="total (before clipping)", color="black", linewidth=2.0,
+                zorder=3)
     clipped = history.get("grad_norm/total_clipped")
     if clipped and "grad_norm/total" in history and clipped[1] != history["grad_norm/total"][1]:
         ax.plot(*_positive(clipped), label="total after clipping", color="black", linestyle="--", linewidth=1.2)
