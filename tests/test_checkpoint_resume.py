@@ -130,3 +130,23 @@ def test_resume_sends_each_metric_only_after_the_step_the_run_holds():
     sink.log_metrics(9, {"test/acc": 0.6})
     assert sent.history["train/loss"][0] == [8, 9] and sent.history["grad_norm/total"][0] == [8, 9]
     assert sent.history["dev/acc"][0] == [5, 7] and sent.history["test/acc"][0] == [9]
+
+
+def test_a_job_that_fails_after_opening_its_run_closes_it(tmp_path, store):
+    """Resuming the default SRN from an MLP's checkpoint fails in restore, after the run exists: the
+    run ends FAILED with the reason, never stays RUNNING (the same guard ends it KILLED when a
+    SIGTERM arrives there)."""
+    import pytest
+
+    from jobs import run_inprocess
+
+    mlp = run_inprocess(["model=mlp", "data=moons", "trainer.epochs=1"], tmp_path / "mlp", store)
+    assert mlp.status == "FINISHED"
+    with pytest.raises(Exception):
+        run_inprocess(["trainer.epochs=1", f"trainer.resume_from={tmp_path / 'mlp' / 'checkpoints' / 'last.pt'}"],
+                      tmp_path / "srn", store)
+    client, runs = _runs(store)
+    assert len(runs) == 2 and not [r for r in runs if r.info.status == "RUNNING"]
+    (failed,) = [r for r in runs if r.info.run_id != mlp.run_id]
+    assert failed.info.status == "FAILED" and failed.data.tags["failure"] == "exception"
+    assert failed.data.tags["failure_reason"]

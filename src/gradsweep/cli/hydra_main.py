@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import re
+import signal
 import sys
 from typing import Callable, NoReturn
 
@@ -18,6 +19,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
 from gradsweep.errors import GradsweepError, NonFiniteError
+from gradsweep.run.job import main_thread, raise_terminated
 from gradsweep.sweep.hydra_adapter import preflight
 
 EXIT_INPUT = 2
@@ -62,6 +64,9 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
     except Exception as e:  # preflight only parses and composes the command line: any error is the input's
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_INPUT)
+    # SIGTERM stops the whole command like Ctrl-C, wherever it arrives (also between the jobs of a
+    # sweep, or while a job is still opening its run): runs end KILLED, Optuna trials FAIL
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread() else None
     try:
         main()
     except NonFiniteError as e:
@@ -73,6 +78,9 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_as_process(main: Callable[[], object], config_dir: str, config_name: str) -> NoReturn:

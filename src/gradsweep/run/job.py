@@ -78,7 +78,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: the run ends KILLED."""
 
 
-def _raise_terminated(signum, frame):
+def raise_terminated(signum, frame):
     raise Terminated()
 
 
@@ -171,30 +171,38 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         make_tracker().client.update_run(same_run, status="RUNNING")
     run = open_run_logger(spec.tracking, name, tags, parent_run_id=ctx.parent_run_id,
                           parent_local_id=ctx.parent_local_id, run_id=same_run)
-    if same_run:
-        run.set_tags({RESUMED_AT_TAG: resume.last["step"]})
-    else:
-        run.log_params(spec.params())
+    try:  # from here on the run exists: whatever stops the job before training ends it, never leaves it RUNNING
+        if same_run:
+            run.set_tags({RESUMED_AT_TAG: resume.last["step"]})
+        else:
+            run.log_params(spec.params())
+            if resume is not None:
+                run.set_tags({RESUMED_FROM_TAG: spec.trainer.resume_from})
+        cfg_path = ctx.output_dir / "config.yaml"
+        ctx.output_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(yaml.safe_dump(config_dict, sort_keys=False))
+        run.log_artifact(cfg_path)
+
+        history = HistorySink()
+        store = CheckpointStore(ctx.output_dir / "checkpoints")
+        # steps the run already holds (logged after its last checkpoint, before it was killed) are not sent twice
+        to_store = FromStep(run, resume.logged) if same_run else run
+        trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, to_store), device, store,
+                          config_dict, on_eval)
         if resume is not None:
-            run.set_tags({RESUMED_FROM_TAG: spec.trainer.resume_from})
-    cfg_path = ctx.output_dir / "config.yaml"
-    ctx.output_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(yaml.safe_dump(config_dict, sort_keys=False))
-    run.log_artifact(cfg_path)
+            trainer.restore(resume.last, resume.best)
+        if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
+            store.on_save = lambda path: run.log_artifact(path, "checkpoints")
+        log.info("run %s (%s) on %s: %s, %d steps", run.run_ref, name, device, mask(spec.tracking.uri),
+                 trainer.total_steps)
+    except BaseException as e:
+        killed = isinstance(e, KeyboardInterrupt)
+        if not killed:
+            run.set_tags({FAILURE_TAG: "exception", FAILURE_REASON_TAG: f"{type(e).__name__}: {e}"})
+        run.finish("KILLED" if killed else "FAILED")
+        raise
 
-    history = HistorySink()
-    store = CheckpointStore(ctx.output_dir / "checkpoints")
-    # steps the run already holds (logged after its last checkpoint, before it was killed) are not sent twice
-    to_store = FromStep(run, resume.logged) if same_run else run
-    trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, to_store), device, store,
-                      config_dict, on_eval)
-    if resume is not None:
-        trainer.restore(resume.last, resume.best)
-    if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
-        store.on_save = lambda path: run.log_artifact(path, "checkpoints")
-    log.info("run %s (%s) on %s: %s, %d steps", run.run_ref, name, device, mask(spec.tracking.uri), trainer.total_steps)
-
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread() else None
     status, failure, result, error = "FAILED", None, None, None
     try:
         result = trainer.run()
@@ -250,7 +258,7 @@ def _tracker(uri: str, experiment_name: str, artifact_location: Optional[str]) -
     return Tracker(uri, experiment_name, artifact_location)
 
 
-def _main_thread() -> bool:
+def main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread() and os.name == "posix"
