@@ -265,7 +265,7 @@ def log_report(client, target: Target, rep: ReportFiles, ref: str) -> str:
 def make_report(ref: str, tracking_uri: Optional[str] = None, out: Optional[str] = None, steps: int = 10,
                 log: bool = True) -> ReportFiles:
     from gradsweep.track.delivery import mlflow_client
-    from gradsweep.track.uri import is_local_sqlite, mask
+    from gradsweep.track.uri import mask
 
     uri = resolve_tracking_uri(tracking_uri)
     client = mlflow_client(uri)
@@ -277,8 +277,7 @@ def make_report(ref: str, tracking_uri: Optional[str] = None, out: Optional[str]
         raise ReportError(f"cannot read the tracking store {mask(uri)}: {str(e).splitlines()[0][:200]}") from None
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", ref)
     rep = build_report(client, target, Path(out) if out else Path("reports") / safe, steps)
-    rep.links = ui_links(UI if is_local_sqlite(uri) else mask(uri), target.experiment_id,
-                         [r.info.run_id for r in target.runs])
+    rep.links = ui_links(uri, target.experiment_id, [r.info.run_id for r in target.runs])
     if log:
         log_report(client, target, rep, ref)
     return rep

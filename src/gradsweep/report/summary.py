@@ -199,10 +199,10 @@ def write_summary(runs, out_dir: Path, history: Callable[[str, str], Series], ti
     return files
 
 
-def summarize_sweep(tracker, parent_run_id: str, out_dir: Path, writer) -> dict[str, Path] | None:
-    """End of a sweep: read the children from the store (``tracker``), write the summary to the
-    parent run (``writer``, a run logger) under ``sweep/``, with counts and the best score as metrics."""
-    runs = tracker.children(parent_run_id)
+def summarize_sweep(tracker, runs: list, out_dir: Path, writer) -> dict[str, Path] | None:
+    """End of a sweep: the summary of its child ``runs`` (histories read through ``tracker``),
+    written to the parent run (``writer``, a run logger) under ``sweep/``, with counts and the best
+    score as metrics."""
     if not runs:
         return None
     files = write_summary(runs, out_dir, tracker.history)
@@ -222,10 +222,13 @@ def summarize_sweep(tracker, parent_run_id: str, out_dir: Path, writer) -> dict[
 UI = "http://127.0.0.1:5000"  #: where `mlflow ui` serves by default
 
 
-def ui_links(base: str, experiment_id: str, run_ids: list[str]) -> dict[str, str]:
-    """Links into the MLflow UI (3.x) that open the runs view, not its GenAI landing view: it takes the
-    view from ``workflowType`` in the URL before the browser's stored choice."""
-    base = base.rstrip("/")
+def ui_links(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> dict[str, str]:
+    """Links into the MLflow UI (3.x) of the store at ``tracking_uri`` (an embedded store: where
+    ``mlflow ui`` serves) that open the runs view, not its GenAI landing view: it takes the view
+    from ``workflowType`` in the URL before the browser's stored choice."""
+    from gradsweep.track.uri import is_local_sqlite, mask
+
+    base = UI if is_local_sqlite(tracking_uri) else mask(tracking_uri).rstrip("/")
     links = {"runs": f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"}
     if len(run_ids) > 1:
         runs = ",".join(f'"{r}"' for r in run_ids)

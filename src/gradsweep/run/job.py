@@ -198,7 +198,7 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
     except BaseException as e:
         killed = isinstance(e, KeyboardInterrupt)
         if not killed:
-            run.set_tags({FAILURE_TAG: "exception", FAILURE_REASON_TAG: f"{type(e).__name__}: {e}"})
+            run.set_tags(_exception_tags(e))
         run.finish("KILLED" if killed else "FAILED")
         raise
 
@@ -218,7 +218,7 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         raise
     except Exception as e:
         failure, error = "exception", e
-        run.set_tags({FAILURE_TAG: "exception", FAILURE_REASON_TAG: f"{type(e).__name__}: {e}"})
+        run.set_tags(_exception_tags(e))
         raise
     finally:
         if previous is not None:
@@ -250,6 +250,10 @@ def _close_run(run: RunLogger, history: HistorySink, store: CheckpointStore, spe
                     run.log_artifact(store.path(ckpt), "checkpoints")
     finally:
         run.finish(status)
+
+
+def _exception_tags(e: BaseException) -> dict[str, str]:
+    return {FAILURE_TAG: "exception", FAILURE_REASON_TAG: f"{type(e).__name__}: {e}"}
 
 
 def _tracker(uri: str, experiment_name: str, artifact_location: Optional[str]) -> "Tracker":

@@ -23,7 +23,7 @@ from gradsweep.report.summary import UI, summarize_sweep, ui_command, ui_links
 from gradsweep.run.job import run_name
 from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.hydra_adapter import constant_keys, tracking_spec
-from gradsweep.track.uri import mask, mask_overrides
+from gradsweep.track.uri import is_local_sqlite, mask, mask_overrides
 
 log = logging.getLogger("gradsweep")
 
@@ -79,8 +79,9 @@ class GradsweepCallback(Callback):
 
                 tracker = Tracker(self.tracking.uri, self.tracking.experiment_name, self.tracking.artifact_location)
                 experiment_id = tracker.experiment_id
-                children = [r.info.run_id for r in tracker.children(run_id)]
-                summarize_sweep(tracker, run_id, Path(str(config.hydra.sweep.dir)), self.journal)
+                runs = tracker.children(run_id)
+                children = [r.info.run_id for r in runs]
+                summarize_sweep(tracker, runs, Path(str(config.hydra.sweep.dir)), self.journal)
         except Exception as e:  # the children are recorded; a failed summary must not hide that
             log.error("sweep summary failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         finally:
@@ -94,14 +95,13 @@ class GradsweepCallback(Callback):
 def print_ui_hint(uri: str, run_id: str, experiment_id: Optional[str] = None, children: Optional[list] = None) -> None:
     """Where to look: the UI command for an embedded store, and links that open the runs view and
     the comparison of the sweep's children directly."""
-    local = uri.startswith("sqlite:")
+    local = is_local_sqlite(uri)
     lines = ["", "Compare the runs in the MLflow UI:"]
     if local:
         lines.append(f"  {ui_command(uri)}")
-    base = UI if local else mask(uri)
     if experiment_id is not None:
         lines.append(("then open" if local else "open") + f" (sweep parent run {run_id}):")
-        lines += [f"  {name + ':':<11} {link}" for name, link in ui_links(base, experiment_id, children or []).items()]
+        lines += [f"  {name + ':':<11} {link}" for name, link in ui_links(uri, experiment_id, children or []).items()]
     else:
-        lines.append(f"  {base} (sweep parent run {run_id})")
+        lines.append(f"  {UI if local else mask(uri)} (sweep parent run {run_id})")
     print("\n".join(lines), flush=True)

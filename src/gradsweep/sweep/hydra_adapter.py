@@ -9,11 +9,12 @@ drew after launch (Optuna ranges).
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -53,6 +54,7 @@ class GradsweepConfig:
 
 
 # ------------------------------------------------------------------------------ schemas
+@functools.cache  # once per process: every compose needs them, none needs them twice
 def register_schemas() -> None:
     """Store the schemas so group YAMLs can name ``<option>_schema`` in their defaults list."""
     cs = ConfigStore.instance()
@@ -139,20 +141,25 @@ def compose_config(config_dir: str | Path, overrides: list[str], config_name: st
         GlobalHydra.instance().clear()
 
 
+def _jobs(config_dir: str | Path, overrides: list[str], config_name: str,
+          multirun: bool) -> Iterator[tuple[list[str], Optional[DictConfig]]]:
+    """(overrides, its composed config when composing it was needed anyway, else None) per job."""
+    for combo in job_combinations(overrides):
+        if not multirun:
+            yield combo, None
+            continue
+        cfg = compose_config(config_dir, combo, config_name, hydra_config=True)
+        params = cfg.hydra.sweeper.get("params") or {}
+        given = {ov.get_key_element() for ov in OverridesParser.create().parse_overrides(combo)}
+        for extra in job_combinations([f"{k}={v}" for k, v in params.items() if k not in given]):
+            yield combo + extra, None if extra else cfg
+
+
 def expand_jobs(config_dir: str | Path, overrides: list[str], config_name: str = "config",
                 multirun: bool = True) -> list[list[str]]:
     """The override lists of every job a command line launches: its discrete sweeps and, with
     ``-m``, the discrete ``hydra.sweeper.params`` a preset sets (the command line's keys win)."""
-    jobs = []
-    for combo in job_combinations(overrides):
-        variants: list[list[str]] = [[]]
-        if multirun:
-            cfg = compose_config(config_dir, combo, config_name, hydra_config=True)
-            params = cfg.hydra.sweeper.get("params") or {}
-            given = {ov.get_key_element() for ov in OverridesParser.create().parse_overrides(combo)}
-            variants = job_combinations([f"{k}={v}" for k, v in params.items() if k not in given])
-        jobs.extend(combo + extra for extra in variants)
-    return jobs
+    return [job for job, _ in _jobs(config_dir, overrides, config_name, multirun)]
 
 
 def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Optional[int]:
@@ -167,10 +174,11 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
             or args.config_path or args.config_dir or args.experimental_rerun:
         return None
     name = args.config_name or default_config_name
-    jobs = expand_jobs(config_dir, args.overrides, name, args.multirun)
-    for job in jobs:
-        check_inputs(to_spec(compose_config(config_dir, job, name)))
-    return len(jobs)
+    checked = 0
+    for job, cfg in _jobs(config_dir, args.overrides, name, args.multirun):
+        check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)))  # composed once
+        checked += 1
+    return checked
 
 
 # ------------------------------------------------------------------------------ the job
