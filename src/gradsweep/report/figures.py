@@ -25,23 +25,6 @@ def _positive(series: Series) -> Series:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_lines(series: dict[str, Series], path: str | Path, title: str, ylabel: str, log_y: bool = True) -> Path:
-    """One line per series against the optimizer step."""
-    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
-    for label, s in series.items():
-        steps, values = _positive(s) if log_y else s
-        ax.plot(steps, values, label=label, linewidth=1.2)
-    if log_y:
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if series:
-        _legend(ax, fontsize=8, ncol=2 if len(series) > 8 else 1)
-    return _save(fig, path)
-
-
 SMOOTH_POINTS = 200  # a band figure draws at most about this many points per line
 
 
