@@ -115,3 +115,27 @@ def test_a_pass_that_never_reached_the_store_does_not_end_the_outage(tmp_path):
     journal.close()  # flushes the metric record
     assert deliver_all([journal.folder], reporter, spool) == 1  # delivered (the run stays open)
     assert out.getvalue().count("reachable again") == 1 and not (spool / ".outage").exists()
+
+
+FIRST_USE = """
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from gradsweep.track.store import Tracker
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+Tracker(sys.argv[1], "gradsweep").start_run("r", {}, None)
+print("ok")
+"""
+
+
+def test_processes_starting_together_on_a_new_store_all_succeed(tmp_path):
+    """MLflow creates a new SQLite store on first use and breaks it when two processes do so at once
+    (the parallel trials of a sweep, a test's client and a job): ours take turns."""
+    store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    start = time.time() + 4  # past the imports: the four reach the new store together
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, store, str(start), str(ROOT / "src")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    client = MlflowClient(store)
+    assert len(client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])) == 4

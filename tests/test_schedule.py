@@ -11,10 +11,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 
 from conftest import ROOT
 from gradsweep.errors import ConfigError
+from gradsweep.track.delivery import mlflow_client  # takes turns creating a new store with the jobs
 from gradsweep.sweep.schedule import Schedule, SweepBusy, cron_trigger, missed_runs, sweep_lock
 from postgres import postgres_server  # noqa: F401
 
@@ -53,7 +53,7 @@ def env_for(folder: Path) -> dict:
 
 
 def parents(store: str) -> list:
-    client = MlflowClient(store)
+    client = mlflow_client(store)
     exp = client.get_experiment_by_name("gradsweep")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.schedule = 'tiny'") if exp else []
     return sorted(runs, key=lambda r: r.info.start_time)
@@ -98,13 +98,14 @@ def test_sigterm_leaves_nothing_running(tmp_path):
     store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     proc = subprocess.Popen([GRADSWEEP, "sweep", "run", "tiny", "trainer.epochs=100000", f"tracking.uri={store}"],
                             cwd=tmp_path, env=env_for(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = MlflowClient(store)
+    client = mlflow_client(store)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         exp = client.get_experiment_by_name("gradsweep")
         runs = client.search_runs([exp.experiment_id]) if exp else []
         if any("mlflow.parentRunId" in r.data.tags and r.info.status == "RUNNING" for r in runs):
             break
+        assert proc.poll() is None, "the sweep ended before its trial started"
         time.sleep(0.2)
     else:
         pytest.fail("the trial never started")
@@ -183,13 +184,16 @@ def test_sigkilled_sweep_restarts_with_nothing_left_running(tmp_path):
            f"tracking.uri={store}"]
     proc = subprocess.Popen([*cmd, "trainer.epochs=100000"], cwd=tmp_path, env=env_for(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = MlflowClient(store)
+    client = mlflow_client(store)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         exp = client.get_experiment_by_name("gradsweep")
         if exp and client.search_runs([exp.experiment_id], "tags.`optuna.trial_number` = '0'"):
             break
+        assert proc.poll() is None, "the sweep ended before its trial started"
         time.sleep(0.2)
+    else:
+        pytest.fail("the trial never started")
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     time.sleep(1)

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from gradsweep.track.journal import HEADER, JOURNAL, STATE, read_json, records, write_json_atomic
+from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
 log = logging.getLogger("gradsweep.track.delivery")
 MAX_METRICS = 1000  # MLflow's log_batch limit
 MAX_PARAMS = 100
 MAX_TAGS = 100
+INIT_WAIT_S = 120.0  # longest wait for another process creating a new SQLite store
 
 
 class Unreachable(Exception):
@@ -62,7 +64,8 @@ _clients: dict[str, Any] = {}
 #: password, and we print our own. MLflow reads these variables per request; a value the user or
 #: the delivery process set first wins.
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def mlflow_client(uri: str):
@@ -73,29 +76,51 @@ def mlflow_client(uri: str):
         os.environ.setdefault(key, value)
     if not os.environ.get("MLFLOW_LOGGING_LEVEL"):  # its INFO lines ("Creating initial MLflow database
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # tables...") are not the user's business
-    return MlflowClient(tracking_uri=uri)
+    if not is_local_sqlite(uri):
+        return MlflowClient(tracking_uri=uri)
+    return _create_store_in_turn(lambda: MlflowClient(tracking_uri=uri), sqlite_path(uri))
+
+
+def _create_store_in_turn(make: Callable[[], Any], db: Path) -> Any:
+    """MLflow creates and migrates a new SQLite store when a client is made, and two processes
+    doing that at once break it ("duplicate column name: step", "table latest_metrics already
+    exists", a half-migrated file; seen with two clients started together). MLflow has no lock for
+    it, so our processes take turns: clients are made under a flock beside the database."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with locked_file(db.with_name(f".{db.name}.init.lock"), wait_s=INIT_WAIT_S):
+            return make()
+    except Busy:  # a holder stalled for minutes: go on as MLflow alone would rather than wait forever
+        return make()
 
 
 def client_for(uri: str):
     """One client per store for the delivery loop."""
     if uri not in _clients:
-        _clients[uri] = mlflow_client(uri)
+        _clients[uri] = _call(mlflow_client, uri)
     return _clients[uri]
 
 
 @contextmanager
 def locked(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
-    """Exclusive delivery lock (flock: released by the kernel if the holder dies)."""
-    fd = os.open(folder / "lock", os.O_CREAT | os.O_RDWR)
-    deadline = time.monotonic() + wait_s
+    """Exclusive delivery lock of one journal folder; Busy after ``wait_s``."""
+    with locked_file(folder / "lock", wait_s):
+        yield
+
+
+@contextmanager
+def locked_file(path: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """flock on ``path`` (released by the kernel if the holder dies); Busy after ``wait_s``."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR)
     try:
+        deadline = time.monotonic() + wait_s
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise Busy(str(folder)) from None
+                    raise Busy(str(path.parent)) from None
                 time.sleep(0.05)
         yield
     finally:
