@@ -132,21 +132,65 @@ def test_resume_sends_each_metric_only_after_the_step_the_run_holds():
     assert sent.history["dev/acc"][0] == [5, 7] and sent.history["test/acc"][0] == [9]
 
 
-def test_a_job_that_fails_after_opening_its_run_closes_it(tmp_path, store):
-    """Resuming the default SRN from an MLP's checkpoint fails in restore, after the run exists: the
-    run ends FAILED with the reason, never stays RUNNING (the same guard ends it KILLED when a
-    SIGTERM arrives there)."""
+def _cli(args, cwd, capsys, monkeypatch):
+    """src/train.py's entry in this process (what a user sees, without a Python start-up)."""
     import pytest
 
+    from gradsweep.cli.hydra_main import run_cli
+    from gradsweep.paths import CONF_DIR
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: None, str(CONF_DIR), "config")
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_resume_into_another_model_is_refused_before_any_run(tmp_path, store, capsys, monkeypatch):
+    """A checkpoint of another model (a file, or a run id with a different hidden size) is an input
+    error: one line, exit 2, no run created, and the run named keeps its status."""
     from jobs import run_inprocess
 
     mlp = run_inprocess(["model=mlp", "data=moons", "trainer.epochs=1"], tmp_path / "mlp", store)
-    assert mlp.status == "FINISHED"
-    with pytest.raises(Exception):
-        run_inprocess(["trainer.epochs=1", f"trainer.resume_from={tmp_path / 'mlp' / 'checkpoints' / 'last.pt'}"],
-                      tmp_path / "srn", store)
+    srn = run_inprocess(["trainer.epochs=1"], tmp_path / "srn", store)
+    assert mlp.status == srn.status == "FINISHED"
+    mlp_ckpt = tmp_path / "mlp" / "checkpoints" / "last.pt"
+    cases = [[f"trainer.resume_from={mlp_ckpt}"], ["-m", f"trainer.resume_from={mlp_ckpt}", "trainer.seed=0,1"]]
+    for args in cases:  # checkpoint files are checked before Hydra starts
+        code, lines = _cli([*args, "trainer.epochs=2", f"tracking.uri={store}"], tmp_path, capsys, monkeypatch)
+        assert code == 2 and len(lines) == 1, lines
+        assert "the checkpoint is of another model (model=mlp, data=moons): it lacks embedding.weight" in lines[0]
+    # a run id is checked once its checkpoint is downloaded, still before the run is touched
+    res = run_train([f"trainer.resume_from={srn.run_id}", "model.hidden_size=64", f"tracking.uri={store}"], tmp_path)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert "the checkpoint is of another model (model=srn, data=digit_sum): " in lines[0]
+    assert "is [32, 32] there and [32, 64] here" in lines[0]
     client, runs = _runs(store)
-    assert len(runs) == 2 and not [r for r in runs if r.info.status == "RUNNING"]
-    (failed,) = [r for r in runs if r.info.run_id != mlp.run_id]
-    assert failed.info.status == "FAILED" and failed.data.tags["failure"] == "exception"
-    assert failed.data.tags["failure_reason"]
+    assert sorted(r.info.run_id for r in runs) == sorted([mlp.run_id, srn.run_id])  # nothing created
+    assert {r.info.status for r in runs} == {"FINISHED"}  # nothing flipped to RUNNING
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_a_job_that_fails_after_opening_its_run_closes_it(tmp_path, store, monkeypatch):
+    """A failure between opening the run and training (injected: the trainer cannot be built) ends
+    the run FAILED with the reason, never RUNNING; a resumed run is FAILED too, not left RUNNING."""
+    import pytest
+
+    import gradsweep.run.job as job
+    from jobs import run_inprocess
+
+    first = run_inprocess(["trainer.epochs=1"], tmp_path / "first", store)
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(job, "Trainer", broken)
+    with pytest.raises(OSError):
+        run_inprocess(["trainer.epochs=1"], tmp_path / "new", store)
+    with pytest.raises(OSError):
+        run_inprocess(["trainer.epochs=2", f"trainer.resume_from={first.run_id}"], tmp_path / "again", store)
+    client, runs = _runs(store)
+    assert len(runs) == 2 and [r.info.status for r in runs] == ["FAILED", "FAILED"]
+    for run in runs:
+        assert run.data.tags["failure"] == "exception" and "No space left" in run.data.tags["failure_reason"]

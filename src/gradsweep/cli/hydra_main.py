@@ -47,6 +47,23 @@ def one_line(e: BaseException) -> str:
     return " ".join(lines)[:500] if lines else type(e).__name__
 
 
+class _WithoutJobErrorPreamble:
+    """stderr without the "Error executing job with overrides: [...]" line Hydra writes before it
+    re-raises a job's exception (straight to sys.stderr, not through logging): we report the
+    exception itself, in one line for input errors, and the overrides are the user's own command."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if text.startswith("Error executing job with overrides"):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run_cli(main: Callable[[], object], config_dir: str, config_name: str) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's own reporting
         main()
@@ -67,6 +84,7 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
     # SIGTERM stops the whole command like Ctrl-C, wherever it arrives (also between the jobs of a
     # sweep, or while a job is still opening its run): runs end KILLED, Optuna trials FAIL
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread() else None
+    stderr, sys.stderr = sys.stderr, _WithoutJobErrorPreamble(sys.stderr)
     try:
         main()
     except NonFiniteError as e:
@@ -79,6 +97,7 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
+        sys.stderr = stderr
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

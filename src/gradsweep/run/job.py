@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -21,7 +22,7 @@ from gradsweep.errors import CheckpointError, NonFiniteError, StopRun
 from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GIT_COMMIT_TAG, OVERRIDES_TAG,
                              RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, STOPPED_STEP_TAG, STOPPED_TAG, SWEEP_TAG)
 from gradsweep.run.spec import JobSpec
-from gradsweep.train.checkpoints import CheckpointStore, load_checkpoint
+from gradsweep.train.checkpoints import CheckpointStore, check_compatible, load_checkpoint
 from gradsweep.train.data import read_digit_sum
 from gradsweep.train.diagnostics import Diagnosis, record_health
 from gradsweep.train.loop import Trainer, TrainResult
@@ -132,28 +133,39 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
 
 
 def check_inputs(spec: JobSpec) -> None:
-    """Input files named by the config: the data folder and a checkpoint path (not run ids)."""
+    """Input files named by the config: the data folder, and the checkpoint to resume from (a file,
+    or a run's last checkpoint) and whether it fits the composed model."""
     path = getattr(spec.data, "path", None)
     if path:
         read_digit_sum(path)
     ref = spec.trainer.resume_from
-    if ref and (Path(ref).exists() or not RUN_ID.match(ref)):
-        load_checkpoint(ref)
+    if not ref:
+        return
+    with tempfile.TemporaryDirectory(prefix="gradsweep-resume-") as tmp:
+        state = resolve_resume(ref, lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name,
+                                                     spec.tracking.artifact_location), Path(tmp)).last
+    _, model = data_and_model(spec)
+    check_compatible(state, model, build("optimizer", spec.optimizer, model.parameters()), ref)
+
+
+def data_and_model(spec: JobSpec) -> tuple:
+    data = build("data", spec.data)
+    return data, build("model", spec.model, data, 1 if spec.trainer.loss == "bce" else data.num_classes)
 
 
 def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, float], None]] = None) -> JobOutcome:
     if spec.trainer.cpu_threads:
         torch.set_num_threads(spec.trainer.cpu_threads)
     torch.manual_seed(spec.trainer.seed)
-    data = build("data", spec.data)
-    out_features = 1 if spec.trainer.loss == "bce" else data.num_classes
-    model = build("model", spec.model, data, out_features)
+    data, model = data_and_model(spec)
     device = device_for(spec.trainer.device)
     model.to(device)
     make_tracker = lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name, spec.tracking.artifact_location)  # noqa: E731
     resume = resolve_resume(spec.trainer.resume_from, make_tracker, ctx.output_dir / "resume") \
         if spec.trainer.resume_from else None
     optimizer = build("optimizer", spec.optimizer, model.parameters())
+    if resume is not None:  # input validation: a refused resume creates no run, changes no run's status
+        check_compatible(resume.last, model, optimizer, spec.trainer.resume_from)
     clipper = build("clip", spec.clip)
     config_dict = spec.public()
 
@@ -167,12 +179,11 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
     if commit:
         tags[GIT_COMMIT_TAG] = commit
     same_run = resume.run_id if resume is not None else None
-    if same_run:
-        make_tracker().client.update_run(same_run, status="RUNNING")
     run = open_run_logger(spec.tracking, name, tags, parent_run_id=ctx.parent_run_id,
                           parent_local_id=ctx.parent_local_id, run_id=same_run)
     try:  # from here on the run exists: whatever stops the job before training ends it, never leaves it RUNNING
         if same_run:
+            make_tracker().client.update_run(same_run, status="RUNNING")
             run.set_tags({RESUMED_AT_TAG: resume.last["step"]})
         else:
             run.log_params(spec.params())

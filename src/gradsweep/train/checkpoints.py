@@ -48,3 +48,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"{path}: not a gradsweep checkpoint; expected keys {', '.join(REQUIRED)}")
     return state
+
+
+def check_compatible(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     ref: str) -> None:
+    """A checkpoint resumes only into the model and optimizer it was written by: same parameter
+    names and shapes, same parameter groups. Checked before any run is opened (a refusal is an
+    input error, never a run left behind)."""
+    saved, wanted = state["model"], model.state_dict()
+    config = state.get("config") or {}
+    was = ", ".join(f"{group}={(config.get(group) or {}).get('name', '?')}" for group in ("model", "data")) \
+        if isinstance(config, dict) else "?"
+    prefix = f"trainer.resume_from={ref!r}: the checkpoint is of another model ({was}"
+    missing = [k for k in wanted if k not in saved]
+    extra = [k for k in saved if k not in wanted]
+    if missing or extra:
+        detail = f"lacks {missing[0]}" if missing else f"has {extra[0]} that this model does not"
+        raise CheckpointError(f"{prefix}): it {detail}; compose the job the checkpoint was written with")
+    for key, tensor in wanted.items():
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{prefix}): {key} is {list(saved[key].shape)} there and "
+                                  f"{list(tensor.shape)} here; compose the job the checkpoint was written with")
+    groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
+    sizes_saved = [len(g.get("params", [])) for g in groups]
+    sizes_here = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes_saved != sizes_here:
+        raise CheckpointError(f"trainer.resume_from={ref!r}: the optimizer state has parameter groups of sizes "
+                              f"{sizes_saved}, this optimizer {sizes_here}")
