@@ -97,7 +97,8 @@ def test_services_images_and_commands(services):
     assert sched["build"]["dockerfile"] == "deploy/Dockerfile" and sched["command"] == ["gradsweep", "schedule"]
     env = env_of(sched)
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert env["GRADSWEEP_OPTUNA_STORAGE"] == "postgresql://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/optuna"
+    assert env["GRADSWEEP_OPTUNA_STORAGE"] == "postgresql://${POSTGRES_USER}@postgres:5432/optuna"  # no password
+    assert env["PGPASSWORD"] == "${POSTGRES_PASSWORD}"  # libpq reads it; gradsweep refuses passwords in URIs
     assert sched["init"] is True  # PID 1 that passes SIGTERM on, so the running trial can end KILLED
 
 
@@ -228,7 +229,7 @@ def test_kubernetes_cronjob():
     assert argv[:3] == ["gradsweep", "sweep", "run"] and (ROOT / "sweeps" / f"{argv[3]}.yaml").is_file()
     env = {e["name"]: e for e in container["env"]}
     for name, e in env.items():
-        if SECRET_NAME.search(name) or name == "GRADSWEEP_OPTUNA_STORAGE":
+        if SECRET_NAME.search(name):
             assert "secretKeyRef" in e.get("valueFrom", {}), name
     assert pod["restartPolicy"] in ("Never", "OnFailure")
 

@@ -208,3 +208,14 @@ def test_sigkilled_sweep_restarts_with_nothing_left_running(tmp_path):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     states = [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
     assert states == ["FAIL", "COMPLETE", "COMPLETE"]  # the orphan failed, the restart ran its budget of 2
+
+
+def test_storage_with_a_password_is_refused(tmp_path):
+    write_sweep(tmp_path)
+    env = {**env_for(tmp_path), "GRADSWEEP_OPTUNA_STORAGE": "postgresql://optuna:hunter2@db.lab/optuna"}
+    res = subprocess.run([GRADSWEEP, "sweep", "run", "tiny"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "GRADSWEEP_OPTUNA_STORAGE=" in lines[0], res.stderr
+    assert "holds a password" in lines[0] and "PGPASSWORD" in lines[0] and "hunter2" not in res.stderr
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()

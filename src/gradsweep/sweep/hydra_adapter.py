@@ -34,6 +34,7 @@ from gradsweep.train.diagnostics import DiagnosticsConfig
 from gradsweep.train.loop import TrainerConfig
 from gradsweep.train.registry import GROUPS, parts
 from gradsweep.track.settings import TrackingConfig
+from gradsweep.track.uri import refuse_password
 
 SINGLE_GROUPS = {"trainer": TrainerConfig, "tracking": TrackingConfig, "diagnostics": DiagnosticsConfig}
 
@@ -149,6 +150,7 @@ def _jobs(config_dir: str | Path, overrides: list[str], config_name: str,
             yield combo, None
             continue
         cfg = compose_config(config_dir, combo, config_name, hydra_config=True)
+        refuse_password("hydra.sweeper.storage", cfg.hydra.sweeper.get("storage"))  # before multirun.yaml holds it
         params = cfg.hydra.sweeper.get("params") or {}
         given = {ov.get_key_element() for ov in OverridesParser.create().parse_overrides(combo)}
         for extra in job_combinations([f"{k}={v}" for k, v in params.items() if k not in given]):
@@ -174,6 +176,9 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
             or args.config_path or args.config_dir or args.experimental_rerun:
         return None
     name = args.config_name or default_config_name
+    for override in args.overrides:  # any URI on the command line lands in .hydra/overrides.yaml
+        key, _, value = override.partition("=")
+        refuse_password(key.lstrip("+~"), value)
     checked = 0
     for job, cfg in _jobs(config_dir, args.overrides, name, args.multirun):
         check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)))  # composed once

@@ -35,6 +35,7 @@ from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.paths import TRAIN
 from gradsweep.names import SCHEDULE_TAG, SCHEDULED_AT_TAG
 from gradsweep.sweep.context import SweepContext
+from gradsweep.track.uri import refuse_password
 
 log = logging.getLogger("gradsweep.sweep.schedule")
 STORAGE_ENV = "GRADSWEEP_OPTUNA_STORAGE"  # overrides every sweep's study storage (team deployments)
@@ -177,6 +178,7 @@ class SweepRunner:
         if trials is not None:
             overrides.append(f"hydra.sweeper.n_trials={trials}")
         if os.environ.get(STORAGE_ENV):
+            refuse_password(STORAGE_ENV, os.environ[STORAGE_ENV])
             overrides.append(f"hydra.sweeper.storage={os.environ[STORAGE_ENV]}")
         tags = {SCHEDULE_TAG: schedule, SCHEDULED_AT_TAG: scheduled_at.isoformat()} if schedule and scheduled_at else {}
         with sweep_lock(name, storage, self.lock_dir):

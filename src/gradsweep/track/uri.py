@@ -9,7 +9,28 @@ from gradsweep.errors import ConfigError
 SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks")
 
 
+#: where each kind of store takes its credentials from instead of the URI
+CREDENTIALS_FROM = ("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for a tracking server, "
+                    "PGPASSWORD or ~/.pgpass for PostgreSQL, in the environment or .env")
+
+
+def refuse_password(key: str, value: object) -> None:
+    """A URI that carries a password would be written to the run's files (Hydra's .hydra/*.yaml and
+    multirun.yaml, the run journal's header) and shown in process lists: refused, with where the
+    credentials belong instead."""
+    if not isinstance(value, str) or "://" not in value:
+        return
+    try:
+        password = urlsplit(value).password
+    except ValueError:
+        return
+    if password:
+        raise ConfigError(f"{key}={mask(value)!r} holds a password, which would be written to the run's files; "
+                          f"allowed: the URI without it, with the credentials in {CREDENTIALS_FROM}")
+
+
 def check_tracking_uri(uri: str) -> None:
+    refuse_password("tracking.uri", uri)
     parts = urlsplit(uri or "")
     scheme = parts.scheme.split("+")[0]
     if scheme not in SCHEMES or (scheme in ("http", "https") and not parts.hostname):
