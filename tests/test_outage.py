@@ -120,17 +120,19 @@ def test_a_pass_that_never_reached_the_store_does_not_end_the_outage(tmp_path):
 FIRST_USE = """
 import sys, time
 sys.path.insert(0, sys.argv[3])
+from gradsweep.sweep.optuna_storage import make_storage
 from gradsweep.track.store import Tracker
 while time.time() < float(sys.argv[2]):
     time.sleep(0.001)
+make_storage(sys.argv[1].replace("mlflow.db", "optuna.db"))
 Tracker(sys.argv[1], "gradsweep").start_run("r", {}, None)
 print("ok")
 """
 
 
 def test_processes_starting_together_on_a_new_store_all_succeed(tmp_path):
-    """MLflow creates a new SQLite store on first use and breaks it when two processes do so at once
-    (the parallel trials of a sweep, a test's client and a job): ours take turns."""
+    """MLflow and Optuna create a new SQLite store on first use and break it when two processes do so
+    at once (the parallel trials of a sweep, two sweeps, a test's client and a job): ours take turns."""
     store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     start = time.time() + 4  # past the imports: the four reach the new store together
     procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, store, str(start), str(ROOT / "src")],

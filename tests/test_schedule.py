@@ -219,3 +219,17 @@ def test_storage_with_a_password_is_refused(tmp_path):
     assert res.returncode == 2 and len(lines) == 1 and "GRADSWEEP_OPTUNA_STORAGE=" in lines[0], res.stderr
     assert "holds a password" in lines[0] and "PGPASSWORD" in lines[0] and "hunter2" not in res.stderr
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_lock_is_tied_to_the_study_not_the_working_directory(tmp_path):
+    """Two starts of one sweep from different folders share its study file, so they share its lock."""
+    write_sweep(tmp_path)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with sweep_lock("tiny", storage):
+        res = subprocess.run([GRADSWEEP, "sweep", "run", "tiny"], cwd=elsewhere, env=env_for(tmp_path),
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "already running" in res.stderr and f"pid {os.getpid()}" in res.stderr, res.stderr
+    assert not (elsewhere / "mlruns").exists()
+    assert (tmp_path / ".optuna.db.tiny.sweep.lock").exists()

@@ -10,5 +10,5 @@ Subpackages by layer; each imports only the layers below it (``tests/test_layers
 * :mod:`gradsweep.cli`    the ``gradsweep`` command and the ``train.py`` error reporting.
 
 Beside them, used by every layer: ``names`` (metric and tag names), ``errors``, ``checks``
-(schema range checks) and ``paths`` (where the checkout's parts are).
+(schema range checks), ``paths`` (where the checkout's parts are) and ``locks`` (file locks).
 """

@@ -8,7 +8,8 @@ import optuna
 from hydra.utils import instantiate
 from sqlalchemy.exc import SQLAlchemyError
 
-from gradsweep.track.uri import absolute_sqlite, is_local_sqlite
+from gradsweep.locks import create_in_turn
+from gradsweep.track.uri import absolute_sqlite, is_local_sqlite, sqlite_path
 
 
 def resolve_storage_url(url: Optional[str]) -> Optional[str]:
@@ -47,7 +48,8 @@ def make_storage(url: Optional[str]) -> Any:
 
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
     if is_local_sqlite(url):  # several local workers: wait for the write lock instead of failing at once
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return create_in_turn(lambda: optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}),
+                              sqlite_path(url))
     try:
         return optuna.storages.RDBStorage(url)
     except SQLAlchemyError:  # two workers creating a fresh database's tables at once: the loser retries

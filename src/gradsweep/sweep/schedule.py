@@ -35,7 +35,7 @@ from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.paths import TRAIN
 from gradsweep.names import SCHEDULE_TAG, SCHEDULED_AT_TAG
 from gradsweep.sweep.context import SweepContext
-from gradsweep.track.uri import refuse_password
+from gradsweep.track.uri import absolute_sqlite, is_local_sqlite, refuse_password, sqlite_path
 
 log = logging.getLogger("gradsweep.sweep.schedule")
 STORAGE_ENV = "GRADSWEEP_OPTUNA_STORAGE"  # overrides every sweep's study storage (team deployments)
@@ -118,15 +118,17 @@ def study_storage(name: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------ locks
 @contextmanager
-def sweep_lock(name: str, storage: Optional[str], lock_dir: Path) -> Iterator[None]:
-    """Held for a whole sweep run. PostgreSQL study storage: a session advisory lock in that
-    database (every host sees it). Otherwise: flock on ``lock_dir/<name>.lock``."""
+def sweep_lock(name: str, storage: Optional[str], lock_dir: Optional[Path] = None) -> Iterator[None]:
+    """Held for a whole sweep run, keyed to what every scheduler of the study shares, wherever it was
+    started from. PostgreSQL study storage: a session advisory lock in that database (every host sees
+    it). A study file (sqlite, journal): flock beside that file. No storage: flock in ``lock_dir``
+    (default: this user's cache folder, per host)."""
     if storage and storage.startswith("postgresql"):
         with _pg_lock(name, storage):
             yield
         return
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    path = lock_dir / f"{name}.lock"
+    path = lock_path(name, storage, lock_dir or default_lock_dir())
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR)
     try:
         try:
@@ -139,6 +141,23 @@ def sweep_lock(name: str, storage: Optional[str], lock_dir: Path) -> Iterator[No
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def default_lock_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gradsweep" / "locks"
+
+
+def lock_path(name: str, storage: Optional[str], lock_dir: Path) -> Path:
+    """The lock file of sweep ``name``: beside its study file, else in ``lock_dir``."""
+    url = str(storage or "")
+    study_file = None
+    if is_local_sqlite(url):
+        study_file = sqlite_path(absolute_sqlite(url))
+    elif url.startswith("journal:"):
+        study_file = Path(url[len("journal:"):].removeprefix("//")).absolute()
+    if study_file is not None:
+        return study_file.with_name(f".{study_file.name}.{name}.sweep.lock")
+    return lock_dir / f"{name}.lock"
 
 
 @contextmanager
@@ -164,7 +183,7 @@ def _pg_lock(name: str, storage: str) -> Iterator[None]:
 class SweepRunner:
     """Runs ``python src/train.py -m +sweep=<name>`` under the sweep's lock; forwards SIGTERM."""
 
-    def __init__(self, lock_dir: Path = Path("mlruns") / "locks", extra_overrides: Optional[list[str]] = None):
+    def __init__(self, lock_dir: Optional[Path] = None, extra_overrides: Optional[list[str]] = None):
         self.lock_dir = lock_dir
         self.extra_overrides = extra_overrides or []
         self.proc: Optional[subprocess.Popen] = None
@@ -270,7 +289,7 @@ class Scheduler:
             raise ConfigError(f"no sweep in {sweeps_dir()} has an enabled schedule; add 'schedule: {{cron: ...}}'"
                               " to a sweep file")
         self.state = StateFile(state_dir / "schedules" / "state.json")
-        self.runner = SweepRunner(state_dir / "locks", extra_overrides)
+        self.runner = SweepRunner(extra_overrides=extra_overrides)
         self.max_runs = max_runs  # stop after this many runs in all (tests, one-off catch-up)
         self.runs = 0
         self.done = threading.Event()

@@ -13,7 +13,6 @@ itself at the end. ``gradsweep sync`` delivers journals left by processes that e
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from gradsweep.locks import Busy, create_in_turn, locked_file
 from gradsweep.track.journal import HEADER, JOURNAL, STATE, read_json, records, write_json_atomic
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
@@ -31,15 +31,10 @@ log = logging.getLogger("gradsweep.track.delivery")
 MAX_METRICS = 1000  # MLflow's log_batch limit
 MAX_PARAMS = 100
 MAX_TAGS = 100
-INIT_WAIT_S = 120.0  # longest wait for another process creating a new SQLite store
 
 
 class Unreachable(Exception):
     """The tracking store could not be reached; try again later."""
-
-
-class Busy(Exception):
-    """Another process is delivering this journal right now."""
 
 
 def is_transient(e: BaseException) -> bool:
@@ -78,20 +73,7 @@ def mlflow_client(uri: str):
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # tables...") are not the user's business
     if not is_local_sqlite(uri):
         return MlflowClient(tracking_uri=uri)
-    return _create_store_in_turn(lambda: MlflowClient(tracking_uri=uri), sqlite_path(uri))
-
-
-def _create_store_in_turn(make: Callable[[], Any], db: Path) -> Any:
-    """MLflow creates and migrates a new SQLite store when a client is made, and two processes
-    doing that at once break it ("duplicate column name: step", "table latest_metrics already
-    exists", a half-migrated file; seen with two clients started together). MLflow has no lock for
-    it, so our processes take turns: clients are made under a flock beside the database."""
-    db.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with locked_file(db.with_name(f".{db.name}.init.lock"), wait_s=INIT_WAIT_S):
-            return make()
-    except Busy:  # a holder stalled for minutes: go on as MLflow alone would rather than wait forever
-        return make()
+    return create_in_turn(lambda: MlflowClient(tracking_uri=uri), sqlite_path(uri))
 
 
 def client_for(uri: str):
@@ -106,25 +88,6 @@ def locked(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
     """Exclusive delivery lock of one journal folder; Busy after ``wait_s``."""
     with locked_file(folder / "lock", wait_s):
         yield
-
-
-@contextmanager
-def locked_file(path: Path, wait_s: float = 0.0) -> Iterator[None]:
-    """flock on ``path`` (released by the kernel if the holder dies); Busy after ``wait_s``."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR)
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise Busy(str(path.parent)) from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)
 
 
 _last_answer = 0.0  # monotonic time of this process's last call the store answered (even with an error)
