@@ -43,7 +43,7 @@ def mlflow_server(tmp_path):
 # The integration tier: modules that start real processes (train.py, mlflow server, PostgreSQL,
 # schedulers, SIGKILL). Everything else is the unit tier: `pytest -m "not integration"` runs it in
 # about a minute. The default run is both, in parallel (pytest-xdist, see pyproject.toml).
-INTEGRATION = {"test_bad_input", "test_hostile_input", "test_sweep_e2e", "test_outage", "test_checkpoint_resume",
+INTEGRATION = {"test_bad_input", "test_faults", "test_hostile_input", "test_sweep_e2e", "test_outage", "test_checkpoint_resume",
                "test_optuna_sweeps", "test_schedule", "test_server_postgres", "test_report", "test_cpu_threads",
                "test_browser"}
 

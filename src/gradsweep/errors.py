@@ -18,6 +18,12 @@ class CheckpointError(GradsweepError):
     """Missing, corrupt or incompatible checkpoint."""
 
 
+class RecordingLost(Exception):
+    """What a run logs can no longer be recorded (its journal was deleted, or the disk under it is
+    full or read-only). Not the user's input: the command exits 1 after the run is closed FAILED
+    wherever the tracking store can be told."""
+
+
 class NonFiniteError(GradsweepError):
     """Training produced a NaN/Inf loss or gradient."""
 

@@ -18,7 +18,7 @@ from typing import Callable, NoReturn
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
-from gradsweep.errors import GradsweepError, NonFiniteError
+from gradsweep.errors import GradsweepError, NonFiniteError, RecordingLost
 from gradsweep.run.job import main_thread, raise_terminated
 from gradsweep.sweep.hydra_adapter import preflight
 
@@ -89,6 +89,9 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
         main()
     except NonFiniteError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    except RecordingLost as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     except (GradsweepError, HydraException, MissingConfigException, OmegaConfBaseException) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -39,25 +39,41 @@ def _sync_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, help="keep retrying an unreachable store this many seconds")
 
 
+BUSY_WAIT_S = 30.0  # a journal another process is delivering (a job's delivery worker finishing up)
+
+
 @command("sync", "deliver run journals still spooled on disk (e.g. after a tracking-server outage)", _sync_args)
 def sync(args: argparse.Namespace) -> int:
     import time
 
-    from gradsweep.track.delivery import OutageReporter, deliver_all, pending
+    from gradsweep.track.delivery import OutageReporter, deliver_all, pending, refused
+    from gradsweep.track.journal import close_orphan
 
+    for folder in pending(args.spool):
+        if close_orphan(folder):
+            print(f"spooled run {folder.name}: its process is gone without ending the run; it ends KILLED "
+                  "(failure=worker_died)")
     folders = pending(args.spool)
     if not folders:
         print(f"nothing to deliver in {args.spool}")
-        return 0
+        return _say_refused(refused(args.spool))
     deadline = time.monotonic() + args.wait
     reporter = OutageReporter(sys.stdout)
     while True:
-        left = deliver_all(pending(args.spool), reporter, args.spool)
+        left = deliver_all(pending(args.spool), reporter, args.spool, busy_wait_s=BUSY_WAIT_S)
         if left == 0 or time.monotonic() >= deadline:
             break
         time.sleep(1.0)
     print(f"delivered {len(folders) - left} of {len(folders)} spooled runs" + (f"; {left} still spooled" if left else ""))
-    return 1 if left else 0
+    return max(1 if left else 0, _say_refused(refused(args.spool)))
+
+
+def _say_refused(journals: list) -> int:
+    """Journals whose run the store would not create are kept and explained, never retried forever."""
+    for folder, reason in journals:
+        print(f"refused by the tracking store: {folder} ({reason}); its records stay there. Fix the cause "
+              "(e.g. restore the experiment) and delete the folder's state.json to deliver it again")
+    return 1 if journals else 0
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:

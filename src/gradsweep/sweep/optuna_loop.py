@@ -41,7 +41,7 @@ from gradsweep.names import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
 from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.optuna_storage import make_pruner, make_storage, resolve_storage_url
 from gradsweep.sweep.optuna_trial import register_live, unregister_live
-from gradsweep.track.store import worker_alive, worker_id
+from gradsweep.track.journal import worker_alive, worker_id
 from gradsweep.track.uri import mask
 
 log = logging.getLogger("gradsweep")

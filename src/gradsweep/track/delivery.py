@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from gradsweep.errors import ConfigError
 from gradsweep.locks import Busy, create_in_turn, locked_file
 from gradsweep.track.journal import HEADER, JOURNAL, STATE, read_json, records, write_json_atomic
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
@@ -110,6 +111,10 @@ def experiment_id(client, name: str, artifact_location: Optional[str] = None,
                   call: Callable[..., Any] = lambda fn, *a, **k: fn(*a, **k)) -> str:
     """The id of experiment ``name``, created if missing (by another worker at the same time, too)."""
     exp = call(client.get_experiment_by_name, name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise ConfigError(f"tracking.experiment_name={name!r}: that experiment is deleted in the tracking store "
+                          f"(id {exp.experiment_id}); allowed: restore it (mlflow experiments restore "
+                          f"--experiment-id {exp.experiment_id}) or another name")
     if exp is not None:
         return exp.experiment_id
     try:
@@ -167,7 +172,12 @@ def _deliver_locked(folder: Path) -> bool:
     if state.get("done") or header is None:  # no header: removed by whoever delivered it
         return True
     client = client_for(header["uri"])
-    run_id = _ensure_run(folder, client, header, state)
+    try:
+        run_id = _ensure_run(folder, client, header, state)
+    except Unreachable:
+        raise
+    except Exception as e:  # the store refuses the run itself (its experiment deleted, a bad name)
+        return _refused(folder, state, e)
     if run_id is None:
         return False
     metrics: list[Metric] = []
@@ -177,9 +187,18 @@ def _deliver_locked(folder: Path) -> bool:
         state["offset"] = offset
         write_json_atomic(folder / STATE, state)
 
+    def send(fn, *args, what: str, **kwargs) -> None:
+        """One request. A rejection (not an outage) skips just these records: the rest still goes."""
+        try:
+            _call(fn, run_id, *args, **kwargs)
+        except Unreachable:
+            raise
+        except Exception as e:
+            _rejected(folder, state, what, e)
+
     def send_metrics() -> None:
         if metrics:
-            _call(client.log_batch, run_id, metrics=list(metrics))
+            send(client.log_batch, metrics=list(metrics), what=f"{len(metrics)} metric values")
             metrics.clear()
             commit(pending_offset)
 
@@ -196,15 +215,18 @@ def _deliver_locked(folder: Path) -> bool:
         if op == "params":
             items = [Param(k, v) for k, v in rec["params"].items()]
             for i in range(0, len(items), MAX_PARAMS):
-                _call(client.log_batch, run_id, params=items[i:i + MAX_PARAMS])
+                send(client.log_batch, params=items[i:i + MAX_PARAMS], what="params")
         elif op == "tags":
             items = [RunTag(k, v) for k, v in rec["tags"].items()]
             for i in range(0, len(items), MAX_TAGS):
-                _call(client.log_batch, run_id, tags=items[i:i + MAX_TAGS])
+                send(client.log_batch, tags=items[i:i + MAX_TAGS], what="tags")
         elif op == "artifact":
-            _call(client.log_artifact, run_id, str(folder / rec["file"]), rec.get("artifact_path"))
+            send(client.log_artifact, str(folder / rec["file"]), rec.get("artifact_path"),
+                 what=f"artifact {rec.get('artifact_path') or '.'}/{Path(rec['file']).name}")
         elif op == "end":
-            _call(client.set_terminated, run_id, rec["status"], rec.get("end_time"))
+            if state.get("rejected"):  # the run says what it lacks
+                send(client.set_tag, REJECTED_TAG, _rejection_summary(state), what="tags")
+            send(client.set_terminated, rec["status"], rec.get("end_time"), what="the final status")
             state["done"] = True
         pending_offset = offset
         commit(offset)
@@ -212,6 +234,35 @@ def _deliver_locked(folder: Path) -> bool:
     if state.get("done"):
         finish(folder, keep_state="create" in header)
     return bool(state.get("done"))
+
+
+REJECTED_TAG = "gradsweep.rejected"
+
+
+def _rejected(folder: Path, state: dict[str, Any], what: str, e: Exception) -> None:
+    """The store refused some records (a file it cannot write, a deleted run): they are skipped, the
+    run's tag ``gradsweep.rejected`` lists them, and the console says so once per kind."""
+    reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+    rejected = state.setdefault("rejected", {})
+    if what not in rejected:
+        print(f"[gradsweep] run {state.get('run_id')}: the tracking store refused {what}: {reason}",
+              file=sys.stderr, flush=True)
+    rejected[what] = reason
+
+
+def _rejection_summary(state: dict[str, Any]) -> str:
+    return "; ".join(f"{what}: {reason}" for what, reason in state["rejected"].items())[:5000]
+
+
+def _refused(folder: Path, state: dict[str, Any], e: Exception) -> bool:
+    """The store refuses to create the run at all: the journal is closed as refused and kept, with
+    the reason, so `gradsweep sync` explains it instead of retrying it forever."""
+    reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+    state.update(done=True, refused=reason)
+    write_json_atomic(folder / STATE, state)
+    print(f"[gradsweep] the tracking store refused to create the run of journal {folder}: {reason}; "
+          "its records stay there", file=sys.stderr, flush=True)
+    return True
 
 
 def finish(folder: Path, keep_state: bool) -> None:
@@ -222,6 +273,18 @@ def finish(folder: Path, keep_state: bool) -> None:
         shutil.rmtree(folder / "artifacts", ignore_errors=True)
     else:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def refusal(folder: Path) -> Optional[str]:
+    """Why the store refused to create this journal's run, if it did."""
+    return (read_json(folder / STATE) or {}).get("refused")
+
+
+def refused(spool: Path) -> list[tuple[Path, str]]:
+    """Journals whose run the store refused to create, with the reason (kept for the user)."""
+    if not spool.is_dir():
+        return []
+    return [(f, r) for f in sorted(spool.iterdir()) if f.is_dir() and (r := refusal(f))]
 
 
 def pending(spool: Path, owner_pid: Optional[int] = None) -> list[Path]:
@@ -281,16 +344,24 @@ class OutageReporter:
               file=self.out, flush=True)
 
 
-def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path) -> int:
-    """One pass over journals; returns how many are still not complete."""
+def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path, busy_wait_s: float = 0.0,
+                owner_reports: bool = False) -> int:
+    """One pass over journals; returns how many are still not complete. A journal another process
+    is delivering is waited for up to ``busy_wait_s``. ``owner_reports``: a spool that cannot be
+    written (disk full, read-only) is not reported here, because the job writing the journal finds
+    the same at its next append and says it, once, as its last word (the delivery worker)."""
     started, left = time.monotonic(), 0
     for folder in folders:
         try:
-            done = deliver(folder)
+            done = deliver(folder, wait_s=busy_wait_s)
         except Unreachable as e:
             reporter.unreachable(spool, str(e))
             return len(folders)
         except Busy:
+            done = False
+        except OSError as e:
+            if not owner_reports:
+                log.error("delivery of %s failed: %s", folder.name, e)
             done = False
         except Exception as e:  # a journal the store rejects must not block the others
             log.error("delivery of %s failed: %s", folder.name, e)
@@ -318,12 +389,12 @@ def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
     if closed is None and control is not None:
         closed = watch_owner(control, spool)
     while True:
-        deliver_all(pending(spool, owner_pid), reporter, spool)
+        deliver_all(pending(spool, owner_pid), reporter, spool, owner_reports=True)
         if closed is None:
             time.sleep(interval_s)
         elif closed.wait(interval_s):
             break  # owner closed the pipe or died
-    deliver_all(pending(spool, owner_pid), reporter, spool)
+    deliver_all(pending(spool, owner_pid), reporter, spool, owner_reports=True)
 
 
 def _detach_when_closed(control, closed: threading.Event, spool: Path) -> None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from gradsweep.errors import RecordingLost
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
 FLUSH_EVERY_S = 0.25  # metric records are flushed to the file at least this often
@@ -33,6 +35,24 @@ def default_spool_dir(uri: str) -> Path:
     if is_local_sqlite(uri):
         return sqlite_path(uri).parent / "spool"
     return Path.cwd() / "mlruns" / "spool"
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_alive(worker: str) -> bool:
+    """False only when the worker ran on this host and its process is gone."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def now_ms() -> int:
@@ -71,27 +91,57 @@ def has_artifact(folder: Path, artifact_path: str) -> bool:
         return False
 
 
-class RunJournal:
-    """Append-only log of one run. Also a :class:`~gradsweep.train.sinks.Sink` for the training loop."""
+def close_orphan(folder: Path) -> bool:
+    """A journal whose writer died without ending it (SIGKILL, a crash) gets the ending the writer
+    would have written: tag ``failure=worker_died`` and status KILLED. True if it was closed."""
+    header = read_json(folder / HEADER)
+    if header is None or worker_alive(header.get("worker") or f"{socket.gethostname()}:{header.get('owner_pid')}"):
+        return False
+    try:
+        if any(rec["op"] == "end" for _, rec in records(folder)):
+            return False
+        with open(folder / JOURNAL, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"op": "tags", "tags": {"failure": "worker_died"}}) + "\n")
+            f.write(json.dumps({"op": "end", "status": "KILLED", "end_time": now_ms()}) + "\n")
+    except (OSError, ValueError):
+        return False
+    return True
 
-    def __init__(self, folder: Path, run_id: Optional[str] = None):
+
+class RunJournal:
+    """Append-only log of one run. Also a :class:`~gradsweep.train.sinks.Sink` for the training loop.
+
+    A journal that cannot be written (disk full, read-only) or that was deleted under the run is
+    *lost*: the append that finds out raises :class:`RecordingLost` (the job stops and closes the
+    run FAILED through the store directly, see :func:`gradsweep.track.store.close_run`); later
+    appends are counted in ``dropped`` and do nothing."""
+
+    def __init__(self, folder: Path, run_id: Optional[str] = None, header: Optional[dict[str, Any]] = None):
         self.folder = folder
         self.local_id = folder.name
+        self.header = header or read_json(folder / HEADER) or {}
         self._run_id = run_id
         self._file = open(folder / JOURNAL, "a", encoding="utf-8")
         self._last_flush = time.monotonic()
         self._artifacts = 0
+        self.lost: Optional[str] = None  # why, once the journal is lost
+        self.dropped = 0  # records not written since
+        self.last_step = -1  # the last step whose metrics were written
 
     @classmethod
     def create(cls, spool: Path, header: dict[str, Any]) -> "RunJournal":
         """``header``: uri, experiment_name, artifact_location, and either ``run_id`` (the run exists)
         or ``create`` (run_name, tags, parent_run_id | parent_local_id, start_time)."""
         folder = Path(spool) / uuid.uuid4().hex
-        folder.mkdir(parents=True)
-        write_json_atomic(folder / HEADER, {**header, "owner_pid": os.getpid()})
-        if header.get("run_id"):
-            write_json_atomic(folder / STATE, {"run_id": header["run_id"], "offset": 0, "done": False})
-        return cls(folder, header.get("run_id"))
+        header = {**header, "owner_pid": os.getpid(), "worker": worker_id()}
+        try:
+            folder.mkdir(parents=True)
+            write_json_atomic(folder / HEADER, header)
+            if header.get("run_id"):
+                write_json_atomic(folder / STATE, {"run_id": header["run_id"], "offset": 0, "done": False})
+            return cls(folder, header.get("run_id"), header)
+        except OSError as e:
+            raise RecordingLost(f"cannot write a run journal in {spool}: {e.strerror or e}") from None
 
     @property
     def run_id(self) -> Optional[str]:
@@ -102,10 +152,30 @@ class RunJournal:
         return self._run_id
 
     def _append(self, record: dict[str, Any], flush: bool = True) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        if flush or time.monotonic() - self._last_flush > FLUSH_EVERY_S:
-            self._file.flush()
-            self._last_flush = time.monotonic()
+        if self.lost is not None:
+            self.dropped += 1
+            return
+        try:
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+            if flush or time.monotonic() - self._last_flush > FLUSH_EVERY_S:
+                self._file.flush()
+                self._last_flush = time.monotonic()
+                if os.fstat(self._file.fileno()).st_nlink == 0:  # unlinked: nobody will ever read it
+                    raise FileNotFoundError(0, "was deleted while the run was going")
+        except OSError as e:
+            self._lose(e)
+        if record["op"] == "metrics":
+            self.last_step = record["step"]
+
+    def _lose(self, e: OSError) -> None:
+        self.lost = f"{self.folder} {e.strerror or e}" if isinstance(e, FileNotFoundError) else \
+            f"{self.folder} could not be written: {e.strerror or e}"
+        self.dropped += 1
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        raise RecordingLost(f"run journal {self.lost}") from None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._append({"op": "metrics", "step": step, "ts": now_ms(), "values": metrics}, flush=False)
@@ -118,23 +188,34 @@ class RunJournal:
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         """Copy the file now (it may change later, e.g. ``last.pt``), upload it on delivery."""
+        if self.lost is not None:
+            self.dropped += 1
+            return
         path = Path(path)
         self._artifacts += 1
         rel = f"artifacts/{self._artifacts:05d}/{path.name}"
-        (self.folder / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(path, self.folder / rel)  # no copy when on the same file system
-        except OSError:
-            shutil.copy2(path, self.folder / rel)
+            (self.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, self.folder / rel)  # no copy when on the same file system
+            except OSError:
+                shutil.copy2(path, self.folder / rel)
+        except OSError as e:
+            self._lose(e)
         self._append({"op": "artifact", "file": rel, "artifact_path": artifact_path})
 
     def end(self, status: str) -> None:
-        self._append({"op": "end", "status": status, "end_time": now_ms()})
-        self.close()
+        try:
+            self._append({"op": "end", "status": status, "end_time": now_ms()})
+        finally:
+            self.close()
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file.closed:
+            return
+        try:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-
+        except OSError as e:
+            self._lose(e)

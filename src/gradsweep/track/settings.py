@@ -10,6 +10,7 @@ from gradsweep.track.uri import check_tracking_uri
 
 
 BACKENDS = ("mlflow", "memory")
+MAX_EXPERIMENT_NAME = 256  # MLflow's column (VARCHAR(256)); longer names fail on a PostgreSQL-backed server
 
 
 @dataclass
@@ -28,5 +29,8 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         choice("tracking.backend", self.backend, BACKENDS)
         check_tracking_uri(self.uri)
-        require(bool(self.experiment_name.strip()), "tracking.experiment_name", self.experiment_name, "a non-empty name")
+        name = self.experiment_name
+        require(bool(name.strip()) and len(name) <= MAX_EXPERIMENT_NAME and name.isprintable(),
+                "tracking.experiment_name", name if len(name) <= 60 else f"{name[:40]}... ({len(name)} characters)",
+                f"a printable name of 1-{MAX_EXPERIMENT_NAME} characters")
         positive("tracking.delivery_timeout_s", self.delivery_timeout_s, strict=False)

@@ -14,14 +14,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from mlflow.tracking import MlflowClient
 
-from gradsweep.names import PARENT_TAG, WORKER_TAG
+from gradsweep.errors import RecordingLost
+from gradsweep.names import FAILURE_REASON_TAG, FAILURE_TAG, PARENT_TAG, WORKER_TAG
 from gradsweep.paths import SRC
 from gradsweep.track import delivery
-from gradsweep.track.journal import RunJournal, default_spool_dir, now_ms
+from gradsweep.track.journal import RunJournal, default_spool_dir, now_ms, worker_alive, worker_id
 from gradsweep.track.settings import TrackingConfig
 from gradsweep.track.uri import absolute_sqlite, is_local_sqlite, mask, sqlite_path
 
@@ -33,24 +34,6 @@ def resolve_uri(uri: str) -> str:
     return absolute_sqlite(uri, create=True)
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def worker_alive(worker: str) -> bool:
-    """False only when the worker ran on this host and its process is gone."""
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def close_dead_runs(tracker: "Tracker") -> list[str]:
     """Runs left RUNNING by a process of this host that no longer exists (SIGKILL, a crash):
     closed KILLED with tag ``failure=worker_died``, so a restarted sweep leaves nothing RUNNING."""
@@ -60,7 +43,7 @@ def close_dead_runs(tracker: "Tracker") -> list[str]:
     for run in runs:
         worker = run.data.tags.get(WORKER_TAG)
         if worker and not worker_alive(worker):
-            tracker.client.set_tag(run.info.run_id, "failure", "worker_died")
+            tracker.client.set_tag(run.info.run_id, FAILURE_TAG, "worker_died")
             tracker.client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)
     if closed:
@@ -170,7 +153,12 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
     else:
         header["create"] = {"run_name": run_name, "tags": tags, "parent_run_id": parent_run_id,
                             "parent_local_id": parent_local_id, "start_time": now_ms()}
-    journal = RunJournal.create(spool, header)
+    try:
+        journal = RunJournal.create(spool, header)
+    except RecordingLost as e:
+        if run_id and not existing:  # created on the store a moment ago: not left RUNNING there
+            _fail_on_store(uri, run_id, "journal_unwritable", str(e))
+        raise
     if existing:  # a resumed run: it is this process's now (see close_dead_runs)
         journal.set_tags({WORKER_TAG: tags[WORKER_TAG]})
     DeliveryWorker.ensure(spool)
@@ -179,14 +167,24 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
 
 def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0) -> bool:
     """Write the final status and deliver what is left. False if the store stayed unreachable:
-    the journal stays on disk for ``gradsweep sync``."""
-    journal.end(status)
+    the journal stays on disk for ``gradsweep sync``. A lost journal (deleted, disk full) raises
+    RecordingLost once the run is closed FAILED on the store, where the store can be told."""
+    try:
+        journal.end(status)
+    except RecordingLost:
+        pass
+    if journal.lost is not None:
+        _close_lost(journal)
     reporter = delivery.OutageReporter()
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             if delivery.deliver(journal.folder, wait_s=max(0.1, min(30.0, deadline - time.monotonic()))):
                 reporter.reachable()
+                refused = delivery.refusal(journal.folder)
+                if refused:
+                    raise RecordingLost(f"the tracking store refused the run: {refused}; its records are kept in "
+                                        f"{journal.folder}")
                 return True
         except delivery.Busy:  # the delivery process holds the journal: wait for it, not past the deadline
             pass
@@ -197,6 +195,31 @@ def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0) -> bool
                   "run `gradsweep sync` when the tracking store is back", file=sys.stderr, flush=True)
             return False
         time.sleep(1.0)
+
+
+def _close_lost(journal: RunJournal) -> NoReturn:
+    """The journal is gone: tell the store directly that the run FAILED and why, say what was lost."""
+    reason = f"run journal {journal.lost}"
+    told = False
+    if journal.run_id and journal.header.get("uri"):
+        try:
+            _fail_on_store(journal.header["uri"], journal.run_id, "journal_lost", reason)
+            told = True
+        except Exception:  # the store is down as well: nothing more can be done from here
+            pass
+    where = f"run {journal.run_id}" if journal.run_id else f"spooled run {journal.local_id}"
+    stopped = f"Training stopped after step {journal.last_step}; " if journal.last_step >= 0 else ""
+    print(f"[gradsweep] {where}: {reason}. {stopped}what had not reached the tracking store by then is lost. "
+          + ("The run is marked FAILED there (failure=journal_lost)." if told else
+             "The store could not be told: the run may show RUNNING there."), file=sys.stderr, flush=True)
+    raise RecordingLost(f"{where}: {reason}; the run is {'FAILED' if told else 'not closed'} in the tracking store")
+
+
+def _fail_on_store(uri: str, run_id: str, failure: str, reason: str) -> None:
+    client = delivery.mlflow_client(uri)
+    client.set_tag(run_id, FAILURE_TAG, failure)
+    client.set_tag(run_id, FAILURE_REASON_TAG, reason[:5000])
+    client.set_terminated(run_id, "FAILED")
 
 
 class DeliveryWorker:
