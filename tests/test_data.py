@@ -44,6 +44,30 @@ def test_file_reader_names_file_and_line(tmp_path):
         read_digit_sum(tmp_path)
 
 
+@pytest.mark.parametrize("line,bad", [
+    ("1 2 1_0 0 0\t3", "bad line"),  # int() takes it
+    ("1 2 \u0663 0 0\t3", "not a text file of ASCII digits"),  # Arabic-Indic 3: int() takes it too
+    ("1 2 3 0 0\t+6", "bad line"),
+    ("1 2 3 0 0\t19", "the label 0-18"),
+    ("1 2 3 0 0\t\u0666", "not a text file of ASCII digits"),
+])
+def test_only_ascii_digits_are_digits(tmp_path, line, bad):
+    write_digit_sum(tmp_path, generate_digit_sum(DigitSumConfig(length=5)))
+    lines = (tmp_path / "train.txt").read_text().splitlines()
+    lines[6] = line
+    (tmp_path / "train.txt").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.txt:7: ") as err:
+        read_digit_sum(tmp_path)
+    assert bad in str(err.value)
+
+
+def test_binary_garbage_names_the_file(tmp_path):
+    write_digit_sum(tmp_path, generate_digit_sum(DigitSumConfig(length=5)))
+    (tmp_path / "test.txt").write_bytes(b"1 2 3 0 0\t6\n\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(DataError, match=r"test.txt:2: not a text file of ASCII digits \(byte 0x89\)"):
+        read_digit_sum(tmp_path)
+
+
 @pytest.mark.parametrize("name", ["moons", "circles"])
 def test_toy_sets(name):
     ds = build("data", ToyConfig(name=name))

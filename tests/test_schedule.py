@@ -115,6 +115,7 @@ def test_sigterm_leaves_nothing_running(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]
     assert {r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags} == {"KILLED"}
+    assert {r.data.tags["optuna.state"] for r in runs if "mlflow.parentRunId" in r.data.tags} == {"FAIL"}
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert study.trials and all(t.state != optuna.trial.TrialState.RUNNING for t in study.trials)
 
@@ -132,6 +133,25 @@ def test_missed_runs_coalesce_into_one_at_start(tmp_path):
     assert len(line) == 1 and "coalescing them into one run" in line[0]
     assert int(line[0].split("tiny: ")[1].split()[0]) in (5, 6)
     assert len(parents(store)) == 1
+
+
+@pytest.mark.parametrize("schedule,message", [
+    ("cron: 5", "schedule.cron=5 is a int; allowed: a quoted string"),
+    ("cron: '0 * * * *'\n  timezone: 5", "schedule.timezone=5 is a int"),
+    ("cron: '0 0 31 2 *'", "never fires"),
+    ("cron: '0 * * * *'\n  enabled: 'yes'", "schedule.enabled='yes'; allowed: true|false"),
+])
+def test_bad_schedules_are_one_line_also_in_the_list(tmp_path, schedule, message):
+    sweeps = write_sweep(tmp_path)
+    text = (sweeps / "tiny.yaml").read_text()
+    (sweeps / "tiny.yaml").write_text(text[:text.index("schedule:")] + "schedule:\n  " + schedule + "\n")
+    for args in (["schedule", "--max-runs", "1"], ["sweep", "list"]):
+        res = subprocess.run([GRADSWEEP, *args], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
+                             text=True, timeout=60)
+        out = (res.stdout + res.stderr).strip()
+        assert "Traceback" not in out and message in out, (args, out)
+        if args[0] == "schedule":
+            assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, out
 
 
 def test_missed_runs_count_and_cron_errors():
@@ -204,7 +224,9 @@ def test_sigkilled_sweep_restarts_with_nothing_left_running(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     runs = client.search_runs([exp_id])
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    assert len([r for r in runs if r.info.status == "KILLED" and r.data.tags.get("failure") == "worker_died"]) == 2
+    killed = [r for r in runs if r.info.status == "KILLED" and r.data.tags.get("failure") == "worker_died"]
+    assert len(killed) == 2  # the dead sweep's parent and its trial
+    assert [r.data.tags["optuna.state"] for r in killed if "optuna.trial_number" in r.data.tags] == ["FAIL"]
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     states = [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
     assert states == ["FAIL", "COMPLETE", "COMPLETE"]  # the orphan failed, the restart ran its budget of 2

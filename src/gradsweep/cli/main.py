@@ -108,11 +108,17 @@ def sweep(args: argparse.Namespace) -> int:
     from gradsweep.sweep.schedule import SweepRunner, load_schedule, sweep_names
 
     if args.action == "list":
+        bad = 0
         for name in sweep_names():
-            sched = load_schedule(name)
+            try:
+                sched = load_schedule(name)
+            except GradsweepError as e:  # one bad file does not hide the others
+                bad += 1
+                print(f"{name:<20} invalid: {e}")
+                continue
             when = f"cron {sched.cron!r} {sched.timezone}, {sched.trials_per_run} trials/run" if sched else "unscheduled"
             print(f"{name:<20} {when}")
-        return 0
+        return 2 if bad else 0
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     sched = load_schedule(args.name)
     trials = args.trials if args.trials is not None else (sched.trials_per_run if sched else None)

@@ -140,6 +140,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                 except BaseException:  # Ctrl-C, a launcher error: no trial is left RUNNING in the storage
                     for t in trials:
                         study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
+                        self._tag_state(study.study_name, t.number, TrialState.FAIL)  # nor in MLflow's tags
                     raise
                 finally:
                     unregister_live(trials)
@@ -168,7 +169,15 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                 continue
             study._storage.set_trial_user_attr(t._trial_id, FAILURE_ATTR, f"worker {worker} died")
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            self._tag_state(study.study_name, t.number, TrialState.FAIL, this_sweep=False)
             log.warning("trial %d was left RUNNING by dead worker %s: now FAIL", t.number, worker)
+
+    def _tag_state(self, study_name: str, number: int, state: TrialState, run_id: Optional[str] = None,
+                   this_sweep: bool = True) -> None:
+        """The trial's MLflow run says the state Optuna holds (``optuna.state``)."""
+        run_id = run_id or self._child_run(study_name, number, this_sweep)
+        if run_id:
+            self._mlflow(lambda t: t.client.set_tag(run_id, TRIAL_STATE_TAG, state.name), f"tag run {run_id}")
 
     def _reseed(self, study: optuna.Study, number: int) -> None:
         """A seeded sampler draws trial ``number``'s values with a seed made of (``seed``, ``number``).
@@ -211,7 +220,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
             if not (is_grid and "Study.stop" in str(e)):
                 raise
         if run_id:
-            self._mlflow(lambda t: t.client.set_tag(run_id, TRIAL_STATE_TAG, state.name), f"tag run {run_id}")
+            self._tag_state(study.study_name, trial.number, state, run_id)
         return state, value, why
 
     # ------------------------------------------------------------------------------ MLflow
@@ -232,10 +241,11 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
             log.warning("MLflow: could not %s: %s", what, _first_line(e))
             return None
 
-    def _child_run(self, study_name: str, number: int) -> Optional[str]:
-        """The MLflow run of trial ``number`` (tagged by the job), under this invocation's parent run."""
+    def _child_run(self, study_name: str, number: int, this_sweep: bool = True) -> Optional[str]:
+        """The MLflow run of trial ``number`` (tagged by the job), under this invocation's parent run
+        (or any, for a trial a dead earlier invocation left)."""
         where = f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`{TRIAL_NUMBER_TAG}` = '{number}'"
-        if self.parent_run_id:
+        if this_sweep and self.parent_run_id:
             where += f" and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
 
         def find(t):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from gradsweep.errors import ConfigError, GradsweepError
+from gradsweep.locks import locked_file
 from gradsweep.paths import TRAIN
 from gradsweep.names import SCHEDULE_TAG, SCHEDULED_AT_TAG
 from gradsweep.sweep.context import SweepContext
@@ -106,9 +107,20 @@ def load_schedule(name: str) -> Optional[Schedule]:
         raise ConfigError(f"sweeps/{name}.yaml: schedule keys {sorted(raw)}; allowed: {'|'.join(sorted(allowed))} "
                           "(cron required)")
     sched = Schedule(sweep=name, **raw)
-    if not isinstance(sched.trials_per_run, int) or sched.trials_per_run < 1:
+    for key in ("cron", "timezone"):  # YAML reads `cron: 5` as an integer
+        value = getattr(sched, key)
+        if not isinstance(value, str):
+            example = '"*/30 * * * *"' if key == "cron" else "Europe/Berlin"
+            raise ConfigError(f"sweeps/{name}.yaml: schedule.{key}={value!r} is a {type(value).__name__}; allowed: "
+                              f"a quoted string, e.g. {key}: {example}")
+    if not isinstance(sched.trials_per_run, int) or isinstance(sched.trials_per_run, bool) or sched.trials_per_run < 1:
         raise ConfigError(f"sweeps/{name}.yaml: schedule.trials_per_run={sched.trials_per_run!r}; allowed: an integer >= 1")
-    sched.trigger()  # validates cron and time zone
+    if not isinstance(sched.enabled, bool):
+        raise ConfigError(f"sweeps/{name}.yaml: schedule.enabled={sched.enabled!r}; allowed: true|false")
+    trigger = sched.trigger()  # validates cron and time zone
+    if trigger.get_next_fire_time(None, datetime.now(timezone.utc)) is None:
+        raise ConfigError(f"sweeps/{name}.yaml: schedule.cron={sched.cron!r} never fires (no such date); allowed: "
+                          "a crontab expression that names a real date")
     return sched
 
 
@@ -257,15 +269,17 @@ class StateFile:
         return datetime.fromisoformat(value) if value else None
 
     def set(self, name: str, when: datetime) -> None:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data[name] = when.isoformat()
+        """Read-modify-write under a lock: two schedulers in one folder update it at the same moment."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
+        with locked_file(self.path.with_name(self.path.name + ".lock"), wait_s=30):
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data[name] = when.isoformat()
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
 
 
 def missed_runs(sched: Schedule, last: Optional[datetime], now: datetime, limit: int = 1000) -> int:

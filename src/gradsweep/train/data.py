@@ -5,6 +5,8 @@ scikit-learn's generators and digits from the copy scikit-learn ships.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -118,22 +120,34 @@ def write_digit_sum(folder: str | Path, splits: dict[str, tuple[np.ndarray, np.n
         (folder / f"{name}.txt").write_text("".join(lines))
 
 
+DIGIT = re.compile(r"[0-9]")
+LABEL = re.compile(r"[0-9]{1,2}")
+
+
 def read_digit_sum_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Lines ``d d d ... d<TAB>label``; every sequence must have the same length."""
     if not path.is_file():
         raise DataError(f"data.path: missing file {path}; expected train.txt, dev.txt, test.txt")
     rows, labels = [], []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_bytes().decode("ascii")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not a text file of ASCII digits (byte {e.object[e.start]:#04x}); "
+                        "expected 'd d ... d<TAB>label'") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         seq, sep, label = line.partition("\t")
         try:
             if not sep:
                 raise ValueError("no TAB before the label")
-            digits = [int(t) for t in seq.split()]
-            lab = int(label)
-            if not digits or any(not 0 <= d <= 9 for d in digits) or not 0 <= lab <= 18:
+            tokens, label = seq.split(), label.strip()
+            # int() would also take '1_0', '+5' and other scripts' digits: only 0-9 are digits here
+            if not tokens or not all(DIGIT.fullmatch(t) for t in tokens) or not LABEL.fullmatch(label) \
+                    or int(label) > 18:
                 raise ValueError("digits must be 0-9 and the label 0-18")
+            digits, lab = [int(t) for t in tokens], int(label)
             if rows and len(digits) != len(rows[0]):
                 raise ValueError(f"length {len(digits)} differs from {len(rows[0])}")
         except ValueError as e:
