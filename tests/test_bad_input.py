@@ -28,6 +28,7 @@ CASES = [
     (["tracking.backend=memory", "trainer.resume_from=0123456789abcdef0123456789abcdef"],
      "tracking.backend='memory' is invalid; allowed: mlflow to resume from the run id"),
     (["tracking.backend=sql"], "tracking.backend='sql' is invalid; allowed: mlflow|memory"),
+    (["tracking.uri=file:///tmp/x"], "MLflow's file store is retired"),
     ([f"tracking.experiment_name={'x' * 5000}"],
      "tracking.experiment_name='xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (5000 characters)' is invalid; "
      "allowed: a printable name of 1-256 characters"),

@@ -157,3 +157,22 @@ def test_a_job_killed_while_spooled_ends_killed_at_sync(tmp_path):
         assert len(client.get_metric_history(run.info.run_id, "grad_norm/total")) > 50
     finally:
         server.stop()
+
+
+def test_a_read_only_store_is_one_line(tmp_path):
+    """An embedded store (or spool) in a folder the user may not write: one line before anything runs."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"] \
+        if os.geteuid() == 0 else []
+    for args, key in ((["tracking.uri=sqlite:///ro/mlruns/mlflow.db"], "tracking.uri"),
+                      (["tracking.spool_dir=ro/spool"], "tracking.spool_dir")):
+        proc = _job(["trainer.epochs=1", *args], tmp_path, drop)
+        out, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
+        assert lines[0].startswith(f"error: {key}=") and "is not writable (Permission denied)" in lines[0]
+    assert not (tmp_path / "outputs").exists() and list(readonly.iterdir()) == []

@@ -72,16 +72,21 @@ def test_server_down_for_whole_job_then_sync(tmp_path):
     err, _ = job.communicate(timeout=300)
     assert job.returncode == 0, err[-3000:]
     assert "gradsweep sync" in err
+    assert "Retrying" not in err and err.count("tracking store unreachable") == 1  # said once, no urllib3 noise
     spooled = [p for p in (tmp_path / "mlruns" / "spool").iterdir() if (p / "journal.jsonl").exists()]
     assert len(spooled) == 1
+    assert (tmp_path / "mlruns" / "spool" / ".outage").exists()  # the outage was announced
     server.start()
     try:
         sync = subprocess.run([sys.executable, "-m", "gradsweep.cli.main", "sync"], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
         assert sync.returncode == 0, sync.stdout + sync.stderr
         assert "delivered 1 of 1 spooled runs" in sync.stdout
+        # whoever sees the store answer ends the announced outage, so the next one is announced again
+        assert "reachable again" in sync.stdout and not (tmp_path / "mlruns" / "spool" / ".outage").exists()
         client = MlflowClient(server.uri)
         (run,) = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id])
+        assert f"created run {run.info.run_id}" in sync.stdout
         _assert_complete(client, run)
         assert run.data.tags["gradsweep.spooled"] == "true"
         again = subprocess.run([sys.executable, "-m", "gradsweep.cli.main", "sync"], cwd=tmp_path, capture_output=True,

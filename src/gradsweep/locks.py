@@ -41,9 +41,13 @@ def create_in_turn(make: Callable[[], Any], db: Path) -> Any:
     use and neither guards that against a second process: two at once break it (MLflow: "duplicate
     column name: step", "table latest_metrics already exists", a half-migrated file; Optuna: "UNIQUE
     constraint failed: alembic_version"). A holder stalled for minutes is not waited for."""
-    db.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with locked_file(db.with_name(f".{db.name}.init.lock"), wait_s=CREATE_WAIT_S):
-            return make()
-    except Busy:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = locked_file(db.with_name(f".{db.name}.init.lock"), wait_s=CREATE_WAIT_S)
+        lock.__enter__()
+    except (Busy, OSError):  # a stalled holder, or a folder we may only read (a report from a copy)
         return make()
+    try:
+        return make()
+    finally:
+        lock.__exit__(None, None, None)

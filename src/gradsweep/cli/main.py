@@ -47,7 +47,7 @@ def sync(args: argparse.Namespace) -> int:
     import time
 
     from gradsweep.track.delivery import OutageReporter, deliver_all, pending, refused
-    from gradsweep.track.journal import close_orphan
+    from gradsweep.track.journal import HEADER, STATE, close_orphan, read_json
 
     for folder in pending(args.spool):
         if close_orphan(folder):
@@ -65,6 +65,14 @@ def sync(args: argparse.Namespace) -> int:
             break
         time.sleep(1.0)
     print(f"delivered {len(folders) - left} of {len(folders)} spooled runs" + (f"; {left} still spooled" if left else ""))
+    for folder in folders:  # runs created only now: their ids are news (a sweep's parent needs its summary)
+        header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
+        create = header.get("create")
+        if create and state.get("run_id"):
+            top = not (create.get("parent_run_id") or create.get("parent_local_id"))
+            print(f"  created run {state['run_id']} ({create.get('run_name')})"
+                  + (f"; its summary: gradsweep report {state['run_id']}" if top and
+                     str(create.get("run_name", "")).startswith("sweep") else ""))
     return max(1 if left else 0, _say_refused(refused(args.spool)))
 
 

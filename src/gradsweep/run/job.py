@@ -29,7 +29,7 @@ from gradsweep.train.loop import Trainer, TrainResult
 from gradsweep.train.registry import build
 from gradsweep.train.sinks import FromStep, HistorySink, TeeSink
 from gradsweep.track.logger import RunLogger, open_run_logger
-from gradsweep.track.uri import mask, mask_overrides
+from gradsweep.track.uri import check_local_store, mask, mask_overrides
 
 if TYPE_CHECKING:
     from gradsweep.track.store import Tracker
@@ -133,11 +133,13 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
 
 
 def check_inputs(spec: JobSpec) -> None:
-    """Input files named by the config: the data folder, and the checkpoint to resume from (a file,
-    or a run's last checkpoint) and whether it fits the composed model."""
+    """Files named by the config: the data folder, the embedded store and spool (writable), and the
+    checkpoint to resume from (a file, or a run's last checkpoint) and whether it fits the model."""
     path = getattr(spec.data, "path", None)
     if path:
         read_digit_sum(path)
+    if spec.tracking.backend == "mlflow":
+        check_local_store(spec.tracking.uri, spec.tracking.spool_dir)
     ref = spec.trainer.resume_from
     if not ref:
         return

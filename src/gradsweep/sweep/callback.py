@@ -86,10 +86,14 @@ class GradsweepCallback(Callback):
             log.error("sweep summary failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         finally:
             self.journal.finish(status)
+        if not self.journal.run_id:  # spooled: there is no parent run id to show yet
+            print(f"\nThe sweep is spooled in {self.journal.journal.folder.parent} (the tracking store did not answer). "
+                  "When it is back, run `gradsweep sync`: it prints the sweep's parent run id; then "
+                  "`gradsweep report <that id>` adds the sweep's summary.", flush=True)
+            return
         from gradsweep.track.store import resolve_uri
 
-        print_ui_hint(self.journal.run_id and resolve_uri(self.tracking.uri) or self.tracking.uri,
-                      self.journal.run_id or self.journal.local_id, experiment_id, children)
+        print_ui_hint(resolve_uri(self.tracking.uri), self.journal.run_id, experiment_id, children)
 
 
 def print_ui_hint(uri: str, run_id: str, experiment_id: Optional[str] = None, children: Optional[list] = None) -> None:
@@ -103,5 +107,6 @@ def print_ui_hint(uri: str, run_id: str, experiment_id: Optional[str] = None, ch
         lines.append(("then open" if local else "open") + f" (sweep parent run {run_id}):")
         lines += [f"  {name + ':':<11} {link}" for name, link in ui_links(uri, experiment_id, children or []).items()]
     else:
-        lines.append(f"  {UI if local else mask(uri)} (sweep parent run {run_id})")
+        lines.append(f"  {UI if local else mask(uri)} (sweep parent run {run_id}; its summary failed: "
+                     f"gradsweep report {run_id})")
     print("\n".join(lines), flush=True)

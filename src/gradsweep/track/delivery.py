@@ -72,6 +72,9 @@ def mlflow_client(uri: str):
         os.environ.setdefault(key, value)
     if not os.environ.get("MLFLOW_LOGGING_LEVEL"):  # its INFO lines ("Creating initial MLflow database
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # tables...") are not the user's business
+    # urllib3 warns "Retrying (Retry(total=0...))" for every request to a store that is down (62 lines
+    # in one sync); the outage reporter says it once
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     if not is_local_sqlite(uri):
         return MlflowClient(tracking_uri=uri)
     return create_in_turn(lambda: MlflowClient(tracking_uri=uri), sqlite_path(uri))
@@ -332,15 +335,19 @@ class OutageReporter:
         print(f"[gradsweep] tracking store unreachable ({reason}); training goes on, spooling to {spool}",
               file=self.out, flush=True)
 
-    def reachable(self) -> None:
-        if self.down_since is None:
+    def reachable(self, spool: Optional[Path] = None) -> None:
+        """The store answered. Whoever removes the marker says so, also when the process that
+        announced the outage ended before it (else a stale marker would silence the next outage)."""
+        if self.down_since is None and spool is None:
             return
-        down_s, self.down_since = time.monotonic() - self.down_since, None
+        marker = self.marker or spool / ".outage"
+        down = f" after {time.monotonic() - self.down_since:.0f} s" if self.down_since is not None else ""
+        self.down_since = None
         try:
-            self.marker.unlink()
+            marker.unlink()
         except OSError:
-            return  # another process has said it
-        print(f"[gradsweep] tracking store reachable again after {down_s:.0f} s; spooled records delivered",
+            return  # another process has said it, or nobody announced an outage
+        print(f"[gradsweep] tracking store reachable again{down}; spooled records delivered",
               file=self.out, flush=True)
 
 
@@ -370,8 +377,8 @@ def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path, busy
             left += 1
     # only an answer from the store ends an outage: a pass that found every journal locked by
     # another process (Busy) or had nothing new to send has not talked to it
-    if reporter.down_since is not None and _last_answer >= started:
-        reporter.reachable()
+    if _last_answer >= started:
+        reporter.reachable(spool)
     return left
 
 

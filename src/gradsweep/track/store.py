@@ -180,7 +180,7 @@ def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0) -> bool
     while True:
         try:
             if delivery.deliver(journal.folder, wait_s=max(0.1, min(30.0, deadline - time.monotonic()))):
-                reporter.reachable()
+                reporter.reachable(journal.folder.parent)
                 refused = delivery.refusal(journal.folder)
                 if refused:
                     raise RecordingLost(f"the tracking store refused the run: {refused}; its records are kept in "

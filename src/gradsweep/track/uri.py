@@ -1,12 +1,14 @@
 """Tracking URI checks and masking (no MLflow import: cheap to use in config validation)."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from gradsweep.errors import ConfigError
 
-SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks")
+SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "databricks")
 
 
 #: where each kind of store takes its credentials from instead of the URI
@@ -33,9 +35,12 @@ def check_tracking_uri(uri: str) -> None:
     refuse_password("tracking.uri", uri)
     parts = urlsplit(uri or "")
     scheme = parts.scheme.split("+")[0]
+    if scheme == "file":
+        raise ConfigError(f"tracking.uri={mask(uri)!r}: MLflow's file store is retired (maintenance mode, refused "
+                          "by default); allowed: sqlite:///path.db (the embedded default) | http(s)://host:port")
     if scheme not in SCHEMES or (scheme in ("http", "https") and not parts.hostname):
         raise ConfigError(f"tracking.uri={mask(uri)!r} is not a tracking URI; allowed: "
-                          "sqlite:///path.db | http(s)://host:port | file:///path | postgresql://...")
+                          "sqlite:///path.db | http(s)://host:port | postgresql://...")
     if scheme in ("http", "https"):
         try:
             parts.port
@@ -82,3 +87,29 @@ def absolute_sqlite(uri: str, create: bool = False) -> str:
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def check_writable(key: str, value: str, folder: Path, file: Optional[Path] = None) -> None:
+    """``folder`` (or the nearest part of it that exists) takes new files, and ``file``, if it
+    exists, can be written: else one line naming the key (a read-only store otherwise failed in a
+    240-line traceback from inside MLflow)."""
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+        if file is not None and file.exists():
+            open(file, "r+b").close()
+    except OSError as e:
+        what = file if file is not None and file.exists() and probe == folder else probe
+        raise ConfigError(f"{key}={mask(value)!r}: {what} is not writable ({e.strerror or e}); allowed: a "
+                          "writable path (or tracking=server)") from None
+
+
+def check_local_store(uri: str, spool_dir: Optional[str]) -> None:
+    """The embedded store's folder and database, and the spool, can be written."""
+    if is_local_sqlite(uri):
+        db = sqlite_path(absolute_sqlite(uri))
+        check_writable("tracking.uri", uri, db.parent, db)
+    if spool_dir:
+        check_writable("tracking.spool_dir", spool_dir, Path(spool_dir).absolute())
