@@ -77,3 +77,14 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
     (line,) = res.stderr.strip().splitlines()
     assert "not a readable gradsweep checkpoint" in line and str(bad) in line
     assert not (tmp_path / "s").exists()
+
+
+def test_help_lists_the_choices_not_the_schemas(tmp_path):
+    res = run_train(["--help"], tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    groups = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in res.stdout.splitlines()
+              if ": " in line and line.split(": ")[0] in ("clip", "model", "data", "optimizer", "tracking")}
+    assert {"none", "norm", "value"} <= set(groups["clip"]), res.stdout
+    assert set(groups["model"]) == {"cnn", "gru", "lstm", "mlp", "srn"}
+    assert set(groups["tracking"]) == {"embedded", "server"}
+    assert "_schema" not in res.stdout and "gradsweep (python src/train.py)" in res.stdout

@@ -47,21 +47,40 @@ def one_line(e: BaseException) -> str:
     return " ".join(lines)[:500] if lines else type(e).__name__
 
 
-class _WithoutJobErrorPreamble:
-    """stderr without the "Error executing job with overrides: [...]" line Hydra writes before it
-    re-raises a job's exception (straight to sys.stderr, not through logging): we report the
-    exception itself, in one line for input errors, and the overrides are the user's own command."""
+class _Filtered:
+    """A text stream that passes what it is given through ``edit`` first. Hydra writes two things
+    straight to sys.stdout/stderr that we reword: the help's option lists and a job error's preamble."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, stream, edit: Callable[[str], str]):
+        self._stream, self._edit = stream, edit
 
     def write(self, text: str) -> int:
-        if text.startswith("Error executing job with overrides"):
-            return len(text)
-        return self._stream.write(text)
+        edited = self._edit(text)
+        if edited:
+            self._stream.write(edited)
+        return len(text)
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def without_job_error_preamble(text: str) -> str:
+    """Hydra writes "Error executing job with overrides: [...]" before it re-raises a job's
+    exception; we report the exception itself (one line for input errors), and the overrides are
+    the user's own command line."""
+    return "" if text.startswith("Error executing job with overrides") else text
+
+
+def without_schemas(text: str) -> str:
+    """``--help`` lists every group's options, the typed schemas (``norm_schema``) among them: those
+    are not choices a user makes."""
+    lines = []
+    for line in text.split("\n"):
+        group, sep, options = line.partition(": ")
+        if sep and group.replace("/", "").replace("_", "").isalnum() and "_schema" in options:
+            line = f"{group}: " + ", ".join(o for o in options.split(", ") if not o.endswith("_schema"))
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def run_cli(main: Callable[[], object], config_dir: str, config_name: str) -> None:
@@ -84,7 +103,10 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
     # SIGTERM stops the whole command like Ctrl-C, wherever it arrives (also between the jobs of a
     # sweep, or while a job is still opening its run): runs end KILLED, Optuna trials FAIL
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread() else None
-    stderr, sys.stderr = sys.stderr, _WithoutJobErrorPreamble(sys.stderr)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stderr = _Filtered(stderr, without_job_error_preamble)
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        sys.stdout = _Filtered(stdout, without_schemas)
     try:
         main()
     except NonFiniteError as e:
@@ -100,7 +122,7 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
-        sys.stderr = stderr
+        sys.stdout, sys.stderr = stdout, stderr
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -30,6 +30,7 @@ from gradsweep.errors import ConfigError, NonFiniteError, StopRun
 from gradsweep.run.job import JobContext, JobOutcome, check_inputs, run_job
 from gradsweep.run.spec import JobSpec
 from gradsweep.sweep.context import SweepContext
+from gradsweep.sweep.overrides import job_combinations
 from gradsweep.train.diagnostics import DiagnosticsConfig
 from gradsweep.train.loop import TrainerConfig
 from gradsweep.train.registry import GROUPS, parts
@@ -104,22 +105,6 @@ def _to_dataclass(schema: type, node: DictConfig, group: str) -> Any:
 
 
 # ---------------------------------------------------------------------- the command line
-def job_combinations(overrides: list[str]) -> list[list[str]]:
-    """Expand discrete sweeps (``a=1,2 b=x,y`` -> 4 jobs). ``hydra.*`` overrides and
-    non-discrete sweeps (ranges, intervals: drawn later by the sweeper) are left out."""
-    combos: list[list[str]] = [[]]
-    for ov in OverridesParser.create().parse_overrides(overrides):
-        key = ov.get_key_element()
-        if key.lstrip("+~").startswith("hydra"):
-            continue
-        if not ov.is_sweep_override():
-            values = [ov.input_line]
-        elif ov.is_discrete_sweep():
-            values = [f"{key}={v}" for v in ov.sweep_string_iterator()]
-        else:
-            continue
-        combos = [c + [v] for c in combos for v in values]
-    return combos
 
 
 def constant_keys(overrides: list[str]) -> tuple[str, ...]:
