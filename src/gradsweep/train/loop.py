@@ -1,8 +1,8 @@
 """The training loop: forward -> loss -> backward -> gradient norms -> clip -> step -> evaluate.
 
 It emits plain records to a :class:`~gradsweep.train.sinks.Sink` and knows nothing of MLflow or Hydra.
-Per step the host receives one vector (loss, accuracy, norms, clip factor, every parameter's norm)
-in a single device-to-host transfer.
+Per step the host receives one vector (loss, accuracy, norms, clip factor, what an adaptive clipping
+rule decided, every parameter's norm) in a single device-to-host transfer.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from gradsweep.train.clipping import Clipper
 from gradsweep.train.data import DataSet, Split
 from gradsweep.checks import choice, require
 from gradsweep.errors import NonFiniteError
-from gradsweep.names import CLIP_COEF, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_LOSS
+from gradsweep.names import CLIP_CLIPPED_FRAC, CLIP_COEF, CLIP_THRESHOLD, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_LOSS
 from gradsweep.train.sinks import Sink
 from gradsweep.train.telemetry import GradientNorms, ParamStats, epoch_stat_names, metric_names, step_vector
 
@@ -38,7 +38,7 @@ class TrainerConfig:
     batch_size: int = 64  # 0 = full batch
     loss: str = "cross_entropy"  # cross_entropy|bce (bce: binary data, one output unit)
     reduction: str = "sum"  # sum|mean
-    eval_every_steps: int = 100  # also evaluated after the last step
+    eval_every_steps: int = 10  # also after the last step; 25 dev/acc points in the default job (costs ~1%)
     log_every_steps: int = 1
     checkpoint_every_steps: int = 0  # 0 = only best (at evaluations) and last
     seed: int = 0
@@ -110,7 +110,8 @@ class Trainer:
         self.config_dict = config_dict or {}
         self.on_eval = on_eval  # e.g. report to an Optuna trial; may raise to stop the run
         self.norms = GradientNorms(model)
-        self.names = metric_names(self.norms.names)
+        self.clip_metrics = tuple(getattr(clipper, "metrics", ()))
+        self.names = metric_names(self.norms.names, self.clip_metrics)
         self.param_stats = ParamStats(self.norms.params) if getattr(cfg, "epoch_stats", False) else None
         self.stat_names = epoch_stat_names(self.norms.names)
         self.epoch_stats: Optional[torch.Tensor] = None  # set by train_step(stats=True)
@@ -134,6 +135,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "batch": self.batch, "perm": self.perm,
             "best_score": self.best_score, "best_step": self.best_step, "config": self.config_dict,
             "rng": {"data": self.gen.get_state(), "torch": torch.get_rng_state()},
+            "clip": self.clipper.state_dict(),  # an adaptive rule's history, moving averages, step count
         }
 
     def restore(self, state: dict[str, Any], best: Optional[dict[str, Any]] = None) -> None:
@@ -147,8 +149,22 @@ class Trainer:
             self.gen.set_state(rng["data"])
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
+        self._restore_clipper(state.get("clip") or {})
         if best is not None:
             self.best_state = best["model"]
+
+    def _restore_clipper(self, clip_state: dict[str, Any]) -> None:
+        """The rule's state from a checkpoint; a checkpoint without it (written before rules had state,
+        or by another rule) restores nothing, and a stateful rule then says that it starts afresh."""
+        rule = self.clipper.state_dict().get("rule")
+        if rule is None:  # a stateless rule (none, norm, value)
+            return
+        if clip_state.get("rule") == rule:
+            self.clipper.load_state_dict(clip_state)
+        else:
+            log.warning("the checkpoint holds no state of clip=%s (%s): its statistics start afresh at step %d",
+                        rule, f"it has clip={clip_state['rule']}'s" if clip_state.get("rule") else "none saved",
+                        self.step)
 
     def _save(self, name: str) -> None:
         if self.store is not None:
@@ -163,11 +179,12 @@ class Trainer:
         per_param = self.norms.per_param(grads)
         total = self.norms.total(per_param)
         grad_stats = self.param_stats(grads) if stats else None  # before clipping
-        coef, total_clipped = self.clipper(self.norms, grads, total)
+        coef, total_clipped = self.clipper(self.norms, grads, total, per_param=per_param)
         self.optimizer.step()
         if grad_stats is not None:  # weights after the update; stays on the device
             self.epoch_stats = torch.cat([self.param_stats(self.norms.params).reshape(-1), grad_stats.reshape(-1)])
-        vec = step_vector(loss, correct.float() / len(y), total, total_clipped, coef, per_param)
+        extra = self.clipper.extra() if self.clip_metrics else None
+        vec = step_vector(loss, correct.float() / len(y), total, total_clipped, coef, per_param, extra)
         return vec.tolist()  # the step's single device-to-host transfer
 
     def run(self) -> TrainResult:
@@ -179,7 +196,10 @@ class Trainer:
             end_of_epoch = self.param_stats is not None and self.batch == self.steps_per_epoch - 1
             values = self.train_step(self.train_x[idx], self.train_y[idx], stats=end_of_epoch)
             record = dict(zip(self.names, values))
-            if self.step % self.cfg.log_every_steps == 0 or not _finite(values):
+            for key in self.clip_metrics:  # NaN: the rule has no such value at this step (e.g. a warm-up)
+                if math.isnan(record[key]):
+                    del record[key]
+            if self.step % self.cfg.log_every_steps == 0 or not _finite(record.values()):
                 self.sink.log_metrics(self.step, record)
             if end_of_epoch:  # one transfer per epoch
                 self.sink.log_metrics(self.step, dict(zip(self.stat_names, self.epoch_stats.tolist())))
@@ -210,6 +230,10 @@ class Trainer:
         norm = f"grad_norm {record[GRAD_TOTAL]:.4g}"
         if record[CLIP_COEF] < 1.0:  # say "clipped" only when the clipper changed this step's gradients
             norm += f" (clipped to {record[GRAD_TOTAL_CLIPPED]:.4g})"
+        if CLIP_THRESHOLD in record:
+            norm += f"  threshold {record[CLIP_THRESHOLD]:.4g}"
+        if CLIP_CLIPPED_FRAC in record:
+            norm += f"  clipped {record[CLIP_CLIPPED_FRAC]:.0%} of {getattr(self.clipper, 'units_name', 'units')}"
         log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1, self.total_steps,
                  self.epoch, record[TRAIN_LOSS], record["train/acc"], norm, acc, self.best_score)
         if self.on_eval is not None:
@@ -226,5 +250,5 @@ class Trainer:
         return TrainResult(self.best_score, self.best_step, last_step, test_acc, test_loss)
 
 
-def _finite(values: list[float]) -> bool:
+def _finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
