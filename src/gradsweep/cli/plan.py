@@ -25,7 +25,7 @@ def plan(argv: list[str]) -> Optional[str]:
     except Exception:  # preflight says what is wrong, in one line
         return None
     given = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
-    loading = "PyTorch and MLflow"
+    loading = "PyTorch and MLflow" if multirun else "PyTorch"  # a single job's MLflow lives in its delivery process
     if given.get("tracking.backend") == "memory":
         recorded, loading = "recorded nowhere (tracking.backend=memory, a dry run)", "PyTorch"
     else:

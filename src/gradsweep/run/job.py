@@ -206,8 +206,9 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
             trainer.restore(resume.last, resume.best)
         if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
             store.on_save = lambda path: run.log_artifact(path, "checkpoints")
-        log.info("run %s (%s) on %s: %s, %d steps", run.run_ref, name, device, mask(spec.tracking.uri),
-                 trainer.total_steps)
+        ref = run.run_ref
+        log.info("run %s on %s: %s, %d steps", name if ref == name else f"{ref} ({name})", device,
+                 mask(spec.tracking.uri), trainer.total_steps)
     except BaseException as e:
         killed = isinstance(e, KeyboardInterrupt)
         if not killed:

@@ -51,7 +51,8 @@ class GradsweepCallback(Callback):
                 **(outer.parent_tags if outer else {})}  # e.g. schedule, scheduled_at
         from gradsweep.track.store import open_run  # MLflow: only for a sweep that records to it
 
-        self.journal = open_run(tracking, "sweep: " + run_name(mask_overrides(list(config.hydra.overrides.task))), tags)
+        self.journal = open_run(tracking, "sweep: " + run_name(mask_overrides(list(config.hydra.overrides.task))), tags,
+                                create_now=True)  # its id goes to every job and the sweeper now
         run_id = self.journal.run_id
         (outer or SweepContext()).with_(sweep_id=sweep_id, parent_run_id=run_id,
                                         parent_local_id=None if run_id else self.journal.local_id,

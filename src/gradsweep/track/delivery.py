@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from gradsweep.errors import ConfigError
+from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.locks import Busy, create_in_turn, locked_file
 from gradsweep.track.journal import HEADER, JOURNAL, STATE, read_json, records, write_json_atomic
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
@@ -139,7 +139,9 @@ def _ensure_run(folder: Path, client, header: dict[str, Any], state: dict[str, A
     """Create the run on the store if the journal was opened while it was unreachable."""
     if state.get("run_id"):
         return state["run_id"]
-    create = header["create"]
+    create = header.get("create")
+    if create is None:  # the run exists but its state is not readable yet: next pass
+        return None
     tags = dict(create.get("tags") or {})
     parent = create.get("parent_run_id")
     if not parent and create.get("parent_local_id"):
@@ -169,6 +171,7 @@ def deliver(folder: Path, wait_s: float = 0.0) -> bool:
 
 def _deliver_locked(folder: Path) -> bool:
     from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
 
     header = read_json(folder / HEADER)
     state = read_json(folder / STATE) or {"offset": 0, "done": False}
@@ -177,9 +180,7 @@ def _deliver_locked(folder: Path) -> bool:
     client = client_for(header["uri"])
     try:
         run_id = _ensure_run(folder, client, header, state)
-    except Unreachable:
-        raise
-    except Exception as e:  # the store refuses the run itself (its experiment deleted, a bad name)
+    except (MlflowException, GradsweepError) as e:  # the store refuses the run (its experiment deleted, a bad name)
         return _refused(folder, state, e)
     if run_id is None:
         return False
@@ -261,11 +262,17 @@ def _refused(folder: Path, state: dict[str, Any], e: Exception) -> bool:
     """The store refuses to create the run at all: the journal is closed as refused and kept, with
     the reason, so `gradsweep sync` explains it instead of retrying it forever."""
     reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
-    state.update(done=True, refused=reason)
+    state.update(done=True, refused=reason, refused_input=isinstance(e, GradsweepError))
     write_json_atomic(folder / STATE, state)
-    print(f"[gradsweep] the tracking store refused to create the run of journal {folder}: {reason}; "
-          "its records stay there", file=sys.stderr, flush=True)
+    if not _owner_reports:  # else the job writing the journal says it, as its last word
+        print(f"[gradsweep] the tracking store refused to create the run of journal {folder}: {reason}; "
+              "its records stay there", file=sys.stderr, flush=True)
     return True
+
+
+#: True in a job's delivery process: what the job finds out itself (a refused run, a full spool) it
+#: reports, once, as its last word; the delivery process stays quiet about it
+_owner_reports = False
 
 
 def finish(folder: Path, keep_state: bool) -> None:
@@ -351,12 +358,11 @@ class OutageReporter:
               file=self.out, flush=True)
 
 
-def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path, busy_wait_s: float = 0.0,
-                owner_reports: bool = False) -> int:
+def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path, busy_wait_s: float = 0.0) -> int:
     """One pass over journals; returns how many are still not complete. A journal another process
-    is delivering is waited for up to ``busy_wait_s``. ``owner_reports``: a spool that cannot be
-    written (disk full, read-only) is not reported here, because the job writing the journal finds
-    the same at its next append and says it, once, as its last word (the delivery worker)."""
+    is delivering is waited for up to ``busy_wait_s``. In a job's delivery process a spool that
+    cannot be written (disk full, read-only) is not reported: the job finds the same at its next
+    append and says it, once, as its last word."""
     started, left = time.monotonic(), 0
     for folder in folders:
         try:
@@ -367,7 +373,7 @@ def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path, busy
         except Busy:
             done = False
         except OSError as e:
-            if not owner_reports:
+            if not _owner_reports:
                 log.error("delivery of %s failed: %s", folder.name, e)
             done = False
         except Exception as e:  # a journal the store rejects must not block the others
@@ -392,16 +398,18 @@ def watch_owner(control, spool: Path) -> threading.Event:
 def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
            closed: Optional[threading.Event] = None) -> None:
     """Deliver the owner's journals until ``control`` (the owner's pipe) closes, then once more."""
+    global _owner_reports
+    _owner_reports = True
     reporter = OutageReporter()
     if closed is None and control is not None:
         closed = watch_owner(control, spool)
     while True:
-        deliver_all(pending(spool, owner_pid), reporter, spool, owner_reports=True)
+        deliver_all(pending(spool, owner_pid), reporter, spool)
         if closed is None:
             time.sleep(interval_s)
         elif closed.wait(interval_s):
             break  # owner closed the pipe or died
-    deliver_all(pending(spool, owner_pid), reporter, spool, owner_reports=True)
+    deliver_all(pending(spool, owner_pid), reporter, spool)
 
 
 def _detach_when_closed(control, closed: threading.Event, spool: Path) -> None:

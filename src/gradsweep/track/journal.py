@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from gradsweep.errors import RecordingLost
+from gradsweep.errors import ConfigError, RecordingLost
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
 FLUSH_EVERY_S = 0.25  # metric records are flushed to the file at least this often
@@ -91,6 +91,14 @@ def has_artifact(folder: Path, artifact_path: str) -> bool:
         return False
 
 
+def refused_error(state: dict[str, Any]) -> Exception:
+    """The error for a run the store refused to create: the user's input (a deleted experiment)
+    or not."""
+    reason = state.get("refused", "refused")
+    return ConfigError(reason) if state.get("refused_input") else \
+        RecordingLost(f"the tracking store refused the run: {reason}")
+
+
 def close_orphan(folder: Path) -> bool:
     """A journal whose writer died without ending it (SIGKILL, a crash) gets the ending the writer
     would have written: tag ``failure=worker_died`` and status KILLED. True if it was closed."""
@@ -125,6 +133,7 @@ class RunJournal:
         self._last_flush = time.monotonic()
         self._artifacts = 0
         self.lost: Optional[str] = None  # why, once the journal is lost
+        self._refusal_seen = False
         self.dropped = 0  # records not written since
         self.last_step = -1  # the last step whose metrics were written
 
@@ -136,9 +145,9 @@ class RunJournal:
         header = {**header, "owner_pid": os.getpid(), "worker": worker_id()}
         try:
             folder.mkdir(parents=True)
-            write_json_atomic(folder / HEADER, header)
-            if header.get("run_id"):
+            if header.get("run_id"):  # before the header: a journal is listed (pending) once it has one
                 write_json_atomic(folder / STATE, {"run_id": header["run_id"], "offset": 0, "done": False})
+            write_json_atomic(folder / HEADER, header)
             return cls(folder, header.get("run_id"), header)
         except OSError as e:
             raise RecordingLost(f"cannot write a run journal in {spool}: {e.strerror or e}") from None
@@ -162,10 +171,23 @@ class RunJournal:
                 self._last_flush = time.monotonic()
                 if os.fstat(self._file.fileno()).st_nlink == 0:  # unlinked: nobody will ever read it
                     raise FileNotFoundError(0, "was deleted while the run was going")
+                if self._run_id is None:
+                    self._poll_state()
         except OSError as e:
             self._lose(e)
         if record["op"] == "metrics":
             self.last_step = record["step"]
+
+    def _poll_state(self) -> None:
+        """Until the delivery process has created the run: learn its id, or that the store refused
+        it (raised once, so the job stops early instead of training for nothing)."""
+        state = read_json(self.folder / STATE)
+        if not state:
+            return
+        self._run_id = state.get("run_id")
+        if state.get("refused") and not self._refusal_seen:
+            self._refusal_seen = True
+            raise refused_error(state)
 
     def _lose(self, e: OSError) -> None:
         self.lost = f"{self.folder} {e.strerror or e}" if isinstance(e, FileNotFoundError) else \
