@@ -101,7 +101,7 @@ def test_named_sweeps_compose_with_the_optuna_sweeper(hydra_compose):
 def test_unknown_sweep_is_a_one_line_error(tmp_path):
     res = run_train(["-m", "+sweep=nope"], tmp_path)
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["error: sweep=nope: unknown option; allowed: clip_only|lr_layers_clip|mlp_depth_lr"]
+    assert res.stderr.strip().splitlines() == ["error: sweep=nope: unknown option; allowed: clip_methods|clip_only|lr_layers_clip|mlp_depth_lr"]
     assert not (tmp_path / "multirun").exists()
 
 

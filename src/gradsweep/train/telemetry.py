@@ -32,18 +32,20 @@ class GradientNorms:
         return torch.linalg.vector_norm(per_param, 2.0)
 
 
-def metric_names(param_names: list[str]) -> list[str]:
-    """Order of the values in a step vector (see :func:`step_vector`)."""
+def metric_names(param_names: list[str], clip_metrics: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Order of the values in a step vector (see :func:`step_vector`). ``clip_metrics``: what the
+    clipping rule reports beside its factor (``clip/threshold``, ``clip/clipped_frac``), if anything."""
     return ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef",
-            *(f"grad_norm/{n}" for n in param_names)]
+            *clip_metrics, *(f"grad_norm/{n}" for n in param_names)]
 
 
 def step_vector(loss: torch.Tensor, acc: torch.Tensor, total: torch.Tensor, total_clipped: torch.Tensor,
-                coef: torch.Tensor, per_param: torch.Tensor) -> torch.Tensor:
+                coef: torch.Tensor, per_param: torch.Tensor, clip_extra: torch.Tensor | None = None) -> torch.Tensor:
     """Everything one step reports, in :func:`metric_names` order, as one float tensor."""
     head = torch.stack([loss.detach().float(), acc.float(), total.float(), total_clipped.float(),
                         coef.float().reshape(())])
-    return torch.cat([head, per_param.float()])
+    parts = [head] if clip_extra is None else [head, clip_extra.float().reshape(-1)]
+    return torch.cat([*parts, per_param.float()])
 
 
 class ParamStats:
