@@ -234,6 +234,12 @@ def ui_links(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> dict[
         runs = ",".join(f'"{r}"' for r in run_ids)
         links["comparison"] = (f"{base}/#/compare-runs?runs=[{runs}]&experiments=[\"{experiment_id}\"]"
                                "&workflowType=machine_learning")
+    if run_ids:  # the metric page the comparison's metric names link to, on a log axis
+        runs = ",".join(f'"{r}"' for r in run_ids)
+        links["grad norm"] = (f"{base}/#/metric?runs=[{runs}]&metric=%22grad_norm%2Ftotal%22"
+                              f"&experiments=[\"{experiment_id}\"]&plot_metric_keys=%5B%22grad_norm%2Ftotal%22%5D"
+                              "&plot_layout={}&x_axis=step&y_axis_scale=log&line_smoothness=1&show_point=false"
+                              "&deselected_curves=[]&last_linear_y_axis_range=[]")
     return links
 
 

@@ -32,6 +32,9 @@ LOSSES = ("cross_entropy", "bce")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+CONSOLE_LINES = 10
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 50
@@ -119,6 +122,10 @@ class Trainer:
         self.batch_size = cfg.batch_size or n
         self.steps_per_epoch = math.ceil(n / self.batch_size)
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        # a console line at about CONSOLE_LINES evaluations of the run, whatever its length (every
+        # evaluation is logged as a metric): progress without a wall of text
+        every = cfg.eval_every_steps
+        self.console_every = every * max(1, math.ceil(self.total_steps / CONSOLE_LINES / every))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         # position: next step to run, epoch and batch within it, and that epoch's data order
         self.step, self.epoch, self.batch = 0, 0, 0
@@ -234,8 +241,9 @@ class Trainer:
             norm += f"  threshold {record[CLIP_THRESHOLD]:.4g}"
         if CLIP_CLIPPED_FRAC in record:
             norm += f"  clipped {record[CLIP_CLIPPED_FRAC]:.0%} of {getattr(self.clipper, 'units_name', 'units')}"
-        log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1, self.total_steps,
-                 self.epoch, record[TRAIN_LOSS], record["train/acc"], norm, acc, self.best_score)
+        if (step + 1) % self.console_every == 0 or step + 1 == self.total_steps:
+            log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1,
+                     self.total_steps, self.epoch, record[TRAIN_LOSS], record["train/acc"], norm, acc, self.best_score)
         if self.on_eval is not None:
             self.on_eval(step, acc)
 
