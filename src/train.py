@@ -11,9 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from gradsweep.cli.plan import print_plan  # noqa: E402  (light: Hydra's override parser only)
+from gradsweep.cli.plan import print_plan, start_delivery  # noqa: E402  (light: no torch, no MLflow)
 
 print_plan(sys.argv[1:])  # within a second; PyTorch and MLflow take several to load
+start_delivery(sys.argv[1:])  # its MLflow import overlaps ours of PyTorch
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
