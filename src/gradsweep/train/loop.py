@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -32,7 +33,8 @@ LOSSES = ("cross_entropy", "bce")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-CONSOLE_LINES = 10
+CONSOLE_LINES = 10  # progress lines per run: about this many, at evaluations
+CONSOLE_MAX_GAP_S = 30.0  # and never longer than this without one
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Trainer:
         # evaluation is logged as a metric): progress without a wall of text
         every = cfg.eval_every_steps
         self.console_every = every * max(1, math.ceil(self.total_steps / CONSOLE_LINES / every))
+        self._last_console: Optional[float] = None  # the first evaluation is always shown
         self.gen = torch.Generator().manual_seed(cfg.seed)
         # position: next step to run, epoch and batch within it, and that epoch's data order
         self.step, self.epoch, self.batch = 0, 0, 0
@@ -241,7 +244,10 @@ class Trainer:
             norm += f"  threshold {record[CLIP_THRESHOLD]:.4g}"
         if CLIP_CLIPPED_FRAC in record:
             norm += f"  clipped {record[CLIP_CLIPPED_FRAC]:.0%} of {getattr(self.clipper, 'units_name', 'units')}"
-        if (step + 1) % self.console_every == 0 or step + 1 == self.total_steps:
+        now = time.monotonic()
+        if self._last_console is None or (step + 1) % self.console_every == 0 or step + 1 == self.total_steps \
+                or now - self._last_console > CONSOLE_MAX_GAP_S:
+            self._last_console = now
             log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1,
                      self.total_steps, self.epoch, record[TRAIN_LOSS], record["train/acc"], norm, acc, self.best_score)
         if self.on_eval is not None:
