@@ -388,10 +388,13 @@ def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path, busy
     return left
 
 
-def watch_owner(control, spool: Path) -> threading.Event:
-    """An event set once the owner's pipe ``control`` closes (the owner ended or died)."""
+def watch_owner(control, spool: Path, owner_pid: Optional[int] = None) -> threading.Event:
+    """An event set once the owner's pipe ``control`` closes (the owner ended or died). With
+    ``owner_pid``: this process exits at once then if the owner left nothing to deliver (a command
+    that failed its checks, or a job whose runs were all delivered), even in the middle of
+    importing MLflow: CPU a short command would otherwise spend for nothing."""
     closed = threading.Event()
-    threading.Thread(target=_detach_when_closed, args=(control, closed, spool), daemon=True).start()
+    threading.Thread(target=_detach_when_closed, args=(control, closed, spool, owner_pid), daemon=True).start()
     return closed
 
 
@@ -412,7 +415,7 @@ def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
     deliver_all(pending(spool, owner_pid), reporter, spool)
 
 
-def _detach_when_closed(control, closed: threading.Event, spool: Path) -> None:
+def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid: Optional[int] = None) -> None:
     """Once the owner is gone, stop holding its stdout/stderr: whoever reads the owner's output
     (a terminal pipeline, ``subprocess.run``) sees it end when the owner ends, not 1-2 s later
     when this process has finished importing MLflow and its last pass. What the last pass says
@@ -430,6 +433,8 @@ def _detach_when_closed(control, closed: threading.Event, spool: Path) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
+    if owner_pid is not None and not pending(spool, owner_pid):
+        os._exit(0)
     closed.set()
 
 
@@ -445,7 +450,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     logging.basicConfig(level=logging.WARNING, format="[gradsweep.track.delivery] %(message)s")
     os.nice(NICE)
-    closed = watch_owner(sys.stdin.buffer, args.spool)  # from the start: the owner may end during the import
+    closed = watch_owner(sys.stdin.buffer, args.spool, args.owner_pid)  # from the start: the owner may end during the import
     # Import MLflow before the first pass: a pass holds the journal's lock, and a lock held through
     # a niced 1-2 s import made a short job's own final delivery wait for it (Busy) at its close.
     import mlflow.entities  # noqa: F401
