@@ -110,8 +110,8 @@ def test_an_artifact_the_store_cannot_write_does_not_block_the_metrics(tmp_path,
 def test_a_stalled_delivery_peer_does_not_hold_the_job_past_its_deadline(tmp_path, store):
     """A peer holds the journal's lock and never lets go (a stopped delivery process): the job ends
     after tracking.delivery_timeout_s, leaves the journal for `gradsweep sync`, and sync delivers it."""
-    proc = _job(["trainer.epochs=40", f"tracking.uri={store}", "tracking.delivery_timeout_s=3"], tmp_path)
-    folder = _journal_of(proc, tmp_path / "mlruns" / "spool", min_bytes=1)
+    proc = _job([f"trainer.epochs={EPOCHS}", f"tracking.uri={store}", "tracking.delivery_timeout_s=3"], tmp_path)
+    folder = _journal_of(proc, tmp_path / "mlruns" / "spool", min_bytes=1)  # 2000 steps: taken long before the end
     fd = os.open(folder / "lock", os.O_CREAT | os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held like a stopped peer would
     try:
@@ -126,7 +126,7 @@ def test_a_stalled_delivery_peer_does_not_hold_the_job_past_its_deadline(tmp_pat
     assert res.returncode == 0 and "delivered 1 of 1" in res.stdout, res.stdout + res.stderr
     client, run = _only_run(store)
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run.info.run_id, "grad_norm/total")) == 40 * 5
+    assert len(client.get_metric_history(run.info.run_id, "grad_norm/total")) == EPOCHS * 5
 
 
 def test_a_deleted_experiment_is_one_line(tmp_path, store):
