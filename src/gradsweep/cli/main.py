@@ -4,6 +4,7 @@ Each subcommand imports what it needs when it runs, so ``gradsweep --help`` stay
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -84,18 +85,15 @@ def _say_refused(journals: list) -> int:
     return 1 if journals else 0
 
 
-def _report_args(p: argparse.ArgumentParser) -> None:
-    from gradsweep.report.build import add_arguments  # light: MLflow and matplotlib load only when it runs
+def module_command(name: str, help: str, module: str) -> None:
+    """A command whose arguments and body live in ``module`` (``add_arguments(parser)``, ``run(args)``),
+    imported only when the command is used (they load MLflow and matplotlib)."""
+    command(name, help, lambda p: importlib.import_module(module).add_arguments(p))(
+        lambda args: importlib.import_module(module).run(args))
 
-    add_arguments(p)
 
-
-@command("report", "figures and a summary table (with gradient-health verdicts) of a sweep, study or experiment",
-         _report_args)
-def report(args: argparse.Namespace) -> int:
-    from gradsweep.report.build import run
-
-    return run(args)
+module_command("report", "figures and a summary table (with gradient-health verdicts) of a sweep, study or experiment",
+               "gradsweep.report.build")
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
@@ -154,18 +152,8 @@ def schedule(args: argparse.Namespace) -> int:
     return Scheduler(args.sweeps, max_runs=args.max_runs, extra_overrides=args.overrides).start()
 
 
-def _studies_args(p: argparse.ArgumentParser) -> None:
-    from gradsweep.cli.studies import add_arguments
-
-    add_arguments(p)
-
-
-@command("studies", "re-run the seven studies over seeds and regenerate docs/studies.md's numbers and tables",
-         _studies_args)
-def studies(args: argparse.Namespace) -> int:
-    from gradsweep.cli.studies import run
-
-    return run(args)
+module_command("studies", "re-run the seven studies over seeds and regenerate docs/studies.md's numbers and tables",
+               "gradsweep.cli.studies")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,9 @@ log = logging.getLogger("gradsweep.track.delivery")
 MAX_METRICS = 1000  # MLflow's log_batch limit
 MAX_PARAMS = 100
 MAX_TAGS = 100
+#: True in a job's delivery process: what the job finds out itself (a refused run, a full spool) it
+#: reports, once, as its last word; the delivery process stays quiet about it
+_owner_reports = False
 
 
 class Unreachable(Exception):
@@ -269,10 +272,6 @@ def _refused(folder: Path, state: dict[str, Any], e: Exception) -> bool:
               "its records stay there", file=sys.stderr, flush=True)
     return True
 
-
-#: True in a job's delivery process: what the job finds out itself (a refused run, a full spool) it
-#: reports, once, as its last word; the delivery process stays quiet about it
-_owner_reports = False
 
 
 def finish(folder: Path, keep_state: bool) -> None:

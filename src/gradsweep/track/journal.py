@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from gradsweep.errors import ConfigError, RecordingLost
+from gradsweep.names import FAILURE_TAG
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
 FLUSH_EVERY_S = 0.25  # metric records are flushed to the file at least this often
@@ -109,7 +110,7 @@ def close_orphan(folder: Path) -> bool:
         if any(rec["op"] == "end" for _, rec in records(folder)):
             return False
         with open(folder / JOURNAL, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"op": "tags", "tags": {"failure": "worker_died"}}) + "\n")
+            f.write(json.dumps({"op": "tags", "tags": {FAILURE_TAG: "worker_died"}}) + "\n")
             f.write(json.dumps({"op": "end", "status": "KILLED", "end_time": now_ms()}) + "\n")
     except (OSError, ValueError):
         return False

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -191,16 +190,14 @@ def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0) -> bool
         try:
             if delivery.deliver(journal.folder, wait_s=max(0.1, min(30.0, deadline - time.monotonic()))):
                 reporter.reachable(journal.folder.parent)
-                _raise_if_refused(journal)
+                _raise_if_refused(read_json(journal.folder / STATE) or {})
                 return True
         except delivery.Busy:  # the delivery process holds the journal: wait for it, not past the deadline
             pass
         except delivery.Unreachable as e:
             reporter.unreachable(journal.folder.parent, str(e))
         if time.monotonic() > deadline:
-            print(f"[gradsweep] run not fully delivered; it stays in {journal.folder.parent}: "
-                  "run `gradsweep sync` when the tracking store is back", file=sys.stderr, flush=True)
-            return False
+            return _not_delivered(journal)
         time.sleep(1.0)
 
 
@@ -217,18 +214,22 @@ def _wait_for_worker(journal: RunJournal, deadline: float) -> Optional[bool]:
     while time.monotonic() < deadline:
         state = read_json(journal.folder / STATE) or {}
         if state.get("done") or not (journal.folder / HEADER).exists():
-            _raise_if_refused(journal)
+            _raise_if_refused(state)
             return True
         if not DeliveryWorker.alive(journal.folder.parent):
             return None
         time.sleep(0.05)
+    return _not_delivered(journal)
+
+
+def _not_delivered(journal: RunJournal) -> bool:
     print(f"[gradsweep] run not fully delivered; it stays in {journal.folder.parent}: "
           "run `gradsweep sync` when the tracking store is back", file=sys.stderr, flush=True)
     return False
 
 
-def _raise_if_refused(journal: RunJournal) -> None:
-    state = read_json(journal.folder / STATE) or {}
+def _raise_if_refused(state: dict[str, Any]) -> None:
+    """The journal's state says the store refused to create its run: the job ends with why."""
     if state.get("refused"):
         raise refused_error(state)
 
@@ -236,18 +237,17 @@ def _raise_if_refused(journal: RunJournal) -> None:
 def _close_lost(journal: RunJournal) -> NoReturn:
     """The journal is gone: tell the store directly that the run FAILED and why, say what was lost."""
     reason = f"run journal {journal.lost}"
-    told = False
+    told, run_id = False, journal.run_id
     uri = journal.header.get("uri")
     if uri:
         try:
-            run_id = journal.run_id or _created_by_this_process(journal)
+            run_id = run_id or _created_by_this_process(journal)
             if run_id:
-                journal._run_id = run_id
                 _fail_on_store(uri, run_id, "journal_lost", reason)
                 told = True
         except Exception:  # the store is down as well: nothing more can be done from here
             pass
-    where = f"run {journal.run_id}" if journal.run_id else f"spooled run {journal.local_id}"
+    where = f"run {run_id}" if run_id else f"spooled run {journal.local_id}"
     stopped = f"Training stopped after step {journal.last_step}; " if journal.last_step >= 0 else ""
     print(f"[gradsweep] {where}: {reason}. {stopped}what had not reached the tracking store by then is lost. "
           + ("The run is marked FAILED there (failure=journal_lost)." if told else
