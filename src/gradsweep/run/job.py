@@ -105,12 +105,14 @@ class Resume:
     logged: dict[str, int] = field(default_factory=dict)  # metric -> last step the run holds (may be beyond `last`)
 
 
-def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Path) -> Resume:
-    """``trainer.resume_from``: a checkpoint path (a new run) or an MLflow run id (the same run)."""
+def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Path, last_only: bool = False) -> Resume:
+    """``trainer.resume_from``: a checkpoint path (a new run) or an MLflow run id (the same run).
+    ``last_only``: just the checkpoint to continue from (preflight's check), not the best one nor
+    the steps the run holds."""
     path = Path(ref)
     if path.exists() or not RUN_ID.match(ref):
         best_path = path.with_name("best.pt")
-        best = load_checkpoint(best_path) if best_path.is_file() and best_path != path else None
+        best = load_checkpoint(best_path) if best_path.is_file() and best_path != path and not last_only else None
         return Resume(load_checkpoint(path), best)
     client = tracker_factory().client
     try:
@@ -122,6 +124,8 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
         last = client.download_artifacts(ref, "checkpoints/last.pt", str(dest))
     except Exception:
         raise CheckpointError(f"trainer.resume_from={ref!r}: run has no checkpoints/last.pt artifact") from None
+    if last_only:
+        return Resume(load_checkpoint(last), None, ref)
     try:
         best = load_checkpoint(client.download_artifacts(ref, "checkpoints/best.pt", str(dest)))
     except Exception:
@@ -145,7 +149,8 @@ def check_inputs(spec: JobSpec) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="gradsweep-resume-") as tmp:
         state = resolve_resume(ref, lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name,
-                                                     spec.tracking.artifact_location), Path(tmp)).last
+                                                     spec.tracking.artifact_location), Path(tmp),
+                               last_only=True).last
     _, model = data_and_model(spec)
     check_compatible(state, model, build("optimizer", spec.optimizer, model.parameters()), ref)
 
