@@ -218,6 +218,20 @@ def summarize_sweep(tracker, runs: list, out_dir: Path, writer) -> dict[str, Pat
     return files
 
 
+def sweep_summary_hook(header: dict[str, Any], run_id: str, folder: Path, out_dir: str, **_: Any) -> dict[str, Any]:
+    """The delivery hook a sweep's parent journal ends with: once every child is on the store, the
+    summary (:func:`summarize_sweep`) goes to the parent run. It runs in whichever process delivers
+    the parent (the sweep's delivery process; ``gradsweep sync`` after an outage), so the sweep
+    process itself never loads MLflow. Returns what the sweep prints links from."""
+    from gradsweep.track.store import StoreRun, Tracker, deliver_children
+
+    deliver_children(folder, run_id)
+    tracker = Tracker(header["uri"], header["experiment_name"], header.get("artifact_location"))
+    runs = tracker.children(run_id)
+    summarize_sweep(tracker, runs, Path(out_dir), StoreRun(tracker.client, run_id))
+    return {"experiment_id": tracker.experiment_id, "children": [r.info.run_id for r in runs]}
+
+
 # ------------------------------------------------------------------------------ the UI
 UI = "http://127.0.0.1:5000"  #: where `mlflow ui` serves by default
 

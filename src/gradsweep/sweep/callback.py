@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from gradsweep.names import OVERRIDES_TAG, ROLE_TAG, SWEEP_TAG, SWEEPER_TAG
-from gradsweep.report.summary import UI, summarize_sweep, ui_command, ui_links
+from gradsweep.report.summary import UI, ui_command, ui_links
 from gradsweep.run.job import run_name
 from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.hydra_adapter import constant_keys, tracking_spec
@@ -49,22 +49,23 @@ class GradsweepCallback(Callback):
         tags = {SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", OVERRIDES_TAG: overrides,
                 SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", "")),
                 **(outer.parent_tags if outer else {})}  # e.g. schedule, scheduled_at
-        from gradsweep.track.store import open_run  # MLflow: only for a sweep that records to it
+        from gradsweep.track.store import open_run
 
+        # Jobs of Hydra's basic launcher run in this process and find the parent's journal in the
+        # same spool: the delivery process creates the parent, and this process never loads MLflow
+        # (seconds on a small machine). Jobs elsewhere (joblib, Slurm) need its id now.
+        local_jobs = str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher") and \
+            str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
         self.journal = open_run(tracking, "sweep: " + run_name(mask_overrides(list(config.hydra.overrides.task))), tags,
-                                create_now=True)  # its id goes to every job and the sweeper now
+                                create_now=not local_jobs)
         run_id = self.journal.run_id
         (outer or SweepContext()).with_(sweep_id=sweep_id, parent_run_id=run_id,
                                         parent_local_id=None if run_id else self.journal.local_id,
                                         constant_keys=constant_keys(list(config.hydra.overrides.task))).install()
-        log.info("sweep %s: parent run %s in %s", sweep_id[:8], run_id or "(spooled)", mask(tracking.uri))
-        if run_id:  # the store is up: close what a killed earlier sweep left RUNNING
-            try:
-                from gradsweep.track.store import Tracker, close_dead_runs
-
-                close_dead_runs(Tracker(tracking.uri, tracking.experiment_name, tracking.artifact_location))
-            except Exception as e:
-                log.warning("could not check for runs left RUNNING: %s", str(e).splitlines()[0] if str(e) else e)
+        log.info("sweep %s: parent run %s in %s", sweep_id[:8], run_id or "(created by the delivery process)",
+                 mask(tracking.uri))
+        # once the store has the parent: close what a killed earlier sweep left RUNNING
+        self.journal.after_delivery("close_dead_runs")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         SweepContext.uninstall(self.outer)
@@ -72,29 +73,22 @@ class GradsweepCallback(Callback):
             return
         # Hydra calls this from a `finally`: a Ctrl-C/SIGTERM that ended the sweep is still in flight
         status = "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FINISHED"
+        # the summary is made where the parent is delivered, once its children are on the store
+        self.journal.after_delivery("sweep_summary", out_dir=str(Path(str(config.hydra.sweep.dir)).resolve()))
+        delivered = self.journal.finish(status)
         run_id = self.journal.run_id
-        experiment_id, children = None, []
-        try:
-            if run_id:
-                from gradsweep.track.store import Tracker
-
-                tracker = Tracker(self.tracking.uri, self.tracking.experiment_name, self.tracking.artifact_location)
-                experiment_id = tracker.experiment_id
-                runs = tracker.children(run_id)
-                children = [r.info.run_id for r in runs]
-                summarize_sweep(tracker, runs, Path(str(config.hydra.sweep.dir)), self.journal)
-        except Exception as e:  # the children are recorded; a failed summary must not hide that
-            log.error("sweep summary failed: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        finally:
-            self.journal.finish(status)
-        if not self.journal.run_id:  # spooled: there is no parent run id to show yet
+        if not delivered or not run_id:  # spooled: there is no parent run id to show yet
             print(f"\nThe sweep is spooled in {self.journal.journal.folder.parent} (the tracking store did not answer). "
-                  "When it is back, run `gradsweep sync`: it prints the sweep's parent run id; then "
-                  "`gradsweep report <that id>` adds the sweep's summary.", flush=True)
+                  "When it is back, run `gradsweep sync`: it delivers the runs and the sweep's summary and "
+                  "prints the sweep's parent run id.", flush=True)
             return
-        from gradsweep.track.store import resolve_uri
+        summary = self.journal.hook_result("sweep_summary") or {}
+        if summary.get("error"):
+            log.error("sweep summary failed: %s", summary["error"])
+        from gradsweep.track.uri import absolute_sqlite
 
-        print_ui_hint(resolve_uri(self.tracking.uri), self.journal.run_id, experiment_id, children)
+        print_ui_hint(absolute_sqlite(self.tracking.uri), run_id, summary.get("experiment_id"),
+                      summary.get("children"))
 
 
 def print_ui_hint(uri: str, run_id: str, experiment_id: Optional[str] = None, children: Optional[list] = None) -> None:

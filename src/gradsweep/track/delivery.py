@@ -41,6 +41,34 @@ class Unreachable(Exception):
     """The tracking store could not be reached; try again later."""
 
 
+class HookNotReady(Exception):
+    """A hook's inputs are not on the store yet (e.g. a sweep's children still being delivered):
+    the journal stops before the hook and the next pass tries again."""
+
+
+#: What a journal may ask its deliverer to run after the records before it are on the store
+#: (``RunJournal.after_delivery``). Named here, imported only when run: the layers above register
+#: work for whichever process delivers the run, which has MLflow loaded already (a sweep process
+#: that never imports MLflow hands its summary to its delivery process this way). A journal
+#: names a hook, never code: only these run.
+HOOKS = {
+    "close_dead_runs": "gradsweep.track.store:close_dead_runs_hook",
+    "sweep_summary": "gradsweep.report.summary:sweep_summary_hook",
+}
+
+
+def run_hook(rec: dict[str, Any], folder: Path, header: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Run one hook record; transient store errors become Unreachable (try again later)."""
+    import importlib
+
+    target = HOOKS.get(rec.get("hook", ""))
+    if target is None:
+        raise ValueError(f"unknown hook {rec.get('hook')!r}; known: {', '.join(HOOKS)}")
+    module, _, name = target.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    return _call(fn, folder=folder, header=header, run_id=run_id, **(rec.get("kwargs") or {})) or {}
+
+
 def is_transient(e: BaseException) -> bool:
     """Connection failures and server-side unavailability, as opposed to a request the store rejects."""
     import requests
@@ -230,6 +258,17 @@ def _deliver_locked(folder: Path) -> bool:
         elif op == "artifact":
             send(client.log_artifact, str(folder / rec["file"]), rec.get("artifact_path"),
                  what=f"artifact {rec.get('artifact_path') or '.'}/{Path(rec['file']).name}")
+        elif op == "hook":
+            try:
+                result = run_hook(rec, folder, header, run_id)
+            except HookNotReady:
+                return False  # the offset stays before the hook: the next pass runs it
+            except Unreachable:
+                raise
+            except Exception as e:  # the run's records are on the store; the hook's work is extra
+                result = {"error": (str(e).splitlines() or [type(e).__name__])[0][:300]}
+                log.error("%s of run %s failed: %s", rec.get("hook"), run_id, result["error"])
+            state.setdefault("hooks", {})[rec.get("hook", "?")] = result
         elif op == "end":
             if state.get("rejected"):  # the run says what it lacks
                 send(client.set_tag, REJECTED_TAG, _rejection_summary(state), what="tags")
@@ -239,7 +278,7 @@ def _deliver_locked(folder: Path) -> bool:
         commit(offset)
     send_metrics()
     if state.get("done"):
-        finish(folder, keep_state="create" in header)
+        finish(folder, keep_state="create" in header or "hooks" in state)
     return bool(state.get("done"))
 
 
@@ -276,7 +315,7 @@ def _refused(folder: Path, state: dict[str, Any], e: Exception) -> bool:
 
 def finish(folder: Path, keep_state: bool) -> None:
     """Drop a delivered journal. A run created from the spool keeps its state.json: children
-    spooled with it find its run id there."""
+    spooled with it find its run id there (and the process that ran it, its hooks' results)."""
     if keep_state:
         (folder / JOURNAL).unlink(missing_ok=True)
         shutil.rmtree(folder / "artifacts", ignore_errors=True)

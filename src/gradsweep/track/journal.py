@@ -227,6 +227,12 @@ class RunJournal:
             self._lose(e)
         self._append({"op": "artifact", "file": rel, "artifact_path": artifact_path})
 
+    def after_delivery(self, hook: str, **kwargs: Any) -> None:
+        """Run ``hook`` (a name in :data:`gradsweep.track.delivery.HOOKS`) with ``kwargs`` where this
+        record is delivered: in the delivery process, the job's own close, or ``gradsweep sync``,
+        whichever has the store at hand (and MLflow loaded)."""
+        self._append({"op": "hook", "hook": hook, "kwargs": kwargs})
+
     def end(self, status: str) -> None:
         try:
             self._append({"op": "end", "status": status, "end_time": now_ms()})

@@ -52,6 +52,12 @@ def close_dead_runs(tracker: "Tracker") -> list[str]:
     return closed
 
 
+def close_dead_runs_hook(header: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """:func:`close_dead_runs` as a delivery hook (a sweep's parent journal asks for it)."""
+    tracker = Tracker(header["uri"], header["experiment_name"], header.get("artifact_location"))
+    return {"closed": close_dead_runs(tracker)}
+
+
 def default_artifact_location(uri: str) -> Optional[str]:
     """Embedded store: ``mlruns/artifacts`` beside the database. A server decides for itself."""
     return (sqlite_path(uri).parent / "artifacts").as_uri() if is_local_sqlite(uri) else None
@@ -92,6 +98,50 @@ class Tracker:
         return f"Tracker({mask(self.uri)!r}, experiment {self.experiment_id})"
 
 
+class StoreRun:
+    """Writes straight to an existing run on the store (for delivery hooks, which run where MLflow
+    is loaded and the run's journal is being delivered)."""
+
+    def __init__(self, client: "MlflowClient", run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now_ms(), step) for k, v in metrics.items()])
+
+
+def children_pending(folder: Path, run_id: Optional[str]) -> list[Path]:
+    """Journals in ``folder``'s spool of runs whose parent is ``folder``'s run and that are not
+    fully delivered yet."""
+    out = []
+    for child in delivery.pending(folder.parent):
+        header = read_json(child / HEADER) or {}
+        create = header.get("create") or {}
+        if folder.name in (header.get("parent_local_id"), create.get("parent_local_id")) or \
+                (run_id and run_id in (header.get("parent_run_id"), create.get("parent_run_id"))):
+            out.append(child)
+    return out
+
+
+def deliver_children(folder: Path, run_id: Optional[str]) -> None:
+    """Deliver what the children of ``folder``'s run left (closing those whose writer died, as
+    ``gradsweep sync`` does); HookNotReady while one is still being written or delivered."""
+    from gradsweep.track.journal import close_orphan
+
+    for child in children_pending(folder, run_id):
+        close_orphan(child)
+        try:
+            done = delivery.deliver(child)
+        except delivery.Busy:
+            done = False
+        if not done:
+            raise delivery.HookNotReady(f"child journal {child.name} not delivered yet")
+
+
 # ------------------------------------------------------------------------------ run journals
 class MlflowRun:
     """The ``mlflow`` backend of the run-logger seam (:class:`~gradsweep.track.logger.RunLogger`):
@@ -127,6 +177,13 @@ class MlflowRun:
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self.journal.log_artifact(path, artifact_path)
 
+    def after_delivery(self, hook: str, **kwargs: Any) -> None:
+        """See :meth:`RunJournal.after_delivery`; the result is in :meth:`hook_result` once delivered."""
+        self.journal.after_delivery(hook, **kwargs)
+
+    def hook_result(self, hook: str) -> Optional[dict[str, Any]]:
+        return ((read_json(self.journal.folder / STATE) or {}).get("hooks") or {}).get(hook)
+
     def finish(self, status: str) -> bool:
         return close_run(self.journal, status, self.timeout_s)
 
@@ -153,6 +210,8 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
                 raise
             print(f"[gradsweep] tracking store {mask(uri)} unreachable; the run is spooled to {spool} "
                   "and created there when it answers", file=sys.stderr, flush=True)
+    if parent_run_id or parent_local_id:  # so a hook of the parent finds its children's journals
+        header.update(parent_run_id=parent_run_id, parent_local_id=parent_local_id)
     if run_id:
         header["run_id"] = run_id
     else:

@@ -1,0 +1,97 @@
+"""Delivery hooks: work a journal hands to whichever process delivers it (a sweep's summary goes to
+its parent run from the sweep's delivery process, or from `gradsweep sync` after an outage), run
+only once the records before it, and the sweep's children, are on a real embedded store."""
+import csv
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from gradsweep.names import BEST_DEV_ACC, GRAD_TOTAL
+from gradsweep.track.delivery import deliver
+from gradsweep.track.journal import STATE, RunJournal, now_ms, read_json
+from gradsweep.track.store import default_artifact_location
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One embedded store for the module (creating MLflow's schema costs seconds)."""
+    root = tmp_path_factory.mktemp("hooks")
+    return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", root / "mlruns" / "spool"
+
+
+def journal(store, name, parent=None):
+    """A journal whose run the deliverer creates (as a job's delivery process does)."""
+    uri, spool = store
+    header = {"uri": uri, "experiment_name": "hooks", "artifact_location": default_artifact_location(uri),
+              "create": {"run_name": name, "tags": {}, "parent_run_id": None,
+                         "parent_local_id": parent.local_id if parent else None, "start_time": now_ms()}}
+    if parent:
+        header["parent_local_id"] = parent.local_id
+    return RunJournal.create(spool, header)
+
+
+def child(store, parent, clip, dev_acc, end=True):
+    j = journal(store, f"clip.max_norm={clip}", parent)
+    j.log_params({"clip.max_norm": clip, "trainer.seed": 0})
+    for step in range(5):
+        j.log_metrics(step, {GRAD_TOTAL: 10.0 * (step + 1)})
+    j.log_metrics(4, {BEST_DEV_ACC: dev_acc})
+    if end:
+        j.end("FINISHED")
+    return j
+
+
+def test_sweep_summary_runs_where_the_parent_is_delivered_after_its_children(store, tmp_path):
+    parent = journal(store, "sweep")
+    parent.after_delivery("close_dead_runs")
+    kids = [child(store, parent, 1, 0.25), child(store, parent, 5, 0.75)]
+    parent.after_delivery("sweep_summary", out_dir=str(tmp_path / "sweep"))
+    parent.end("FINISHED")
+
+    assert deliver(parent.folder)  # the parent first: its hook delivers the children it waits for
+    state = read_json(parent.folder / STATE)
+    result = state["hooks"]["sweep_summary"]
+    client = MlflowClient(store[0])
+    kid_ids = [read_json(k.folder / STATE)["run_id"] for k in kids]
+    assert sorted(result["children"]) == sorted(kid_ids)
+    assert state["hooks"]["close_dead_runs"] == {"closed": []}
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["sweep/runs"] == 2 and run.data.metrics[BEST_DEV_ACC] == 0.75
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "sweep")} >= {
+        "sweep/summary.csv", "sweep/summary.md", "sweep/runs.csv", "sweep/grad_norm_total.png"}
+    rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    assert sorted(r["config"] for r in rows) == ["clip.max_norm=1", "clip.max_norm=5"]
+    for kid in kid_ids:
+        assert client.get_run(kid).data.tags["mlflow.parentRunId"] == run.info.run_id
+        assert len(client.get_metric_history(kid, GRAD_TOTAL)) == 5
+
+
+def test_the_summary_waits_for_a_child_still_being_written(store, tmp_path):
+    parent = journal(store, "sweep")
+    done = child(store, parent, 1, 0.5)
+    running = child(store, parent, 5, 0.6, end=False)
+    parent.after_delivery("sweep_summary", out_dir=str(tmp_path / "sweep"))
+    parent.end("FINISHED")
+
+    assert not deliver(parent.folder)  # stops before the hook, the rest of the journal untouched
+    state = read_json(parent.folder / STATE)
+    assert "hooks" not in state and not state["done"]
+    assert read_json(done.folder / STATE)["done"]
+    running.end("FINISHED")
+    assert deliver(parent.folder)
+    state = read_json(parent.folder / STATE)
+    assert len(state["hooks"]["sweep_summary"]["children"]) == 2
+    assert MlflowClient(store[0]).get_run(state["run_id"]).data.metrics["sweep/finished"] == 2
+
+
+def test_a_hook_the_deliverer_does_not_know_is_recorded_not_run_and_the_run_still_arrives(store):
+    j = journal(store, "odd")
+    j.log_metrics(0, {"x": 1.0})
+    j.after_delivery("rm -rf /")
+    j.end("FINISHED")
+    assert deliver(j.folder)
+    state = read_json(j.folder / STATE)
+    assert "unknown hook" in state["hooks"]["rm -rf /"]["error"]
+    run = MlflowClient(store[0]).get_run(state["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["x"] == 1.0
