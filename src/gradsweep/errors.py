@@ -44,3 +44,8 @@ class StopRun(Exception):
 
     reason = "stopped"
     step = -1
+
+
+class JobLost(Exception):
+    """A job of a sweep ended without returning (cancelled, killed, out of time or memory, its node
+    failed), as a cluster launcher reports it: the sweep's other jobs ran; the command exits 1."""

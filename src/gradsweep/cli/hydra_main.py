@@ -13,12 +13,13 @@ import os
 import re
 import signal
 import sys
+import threading
 from typing import Callable, NoReturn
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
-from gradsweep.errors import GradsweepError, NonFiniteError, RecordingLost
+from gradsweep.errors import GradsweepError, JobLost, NonFiniteError, RecordingLost
 from gradsweep.run.job import main_thread, raise_terminated
 from gradsweep.sweep.hydra_adapter import preflight
 
@@ -112,7 +113,7 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
     except NonFiniteError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
-    except RecordingLost as e:
+    except (RecordingLost, JobLost) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     except (GradsweepError, HydraException, MissingConfigException, OmegaConfBaseException) as e:
@@ -141,6 +142,10 @@ def run_as_process(main: Callable[[], object], config_dir: str, config_name: str
     if isinstance(code, str):  # sys.exit("message"): Python would print it and exit 1
         print(code, file=sys.stderr)
         code = 1
+    # what the interpreter runs before the exit handlers: threading's own at-exit hooks, where loky
+    # (hydra/launcher=joblib) shuts its worker processes down; without them multiprocessing's exit
+    # handler joins those idle workers until their 300 s idle timeout (a joblib sweep hung 300 s)
+    threading._shutdown()
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
