@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-all ui server bench clean
+.PHONY: install demo test test-all test-cluster ui server bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -m "slow or not slow"
+
+test-cluster: install  ## a real single-node Slurm cluster (root; installs Debian's slurm packages), sweeps through it
+	$(BIN)/python -m pytest -m cluster -n 0
 
 ui:
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
