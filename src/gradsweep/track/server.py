@@ -52,6 +52,7 @@ def mlflow_server_command(*, backend_store_uri: str, artifacts_destination: str,
 def wait_healthy(uri: str, proc, timeout_s: float = 90.0, log_path: Path | None = None) -> None:
     """Poll ``<uri>/health`` until it answers 200; raise if ``proc`` exits first or time runs out."""
     import time
+    import urllib.parse
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
@@ -61,12 +62,49 @@ def wait_healthy(uri: str, proc, timeout_s: float = 90.0, log_path: Path | None 
             raise RuntimeError(f"mlflow server exited with status {proc.returncode}: {tail}")
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
+                healthy = r.status == 200
         except OSError:
-            pass
+            healthy = False
+        if healthy:
+            if served_by(proc.pid, urllib.parse.urlsplit(uri).port) is False:
+                raise RuntimeError(f"{uri} answers, but not from this mlflow server: another process took the port "
+                                   "between choosing it and the server binding it")
+            return
         time.sleep(0.25)
     raise RuntimeError(f"mlflow server at {uri} did not become healthy in {timeout_s:.0f} s")
+
+
+def _session(pid: int | str) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[3])  # after the name: state ppid pgrp session
+
+
+def served_by(pid: int, port: int | None) -> bool | None:
+    """Whether process ``pid`` or another of its session (the server's workers) holds the socket
+    listening on ``port``; None where Linux's ``/proc`` cannot tell. A free port is chosen seconds
+    before the server binds it: another process may bind it in between, and then a stranger would
+    answer the health check."""
+    inodes = set()
+    try:
+        sid = _session(pid)
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                        inodes.add(f"socket:[{fields[9]}]")
+    except (OSError, IndexError, ValueError):
+        return None
+    if not inodes:
+        return None  # not in this network namespace
+    for other in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if _session(other) == sid and any(os.readlink(f"/proc/{other}/fd/{fd}") in inodes
+                                              for fd in os.listdir(f"/proc/{other}/fd")):
+                return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
 
 
 def mlflow_executable() -> str:
@@ -118,7 +156,11 @@ class MlflowServer:
         with open(log_path, "a") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
                                          start_new_session=True, env={**os.environ, **SERVER_ENV, **self.env})
-        wait_healthy(self.uri, self.proc, timeout, log_path)
+        try:
+            wait_healthy(self.uri, self.proc, timeout, log_path)
+        except BaseException:
+            self.stop()  # not left running (and migrating its store) behind the error
+            raise
         return self
 
     def stop(self) -> None:
