@@ -34,22 +34,25 @@ def _last(client, run_id, key):
 
 
 def test_resume_from_checkpoint_path_equals_uninterrupted(tmp_path, store):
-    common = ["trainer.eval_every_steps=5", f"tracking.uri={store}"]
-    full = run_train(["trainer.epochs=4", "hydra.run.dir=full", *common], tmp_path)
-    assert full.returncode == 0, full.stderr[-2000:]
-    half = run_train(["trainer.epochs=2", "hydra.run.dir=half", *common], tmp_path)
-    assert half.returncode == 0, half.stderr[-2000:]
+    """In this process (the resume logic is the job's; the process-level resume is the SIGKILL test's)."""
+    from jobs import run_inprocess
+
+    common = ["trainer.eval_every_steps=5"]
+    full = run_inprocess(["trainer.epochs=4", *common], tmp_path / "full", store)
+    half = run_inprocess(["trainer.epochs=2", *common], tmp_path / "half", store)
+    assert full.status == half.status == "FINISHED"
     ckpt = tmp_path / "half" / "checkpoints" / "last.pt"
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 10 and state["epoch"] == 2 and state["best_score"] >= 0
-    resumed = run_train(["trainer.epochs=4", f"trainer.resume_from={ckpt}", "hydra.run.dir=resumed", *common], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    client, (r_full, r_half, r_res) = _runs(store)
+    resumed = run_inprocess(["trainer.epochs=4", f"trainer.resume_from={ckpt}", *common], tmp_path / "resumed", store)
+    assert resumed.status == "FINISHED"
+    client = MlflowClient(store)
+    r_res = client.get_run(resumed.run_id)
     assert r_res.data.tags["gradsweep.resumed_from"] == str(ckpt)
-    steps = sorted(m.step for m in client.get_metric_history(r_res.info.run_id, "grad_norm/total"))
+    steps = sorted(m.step for m in client.get_metric_history(resumed.run_id, "grad_norm/total"))
     assert steps == list(range(10, 20))  # continued where the checkpoint left off
     for key in ("train/loss", "grad_norm/total", "grad_norm/rnn.U", "test/acc", "best/dev_acc"):
-        assert _last(client, r_res.info.run_id, key).value == _last(client, r_full.info.run_id, key).value, key
+        assert _last(client, resumed.run_id, key).value == _last(client, full.run_id, key).value, key
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
     for k in a["model"]:
@@ -57,15 +60,15 @@ def test_resume_from_checkpoint_path_equals_uninterrupted(tmp_path, store):
 
 
 def test_resume_from_run_id_continues_same_run(tmp_path, store):
-    first = run_train(["trainer.epochs=2", "trainer.eval_every_steps=5", f"tracking.uri={store}"], tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    client, (run,) = _runs(store)
-    again = run_train(["trainer.epochs=3", f"trainer.resume_from={run.info.run_id}", "trainer.eval_every_steps=5",
-                       f"tracking.uri={store}"], tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
+    from jobs import run_inprocess
+
+    first = run_inprocess(["trainer.epochs=2", "trainer.eval_every_steps=5"], tmp_path / "first", store)
+    again = run_inprocess(["trainer.epochs=3", f"trainer.resume_from={first.run_id}", "trainer.eval_every_steps=5"],
+                          tmp_path / "again", store)
+    assert again.run_id == first.run_id
     client, runs = _runs(store)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "grad_norm/total"))
+    steps = sorted(m.step for m in client.get_metric_history(first.run_id, "grad_norm/total"))
     assert steps == list(range(15))
 
 
