@@ -147,10 +147,14 @@ class MlflowRun:
     """The ``mlflow`` backend of the run-logger seam (:class:`~gradsweep.track.logger.RunLogger`):
     records go to the run's journal; :meth:`finish` writes the status and delivers what is left."""
 
-    def __init__(self, journal: RunJournal, timeout_s: float, run_name: str = "") -> None:
+    def __init__(self, journal: RunJournal, timeout_s: float, run_name: str = "", deferred: bool = False) -> None:
         self.journal = journal
         self.timeout_s = timeout_s
         self.run_name = run_name
+        #: the run's parent delivers it (a child of a sweep whose parent journal is in this spool: the
+        #: parent's summary hook delivers its children first, and the sweep waits for the parent), so
+        #: the job ends without waiting and the next job of the sweep starts at once
+        self.deferred = deferred
 
     @property
     def run_id(self) -> Optional[str]:
@@ -185,6 +189,13 @@ class MlflowRun:
         return ((read_json(self.journal.folder / STATE) or {}).get("hooks") or {}).get(hook)
 
     def finish(self, status: str) -> bool:
+        if self.deferred and self.journal.lost is None and DeliveryWorker.alive(self.journal.folder.parent):
+            try:
+                self.journal.end(status)
+            except RecordingLost:
+                pass
+            if self.journal.lost is None:
+                return True
         return close_run(self.journal, status, self.timeout_s)
 
 
@@ -226,7 +237,7 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
     if existing:  # a resumed run: it is this process's now (see close_dead_runs)
         journal.set_tags({WORKER_TAG: tags[WORKER_TAG]})
     DeliveryWorker.ensure(spool)
-    return MlflowRun(journal, tracking.delivery_timeout_s, run_name)
+    return MlflowRun(journal, tracking.delivery_timeout_s, run_name, deferred=parent_local_id is not None)
 
 
 def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0) -> bool:
