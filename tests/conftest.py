@@ -34,6 +34,21 @@ def store(tmp_path) -> str:
 
 
 @pytest.fixture
+def hydra_compose():
+    """compose(overrides) -> the config with its hydra node, as train.py would compose it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from gradsweep.sweep.hydra_adapter import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf")):
+        yield lambda overrides: compose("config", overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
 def mlflow_server(tmp_path):
     server = MlflowServer(tmp_path).start()
     yield server

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from mlflow.server.security_utils import is_allowed_host_header
 
 from conftest import ROOT
@@ -149,18 +146,6 @@ def test_jobs_reach_the_tracking_server():
         parts = urlsplit(uri)
         assert parts.hostname == the("Service", "mlflow")["metadata"]["name"] and parts.port == 5000, where
         assert is_allowed_host_header(admitted, parts.netloc), where
-
-
-@pytest.fixture
-def hydra_compose():
-    sys.path.insert(0, str(ROOT / "src"))
-    from gradsweep.sweep.hydra_adapter import register_schemas
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf")):
-        yield lambda overrides: compose("config", overrides=overrides, return_hydra_config=True)
-    GlobalHydra.instance().clear()
 
 
 def test_indexed_job_workers_share_one_study(hydra_compose, monkeypatch):

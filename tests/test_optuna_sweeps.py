@@ -14,12 +14,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import ROOT, TRAIN, run_train
+from conftest import TRAIN, run_train
 from postgres import postgres_server  # noqa: F401  (fixture)
 
 FIGURES = {"optimization_history", "param_importances", "parallel_coordinate", "slice"}
@@ -60,18 +58,6 @@ def ok(res: subprocess.CompletedProcess) -> None:
 
 
 # ------------------------------------------------------------------------ in-process checks
-@pytest.fixture
-def hydra_compose():
-    sys.path.insert(0, str(ROOT / "src"))
-    from gradsweep.sweep.hydra_adapter import register_schemas
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf")):
-        yield lambda overrides: compose("config", overrides=overrides, return_hydra_config=True)
-    GlobalHydra.instance().clear()
-
-
 def test_named_sweeps_compose_with_the_optuna_sweeper(hydra_compose):
     expected = {
         "lr_layers_clip": {"optimizer.lr": "tag(log, interval(0.001, 1.0))", "model.num_layers": "int(interval(1, 3))",
