@@ -1,0 +1,326 @@
+"""How far one tracking server goes: sustained ingestion of one `mlflow server` through the product's
+own delivery path, for N concurrent jobs, and where delivery falls behind training.
+
+    .venv/bin/python benchmarks/server_capacity.py [--workers 1,2,4,8] [--seconds 20]
+        [--backends postgres,sqlite] [--steps-per-s 20] [--params 96] [--drain-s 30]
+
+One `mlflow server` per backend, started by `gradsweep.track.server.MlflowServer` (the product's
+command): PostgreSQL (a real server from `tests/postgres.py`, as in docker-compose.yml) or sqlite.
+For each N, N writer processes each open a run exactly as a job does (`gradsweep.track.store.open_run`:
+a run journal on disk plus the real delivery process `python -m gradsweep.track.delivery <spool>
+--owner-pid <pid>`, one per job, sending with `log_batch`), wait until their delivery process has
+created the run, then append one step of ~100 values (`grad_norm/<param>` for --params parameters +
+the totals, `clip/coef`, `train/loss`, `train/acc`) --steps-per-s times a second for --seconds; then
+they close the run as a job does (`close_run`: wait for their delivery process, at most --drain-s).
+
+Measured from the journals' own delivery offsets (state.json), sampled once a second:
+  written pts/s    what the N writers appended (the training side)
+  delivered pts/s  what reached the server over the window after a short warm-up
+  backlog / lag    points written but not yet delivered when training ends, and how old the newest
+                   delivered step is then (seconds behind training)
+  drained          seconds after training ended until every run was complete on the server
+  arrived          every run's `grad_norm/total` history on the server has one point per written step
+and CPU shares (per cent of one core) of the server (+ PostgreSQL), the delivery processes, the
+writers, and the whole machine (100 % x cores = saturated).
+
+The writers sleep between steps (they model the journal traffic of a job, not its compute): real
+jobs also burn a core each on training, so on a small machine they leave less CPU to the server than
+here. Everything (writers, delivery processes, server, PostgreSQL) shares this machine's cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+METRIC_LINE = b'"op":"metrics"'
+
+
+# ------------------------------------------------------------------------------ writer process
+def writer(args: argparse.Namespace) -> None:
+    """One job's journal traffic: open a run as a job does, wait for 'go' on stdin, write, close."""
+    from gradsweep.track.settings import TrackingConfig
+    from gradsweep.track.store import DeliveryWorker, close_run, open_run
+
+    tracking = TrackingConfig(uri=args.uri, experiment_name=args.experiment, spool_dir=args.spool,
+                              delivery_timeout_s=args.drain_s)
+    run = open_run(tracking, f"w{args.index}", {"bench": "server_capacity"})
+    worker_pid = DeliveryWorker._workers[Path(args.spool).resolve()].pid
+    deadline = time.monotonic() + 120
+    while run.journal.run_id is None and time.monotonic() < deadline:  # the delivery process created it
+        run.journal._poll_state()
+        time.sleep(0.1)
+    names = [f"grad_norm/p{i:03d}" for i in range(args.params)]
+    names += ["grad_norm/total", "grad_norm/total_clipped", "clip/coef", "train/loss", "train/acc"]
+    print(json.dumps({"ready": True, "folder": str(run.journal.folder), "worker_pid": worker_pid,
+                      "run_id": run.journal.run_id}), flush=True)
+    sys.stdin.readline()  # go
+    t0 = time.monotonic()
+    period = 1.0 / args.steps_per_s
+    step = 0
+    while True:
+        due = t0 + step * period
+        if due >= t0 + args.seconds:
+            break
+        wait = due - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        run.log_metrics(step, {n: 0.5 + ((step * 7 + i) % 100) / 100 for i, n in enumerate(names)})
+        step += 1
+    trained = time.monotonic()
+    run.journal._file.flush()
+    ok = close_run(run.journal, "FINISHED", args.drain_s)
+    print(json.dumps({"steps": step, "values": len(names), "train_s": trained - t0,
+                      "drain_s": time.monotonic() - trained, "delivered": ok}), flush=True)
+
+
+# ------------------------------------------------------------------------------ measuring
+class JournalProgress:
+    """Delivered metric lines of one journal, read incrementally up to its committed offset."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.read_to = 0
+        self.lines = 0
+        self.last_ts = None  # ms, of the newest delivered step
+
+    def sample(self) -> None:
+        try:
+            state = json.loads((self.folder / "state.json").read_text())
+        except (OSError, ValueError):
+            return
+        offset = state.get("offset", 0)
+        if state.get("done"):
+            offset = None  # everything; the journal may be gone
+        try:
+            with open(self.folder / "journal.jsonl", "rb") as f:
+                f.seek(self.read_to)
+                chunk = f.read() if offset is None else f.read(max(0, offset - self.read_to))
+        except OSError:
+            return
+        end = chunk.rfind(b"\n") + 1
+        chunk = chunk[:end]
+        self.read_to += end
+        for line in chunk.splitlines():
+            if METRIC_LINE in line:
+                self.lines += 1
+                self.last_ts = json.loads(line)["ts"]
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def machine_ticks() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + vals[4]
+    return sum(vals) - idle, sum(vals)
+
+
+def session_pids(sid: int) -> list[int]:
+    out = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
+                    out.append(int(p))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def children_of(pid: int) -> list[int]:
+    out = [pid]
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def one_case(uri: str, server_pids, n: int, args: argparse.Namespace, root: Path, label: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    spool = root / f"spool-{label}-{n}"
+    experiment = f"capacity-{label}-{n}"
+    procs = []
+    for i in range(n):
+        cmd = [sys.executable, __file__, "--_writer", "--uri", uri, "--experiment", experiment, "--spool", str(spool),
+               "--index", str(i), "--seconds", str(args.seconds), "--steps-per-s", str(args.steps_per_s),
+               "--params", str(args.params), "--drain-s", str(args.drain_s)]
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root))
+    ready = [json.loads(p.stdout.readline()) for p in procs]
+    journals = [JournalProgress(Path(r["folder"])) for r in ready]
+    delivery_pids = [r["worker_pid"] for r in ready]
+    writer_pids = [p.pid for p in procs]
+    for j in journals:  # whatever was delivered before training (nothing: params come from the job only)
+        j.sample()
+    base = [j.lines for j in journals]
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu0 = (cpu_ticks(server_pids()), cpu_ticks(delivery_pids), cpu_ticks(writer_pids), machine_ticks())
+    t0 = time.monotonic()
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    warm = min(3.0, args.seconds / 4)
+    marks = {}
+    while time.monotonic() < t0 + args.seconds:
+        time.sleep(min(1.0, max(0.0, t0 + args.seconds - time.monotonic())))
+        for j in journals:
+            j.sample()
+        elapsed = time.monotonic() - t0
+        if "warm" not in marks and elapsed >= warm:
+            marks["warm"] = (elapsed, sum(j.lines for j in journals))
+    t_end = time.monotonic()
+    t_end_wall_ms = time.time() * 1000
+    for j in journals:
+        j.sample()
+    delivered_end = sum(j.lines - b for j, b in zip(journals, base))
+    cpu1 = (cpu_ticks(server_pids()), cpu_ticks(delivery_pids), cpu_ticks(writer_pids), machine_ticks())
+    window = t_end - t0
+    lags = [(t_end_wall_ms - j.last_ts) / 1000 if j.last_ts else window for j in journals]
+    results = [json.loads(p.stdout.readline() or "{}") for p in procs]  # after close_run (drain)
+    for p in procs:
+        p.wait()
+    for pid in delivery_pids:  # a delivery process still going after its job gave up waiting
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    steps = [r.get("steps", 0) for r in results]
+    values = results[0].get("values", args.params + 5) if results else args.params + 5
+    written = sum(steps) * values
+    warm_t, warm_lines = marks.get("warm", (0.0, 0))
+    delivered_rate = (delivered_end - warm_lines) * values / max(1e-9, window - warm_t)
+    client = MlflowClient(uri)
+    arrived = 0
+    for r, s in zip(ready, steps):
+        got = {m.step for m in client.get_metric_history(r["run_id"], "grad_norm/total")} if r["run_id"] else set()
+        arrived += got == set(range(s))
+    cores = os.cpu_count() or 1
+    busy = (cpu1[3][0] - cpu0[3][0]) / max(1, cpu1[3][1] - cpu0[3][1]) * 100 * cores
+    pct = [(cpu1[k] - cpu0[k]) / tick / window * 100 for k in range(3)]
+    shutil.rmtree(spool, ignore_errors=True)
+    return {"n": n, "written_rate": written / window, "delivered_rate": delivered_rate,
+            "backlog": written - delivered_end * values, "lag": max(lags),
+            "drain": max(r.get("drain_s", float("nan")) for r in results),
+            "complete": all(r.get("delivered") for r in results), "arrived": arrived,
+            "cpu": pct, "busy": busy}
+
+
+def run_backend(backend: str, args: argparse.Namespace) -> list[dict]:
+    from gradsweep.track.server import MlflowServer, mlflow_executable, mlflow_server_command
+
+    class Server(MlflowServer):
+        """The product's server command, with --server-workers web workers (MlflowServer uses 1)."""
+
+        def command(self) -> list[str]:
+            return mlflow_server_command(executable=mlflow_executable(), host="127.0.0.1", port=self.port,
+                                         workers=args.server_workers, backend_store_uri=self.backend,
+                                         artifacts_destination=self.artifacts, app_name=self.app_name)
+
+    root = Path(tempfile.mkdtemp(prefix=f"gradsweep-cap-{backend}-"))
+    pg = None
+    server = None
+    try:
+        if backend == "postgres":
+            sys.path.insert(0, str(ROOT / "tests"))
+            from postgres import PostgresServer
+
+            try:
+                pg = PostgresServer(database="mlflow").start()
+            except BaseException as e:  # pytest.skip: no server binaries
+                print(f"postgres: not run ({type(e).__name__}: {e})", file=sys.stderr)
+                return []
+            server = Server(root, backend=pg.uri.replace("postgresql://", "postgresql+psycopg2://"))
+            db_pids = lambda: children_of(pg.proc.pid)  # noqa: E731
+        else:
+            server = Server(root)
+            db_pids = lambda: []  # noqa: E731
+        t = time.monotonic()
+        server.start(timeout=180)
+        print(f"{backend}: server up in {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+        pids = lambda: session_pids(server.proc.pid) + db_pids()  # noqa: E731
+        rows = []
+        for n in args.workers:
+            row = one_case(server.uri, pids, n, args, root, backend)
+            row["backend"] = backend
+            rows.append(row)
+            print(f"{backend} N={n}: written {row['written_rate']:.0f}/s delivered {row['delivered_rate']:.0f}/s "
+                  f"lag {row['lag']:.1f} s drain {row['drain']:.1f} s", file=sys.stderr, flush=True)
+        return rows
+    finally:
+        if server is not None:
+            server.stop()
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", default="1,2,4,8", help="numbers of concurrent jobs, comma-separated")
+    ap.add_argument("--seconds", type=float, default=20.0, help="training window per case")
+    ap.add_argument("--backends", default="postgres,sqlite")
+    ap.add_argument("--steps-per-s", type=float, default=20.0, help="steps a second each job writes")
+    ap.add_argument("--params", type=int, default=96, help="parameters of the model (grad_norm/<param> each)")
+    ap.add_argument("--server-workers", type=int, default=1, help="`mlflow server --workers` (the product runs 1)")
+    ap.add_argument("--drain-s", type=float, default=30.0, help="how long a job waits for its delivery at the end")
+    # the writer process (internal)
+    ap.add_argument("--_writer", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--uri", help=argparse.SUPPRESS)
+    ap.add_argument("--experiment", help=argparse.SUPPRESS)
+    ap.add_argument("--spool", help=argparse.SUPPRESS)
+    ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._writer:
+        writer(args)
+        return
+    args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    rows = []
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        rows += run_backend(backend, args)
+    values = args.params + 5
+    cores = os.cpu_count()
+    print(f"One `mlflow server` (--workers {args.server_workers}), jobs writing {values} values/step at {args.steps_per_s:g} steps/s each "
+          f"({values * args.steps_per_s:.0f} points/s per job) for {args.seconds:g} s, each with its own delivery "
+          f"process (log_batch, <= 1000 values/request). This machine: {cores} cores shared by the writers, the "
+          f"delivery processes, the server and PostgreSQL; writers sleep between steps (real jobs would also "
+          f"train).\n")
+    print("| backend | jobs | written pts/s | delivered pts/s | delivered / written | backlog at end (pts) "
+          "| lag at end (s) | drained after (s) | runs complete | CPU % server+db / delivery / writers / machine |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        drain = f"{r['drain']:.1f}" if r["complete"] else f"> {args.drain_s:g} (not drained)"
+        c = r["cpu"]
+        print(f"| {r['backend']} | {r['n']} | {r['written_rate']:.0f} | {r['delivered_rate']:.0f} | "
+              f"{r['delivered_rate'] / max(1e-9, r['written_rate']) * 100:.0f} % | {r['backlog']:.0f} | {r['lag']:.1f} | "
+              f"{drain} | {r['arrived']} / {r['n']} | {c[0]:.0f} / {c[1]:.0f} / {c[2]:.0f} / "
+              f"{r['busy']:.0f} of {100 * cores} |")
+
+
+if __name__ == "__main__":
+    main()
