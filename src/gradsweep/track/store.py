@@ -189,14 +189,7 @@ class MlflowRun:
         return ((read_json(self.journal.folder / STATE) or {}).get("hooks") or {}).get(hook)
 
     def finish(self, status: str) -> bool:
-        if self.deferred and self.journal.lost is None and DeliveryWorker.alive(self.journal.folder.parent):
-            try:
-                self.journal.end(status)
-            except RecordingLost:
-                pass
-            if self.journal.lost is None:
-                return True
-        return close_run(self.journal, status, self.timeout_s)
+        return close_run(self.journal, status, self.timeout_s, wait=not self.deferred)
 
 
 def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
@@ -240,16 +233,20 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
     return MlflowRun(journal, tracking.delivery_timeout_s, run_name, deferred=parent_local_id is not None)
 
 
-def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0) -> bool:
+def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0, wait: bool = True) -> bool:
     """Write the final status and deliver what is left. False if the store stayed unreachable:
     the journal stays on disk for ``gradsweep sync``. A lost journal (deleted, disk full) raises
-    RecordingLost once the run is closed FAILED on the store, where the store can be told."""
+    RecordingLost once the run is closed FAILED on the store, where the store can be told.
+    ``wait=False``: return once the status is written if this process's delivery process is alive
+    (it, or the parent run's summary hook, delivers the rest)."""
     try:
         journal.end(status)
     except RecordingLost:
         pass
     if journal.lost is not None:
         _close_lost(journal)
+    if not wait and DeliveryWorker.alive(journal.folder.parent):
+        return True
     deadline = time.monotonic() + timeout_s
     if not mlflow_loaded() and DeliveryWorker.alive(journal.folder.parent):
         delivered = _wait_for_worker(journal, deadline)
