@@ -42,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+from gradsweep.track.server import stat_fields  # noqa: E402  (light: no MLflow)
 
 METRIC_LINE = b'"op":"metrics"'
 
@@ -136,28 +137,24 @@ def machine_ticks() -> tuple[int, int]:
     return sum(vals) - idle, sum(vals)
 
 
-def session_pids(sid: int) -> list[int]:
+def _pids_where(field: int, value: int) -> list[int]:
+    """Processes whose ``/proc/<pid>/stat`` field (after the name: 1 ppid, 3 session) is ``value``."""
     out = []
     for p in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{p}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
-                    out.append(int(p))
+            if int(stat_fields(p)[field]) == value:
+                out.append(int(p))
         except (OSError, IndexError, ValueError):
             pass
     return out
+
+
+def session_pids(sid: int) -> list[int]:
+    return _pids_where(3, sid)
 
 
 def children_of(pid: int) -> list[int]:
-    out = [pid]
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(p))
-        except (OSError, IndexError, ValueError):
-            pass
-    return out
+    return [pid, *_pids_where(1, pid)]
 
 
 def one_case(uri: str, server_pids, n: int, args: argparse.Namespace, root: Path, label: str) -> dict:

@@ -36,7 +36,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, TRAIN, MlflowServer
-from gradsweep.track.server import SERVER_ENV, free_port, mlflow_executable, mlflow_server_command, served_by
+from gradsweep.track.server import (SERVER_ENV, free_port, mlflow_executable, mlflow_server_command, served_by,
+                                    stop_group)
 from postgres import PostgresServer
 from test_server_postgres import init_databases  # what the postgres image does with deploy/postgres/*.sql
 
@@ -123,13 +124,8 @@ class MotoS3:
         raise RuntimeError(f"moto server did not answer in {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc:
+            stop_group(self.proc, 10)
 
 
 @pytest.fixture(scope="module")

@@ -102,33 +102,24 @@ if $link; then
 fi
 
 # ------------------------------------------------------------------------------ daemons
-foreign() {  # a daemon of this name runs that this script did not start (it would hold the port)
-    local name=$1 mine=$2 p
-    for p in $(pgrep -x "$name" || true); do
-        [ "$p" = "$mine" ] || { echo "$p"; return 0; }
-    done
-    return 1
+start_daemon() {  # NAME PID: the daemon this script started runs as PID, else start it (not over a stranger)
+    local name=$1 running=$2 other
+    if [ -n "$running" ]; then
+        note "$name running (pid $running)"
+        return 0
+    fi
+    other=$(pgrep -x "$name" | head -n 1 || true)  # one this script did not start would hold the port
+    [ -z "$other" ] || fail "a $name this script did not start runs (pid $other): stop it first"
+    "$name" -f "$CONF" >>"$DIR/log/$name.out" 2>&1 || fail "$name did not start: see $DIR/log/$name.log"
+    note "started $name"
 }
-if [ -n "$ctld" ]; then
-    note "slurmctld running (pid $ctld)"
-else
-    other=$(foreign slurmctld "") && fail "a slurmctld this script did not start runs (pid $other): stop it first"
-    slurmctld -f "$CONF" >>"$DIR/log/slurmctld.out" 2>&1 || fail "slurmctld did not start: see $DIR/log/slurmctld.log"
-    note "started slurmctld"
-fi
+start_daemon slurmctld "$ctld"
 for _ in $(seq $((TIMEOUT_S * 5))); do
     scontrol ping 2>/dev/null | grep -q "is UP" && break
     sleep 0.2
 done
 scontrol ping 2>/dev/null | grep -q "is UP" || fail "slurmctld does not answer: see $DIR/log/slurmctld.log"
-
-if [ -n "$slurmd_pid" ]; then
-    note "slurmd running (pid $slurmd_pid)"
-else
-    other=$(foreign slurmd "") && fail "a slurmd this script did not start runs (pid $other): stop it first"
-    slurmd -f "$CONF" >>"$DIR/log/slurmd.out" 2>&1 || fail "slurmd did not start: see $DIR/log/slurmd.log"
-    note "started slurmd"
-fi
+start_daemon slurmd "$slurmd_pid"
 
 # the node: idle (or running jobs) once slurmd registered; a node marked down or drained is resumed
 state=""

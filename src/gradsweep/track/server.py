@@ -74,9 +74,27 @@ def wait_healthy(uri: str, proc, timeout_s: float = 90.0, log_path: Path | None 
     raise RuntimeError(f"mlflow server at {uri} did not become healthy in {timeout_s:.0f} s")
 
 
-def _session(pid: int | str) -> int:
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name: state, ppid, pgrp, session, ..."""
     with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[3])  # after the name: state ppid pgrp session
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _session(pid: int | str) -> int:
+    return int(stat_fields(pid)[3])
+
+
+def stop_group(proc: subprocess.Popen, wait_s: float) -> None:
+    """SIGTERM the process group ``proc`` leads (started with ``start_new_session``), SIGKILL after
+    ``wait_s``."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def served_by(pid: int, port: int | None) -> bool | None:
@@ -164,13 +182,8 @@ class MlflowServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        if self.proc:
+            stop_group(self.proc, 20)
         self.proc = None
 
 
