@@ -95,3 +95,62 @@ def test_a_hook_the_deliverer_does_not_know_is_recorded_not_run_and_the_run_stil
     assert "unknown hook" in state["hooks"]["rm -rf /"]["error"]
     run = MlflowClient(store[0]).get_run(state["run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["x"] == 1.0
+
+
+def test_a_jobs_figure_is_drawn_by_its_deliverer_from_the_journal(store, tmp_path):
+    """`run_figure`: the job writes only the hook record; the deliverer draws the per-parameter norms
+    from the journal's own values, saves them where the job asked and logs them to the run."""
+    j = journal(store, "figure")
+    for step in range(6):
+        j.log_metrics(step, {GRAD_TOTAL: 2.0 ** step, "grad_norm/total_clipped": 1.0, "grad_norm/rnn.W": 0.5 * step,
+                             "train/loss": 1.0})
+    out = tmp_path / "out" / "figures" / "grad_norms.png"
+    j.after_delivery("run_figure", path=str(out), title="clip.max_norm=1")
+    j.end("FINISHED")
+    assert deliver(j.folder)
+    state = read_json(j.folder / STATE)
+    assert state["hooks"]["run_figure"] == {"drawn": True, "path": str(out)}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    client = MlflowClient(store[0])
+    assert [a.path for a in client.list_artifacts(state["run_id"], "figures")] == ["figures/grad_norms.png"]
+    assert client.get_run(state["run_id"]).info.status == "FINISHED"
+
+
+def test_a_figure_whose_folder_cannot_be_written_still_reaches_the_run(store, tmp_path):
+    """`gradsweep sync` on another machine: the job's output folder is not there (here: a file is in
+    the way), so the figure is drawn in a temporary folder and still logged."""
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    j = journal(store, "figure elsewhere")
+    j.log_metrics(0, {GRAD_TOTAL: 3.0})
+    j.after_delivery("run_figure", path=str(tmp_path / "blocked" / "figures" / "grad_norms.png"))
+    j.end("FINISHED")
+    assert deliver(j.folder)
+    state = read_json(j.folder / STATE)
+    assert state["hooks"]["run_figure"]["drawn"] and "blocked" not in state["hooks"]["run_figure"]["path"]
+    assert [a.path for a in MlflowClient(store[0]).list_artifacts(state["run_id"], "figures")] == \
+        ["figures/grad_norms.png"]
+
+
+def test_the_deliverer_loads_what_announced_hooks_need_before_they_run(tmp_path):
+    """A journal's header lists the hooks it will ask for; the delivery process imports what they
+    need (matplotlib for figures) while it waits, in a fresh interpreter: nothing for a journal
+    that announces none."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, threading, time; from pathlib import Path; "
+            "from gradsweep.track.delivery import Preloader; from gradsweep.track.journal import RunJournal; "
+            "spool = Path(sys.argv[1]); p = Preloader(); "
+            "quiet = RunJournal.create(spool, {'uri': 'sqlite:///x.db', 'experiment_name': 'e'}); p([quiet.folder]); "
+            "print('none', [t.name for t in threading.enumerate() if t is not threading.main_thread()] == [], "
+            "'matplotlib' in sys.modules); "
+            "j = RunJournal.create(spool, {'uri': 'sqlite:///x.db', 'experiment_name': 'e', 'hooks': ['run_figure']}); "
+            "p([quiet.folder, j.folder]); p([j.folder]); "
+            "[t.join() for t in threading.enumerate() if t is not threading.main_thread()]; "
+            "print('figure', 'matplotlib.pyplot' in sys.modules, sorted(p.started))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "spool")], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["none True False", "figure True ['gradsweep.report.figures']"]

@@ -44,8 +44,11 @@ def _geometric_mean(values: list[float], window: int) -> list[float]:
 
 def plot_bands(curves: dict[str, tuple[list[int], list[float], list[float], list[float]]], path: str | Path,
                title: str, ylabel: str) -> Path:
-    """Per configuration: the median line and a shaded min-max band (steps, median, low, high)."""
-    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    """Per configuration: the median line and a shaded min-max band (steps, median, low, high).
+    Drawn at the end of every sweep: fixed margins, as :func:`plot_param_norms`."""
+    title = textwrap.fill(title, 90)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    fig.subplots_adjust(left=0.09, right=0.97, bottom=0.11, top=0.93 - 0.035 * title.count("\n"))
     if len(curves) > 10:  # the default cycle repeats after 10 colours
         ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     longest = max((len(c[0]) for c in curves.values()), default=0)
@@ -63,7 +66,7 @@ def plot_bands(curves: dict[str, tuple[list[int], list[float], list[float], list
     ax.set_yscale("log")
     ax.set_xlabel("step" + (f" (each point: geometric mean over {window} steps)" if window > 1 else ""))
     ax.set_ylabel(ylabel)
-    ax.set_title(textwrap.fill(title, 90), fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     if curves:
         _legend(ax, fontsize=8, ncol=2 if len(curves) > 8 else 1)
@@ -73,8 +76,10 @@ def plot_bands(curves: dict[str, tuple[list[int], list[float], list[float], list
 def plot_param_norms(history: dict[str, Series], path: str | Path, title: str = "") -> Path:
     """Per-parameter gradient L2 norms vs step, and the total before (thick) and after clipping
     (dashed, drawn only when the clipper changed something, under the total so it never hides it);
-    legend beside the axes, not over the data."""
-    fig, ax = plt.subplots(figsize=(10, 5), constrained_layout=True)
+    legend beside the axes, not over the data. Drawn for every run: fixed margins instead of
+    constrained layout, which took half of the figure's 0.8 s here."""
+    fig, ax = plt.subplots(figsize=(10, 5))
+    fig.subplots_adjust(left=0.08, right=0.76, top=0.92, bottom=0.1)
     for key, series in history.items():
         name = key.removeprefix("grad_norm/")
         if not key.startswith("grad_norm/") or name in ("total", "total_clipped"):
@@ -95,10 +100,43 @@ def plot_param_norms(history: dict[str, Series], path: str | Path, title: str = 
     return _save(fig, path)
 
 
+def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: str = "", **_) -> dict:
+    """The delivery hook a job's journal ends with: :func:`plot_param_norms` of the run's
+    ``grad_norm/*`` values as its journal holds them, saved to ``path`` (the job's output folder;
+    a temporary one where that cannot be written, e.g. ``gradsweep sync`` on another machine) and
+    logged to the run as ``figures/grad_norms.png``. Drawn where the journal is delivered, so the
+    training process never loads matplotlib."""
+    import tempfile
+
+    from gradsweep.track.delivery import client_for
+    from gradsweep.track.journal import records
+    from gradsweep.track.store import StoreRun
+
+    history: dict[str, tuple[list[int], list[float]]] = {}
+    for _offset, rec in records(folder):
+        if rec["op"] == "metrics":
+            for key, value in rec["values"].items():
+                if key.startswith("grad_norm/"):
+                    steps, values = history.setdefault(key, ([], []))
+                    steps.append(rec["step"])
+                    values.append(float(value))
+    if not history:
+        return {"drawn": False}
+    with tempfile.TemporaryDirectory(prefix="gradsweep-figure-") as tmp:
+        try:
+            out = plot_param_norms(history, path, title=title)
+        except OSError:
+            out = plot_param_norms(history, Path(tmp) / "grad_norms.png", title=title)
+        StoreRun(client_for(header["uri"]), run_id).log_artifact(out, "figures")
+    return {"drawn": True, "path": str(out)}
+
+
 def _save(fig, path: str | Path, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    # zlib level 1: a third of the figure's time went to PNG compression at the default level 6;
+    # line plots are ~10% larger for it
+    fig.savefig(path, dpi=dpi, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return path
 

@@ -187,7 +187,8 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         tags[GIT_COMMIT_TAG] = commit
     same_run = resume.run_id if resume is not None else None
     run = open_run_logger(spec.tracking, name, tags, parent_run_id=ctx.parent_run_id,
-                          parent_local_id=ctx.parent_local_id, run_id=same_run)
+                          parent_local_id=ctx.parent_local_id, run_id=same_run,
+                          hooks=("run_figure",) if spec.tracking.log_figures else ())
     try:  # from here on the run exists: whatever stops the job before training ends it, never leaves it RUNNING
         if same_run:
             make_tracker().client.update_run(same_run, status="RUNNING")
@@ -259,10 +260,14 @@ def _close_run(run: RunLogger, history: HistorySink, store: CheckpointStore, spe
     """Figures and checkpoints, then the final status; then deliver what is left (in that order)."""
     try:
         if spec.tracking.log_figures and history.history:
-            from gradsweep.report.figures import plot_param_norms  # matplotlib: only when a figure is drawn
+            path = (store.folder.parent / "figures" / "grad_norms.png").resolve()
+            draw_later = getattr(run, "after_delivery", None)
+            if draw_later is not None:  # the mlflow backend: its delivery process draws the figure from
+                draw_later("run_figure", path=str(path), title=name)  # the journal, off the training path
+            else:
+                from gradsweep.report.figures import plot_param_norms  # matplotlib: only when a figure is drawn
 
-            fig = plot_param_norms(history.history, store.folder.parent / "figures" / "grad_norms.png", title=name)
-            run.log_artifact(fig, "figures")
+                run.log_artifact(plot_param_norms(history.history, path, title=name), "figures")
         if spec.tracking.log_checkpoints:
             for ckpt in ("best", "last"):
                 if store.path(ckpt).is_file():
