@@ -78,4 +78,4 @@ def start_delivery(argv: list[str]) -> None:
     from gradsweep.track.uri import absolute_sqlite
 
     spool_dir = parsed[2].get("tracking.spool_dir")
-    DeliveryWorker.ensure(Path(spool_dir) if spool_dir else default_spool_dir(absolute_sqlite(uri)))
+    DeliveryWorker.ensure(Path(spool_dir) if spool_dir else default_spool_dir(absolute_sqlite(uri)), uri)

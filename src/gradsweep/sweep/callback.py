@@ -57,7 +57,7 @@ class GradsweepCallback(Callback):
         local_jobs = str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher") and \
             str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
         self.journal = open_run(tracking, "sweep: " + run_name(mask_overrides(list(config.hydra.overrides.task))), tags,
-                                create_now=not local_jobs)
+                                create_now=not local_jobs, hooks=("close_dead_runs", "sweep_summary"))
         run_id = self.journal.run_id
         (outer or SweepContext()).with_(sweep_id=sweep_id, parent_run_id=run_id,
                                         parent_local_id=None if run_id else self.journal.local_id,

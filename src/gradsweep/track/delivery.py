@@ -54,7 +54,46 @@ class HookNotReady(Exception):
 HOOKS = {
     "close_dead_runs": "gradsweep.track.store:close_dead_runs_hook",
     "sweep_summary": "gradsweep.report.summary:sweep_summary_hook",
+    "run_figure": "gradsweep.report.figures:run_figure_hook",
 }
+#: What a hook loads when it runs (matplotlib: ~0.7 s on a small machine). A journal whose header
+#: lists the hooks it will ask for (``RunJournal.create(..., hooks=...)``) has these imported by
+#: the delivery process while it waits for the run's records, so the hook is not on the path
+#: between a job's last step and its end (nor between a sweep's last job and its summary).
+PRELOAD = {
+    "sweep_summary": ("gradsweep.report.summary", "gradsweep.report.figures"),
+    "run_figure": ("gradsweep.report.figures",),
+}
+
+
+class Preloader:
+    """Imports, in a background thread, the modules of the hooks that pending journals announce."""
+
+    def __init__(self) -> None:
+        self.seen: set[Path] = set()
+        self.started: set[str] = set()
+
+    def __call__(self, folders: list[Path]) -> None:
+        modules: list[str] = []
+        for folder in folders:
+            if folder in self.seen:
+                continue
+            self.seen.add(folder)
+            for hook in (read_json(folder / HEADER) or {}).get("hooks") or ():
+                modules += [m for m in PRELOAD.get(hook, ()) if m not in self.started and m not in modules]
+        if modules:
+            self.started.update(modules)
+            threading.Thread(target=_import_quietly, args=(modules,), daemon=True).start()
+
+
+def _import_quietly(modules: list[str]) -> None:
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception:  # the hook itself reports what is wrong when it runs
+            return
 
 
 def run_hook(rec: dict[str, Any], folder: Path, header: dict[str, Any], run_id: str) -> dict[str, Any]:
@@ -426,6 +465,11 @@ def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path, busy
     return left
 
 
+#: set when the owner writes to its pipe (a run of its has ended: deliver it now, not at the next
+#: poll) and when the pipe closes
+_wake = threading.Event()
+
+
 def watch_owner(control, spool: Path, owner_pid: Optional[int] = None) -> threading.Event:
     """An event set once the owner's pipe ``control`` closes (the owner ended or died). With
     ``owner_pid``: this process exits at once then if the owner left nothing to deliver (a command
@@ -442,13 +486,19 @@ def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
     global _owner_reports
     _owner_reports = True
     reporter = OutageReporter()
+    preload = Preloader()
     if closed is None and control is not None:
         closed = watch_owner(control, spool)
     while True:
-        deliver_all(pending(spool, owner_pid), reporter, spool)
+        folders = pending(spool, owner_pid)
+        preload(folders)
+        deliver_all(folders, reporter, spool)
         if closed is None:
             time.sleep(interval_s)
-        elif closed.wait(interval_s):
+            continue
+        _wake.wait(interval_s)
+        _wake.clear()
+        if closed.is_set():
             break  # owner closed the pipe or died
     deliver_all(pending(spool, owner_pid), reporter, spool)
 
@@ -459,7 +509,7 @@ def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid
     when this process has finished importing MLflow and its last pass. What the last pass says
     (only a killed owner leaves anything to deliver) goes to ``<spool>/delivery.log``."""
     while control.read(1):
-        pass  # the owner never writes: this returns at EOF
+        _wake.set()  # the owner ended a run (DeliveryWorker.nudge); this returns at EOF
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -474,8 +524,12 @@ def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid
     if owner_pid is not None and not pending(spool, owner_pid):
         os._exit(0)
     closed.set()
+    _wake.set()
 
 
+#: the MLflow store module per kind of store (gradsweep.track.uri.store_kind): imported, never
+#: opened, before the first journal arrives (opening a store may create it; the job's checks come first)
+STORE_MODULES = {"sql": "mlflow.store.tracking.sqlalchemy_store", "rest": "mlflow.store.tracking.rest_store"}
 NICE = 10  # delivery is background work: where cores are scarce, the training step goes first
 
 
@@ -483,6 +537,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description="deliver gradsweep run journals (started by the trainer)")
     ap.add_argument("spool", type=Path)
     ap.add_argument("--owner-pid", type=int, required=True)
+    ap.add_argument("--store", choices=sorted(STORE_MODULES), help="load the module of this kind of store now")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -491,8 +546,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     closed = watch_owner(sys.stdin.buffer, args.spool, args.owner_pid)  # from the start: the owner may end during the import
     # Import MLflow before the first pass: a pass holds the journal's lock, and a lock held through
     # a niced 1-2 s import made a short job's own final delivery wait for it (Busy) at its close.
+    import importlib
+
     import mlflow.entities  # noqa: F401
     import mlflow.tracking  # noqa: F401
+
+    if args.store:  # what MLflow would load at the first client (SQLAlchemy's store: ~2 s here), loaded
+        try:  # while the job loads PyTorch, not after
+            importlib.import_module(STORE_MODULES[args.store])
+        except ImportError:  # the first client says what is missing
+            pass
 
     try:
         follow(args.spool, args.owner_pid, closed=closed)

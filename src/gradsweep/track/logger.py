@@ -72,11 +72,12 @@ class MemoryRunLogger:
 
 def open_run_logger(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
                     parent_run_id: Optional[str] = None, parent_local_id: Optional[str] = None,
-                    run_id: Optional[str] = None) -> RunLogger:
-    """Open a new run (or continue ``run_id``) on the configured backend."""
+                    run_id: Optional[str] = None, hooks: tuple[str, ...] = ()) -> RunLogger:
+    """Open a new run (or continue ``run_id``) on the configured backend. ``hooks``: the delivery
+    hooks the run will ask for (the ``mlflow`` backend's ``after_delivery``)."""
     if tracking.backend == "memory":
         return MemoryRunLogger(run_name, tags)
     from gradsweep.track.store import open_run  # MLflow: only for this backend
 
     return open_run(tracking, run_name, tags, parent_run_id=parent_run_id, parent_local_id=parent_local_id,
-                    run_id=run_id)
+                    run_id=run_id, hooks=hooks)

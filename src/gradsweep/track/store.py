@@ -22,7 +22,7 @@ from gradsweep.track import delivery
 from gradsweep.track.journal import (HEADER, STATE, RunJournal, default_spool_dir, now_ms, read_json, refused_error,
                                      worker_alive, worker_id)
 from gradsweep.track.settings import TrackingConfig
-from gradsweep.track.uri import absolute_sqlite, is_local_sqlite, mask, sqlite_path
+from gradsweep.track.uri import absolute_sqlite, is_local_sqlite, mask, sqlite_path, store_kind
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -194,11 +194,12 @@ class MlflowRun:
 
 def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
              parent_run_id: Optional[str] = None, parent_local_id: Optional[str] = None,
-             run_id: Optional[str] = None, create_now: bool = False) -> MlflowRun:
+             run_id: Optional[str] = None, create_now: bool = False, hooks: tuple[str, ...] = ()) -> MlflowRun:
     """Open a run for writing. The run is created on the store now (``create_now``, or when this
     process has MLflow already, as a sweep's does) if the store can be reached; else by the delivery
     worker, which also does it for a single job so that its training process never imports MLflow
-    (the journal then starts with what is needed to create it)."""
+    (the journal then starts with what is needed to create it). ``hooks``: the delivery hooks the
+    run will ask for at its end (its delivery process loads what they need meanwhile)."""
     uri = resolve_uri(tracking.uri)
     experiment_name, artifact_location = tracking.experiment_name, tracking.artifact_location
     spool = Path(tracking.spool_dir) if tracking.spool_dir else default_spool_dir(uri)
@@ -214,6 +215,8 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
                 raise
             print(f"[gradsweep] tracking store {mask(uri)} unreachable; the run is spooled to {spool} "
                   "and created there when it answers", file=sys.stderr, flush=True)
+    if hooks:
+        header["hooks"] = list(hooks)
     if parent_run_id or parent_local_id:  # so a hook of the parent finds its children's journals
         header.update(parent_run_id=parent_run_id, parent_local_id=parent_local_id)
     if run_id:
@@ -229,7 +232,7 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
         raise
     if existing:  # a resumed run: it is this process's now (see close_dead_runs)
         journal.set_tags({WORKER_TAG: tags[WORKER_TAG]})
-    DeliveryWorker.ensure(spool)
+    DeliveryWorker.ensure(spool, uri)
     return MlflowRun(journal, tracking.delivery_timeout_s, run_name, deferred=parent_local_id is not None)
 
 
@@ -245,6 +248,7 @@ def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0, wait: b
         pass
     if journal.lost is not None:
         _close_lost(journal)
+    DeliveryWorker.nudge(journal.folder.parent)
     if not wait and DeliveryWorker.alive(journal.folder.parent):
         return True
     deadline = time.monotonic() + timeout_s
@@ -360,13 +364,31 @@ class DeliveryWorker:
         return proc is not None and proc.poll() is None
 
     @classmethod
-    def ensure(cls, spool: Path) -> None:
+    def nudge(cls, spool: Path) -> None:
+        """Tell this process's delivery process for ``spool`` that a run has ended: it delivers it
+        now instead of at its next poll (a quarter of a second later)."""
+        proc = cls._workers.get(spool.resolve())
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+        except OSError:  # it has just ended: the caller delivers what is left itself
+            pass
+
+    @classmethod
+    def ensure(cls, spool: Path, uri: Optional[str] = None) -> None:
+        """Start the delivery process for ``spool`` unless it runs; ``uri``: the store it will
+        deliver to (it loads that kind of store's code while it waits; the URI itself, which may
+        hold a password, is not put on its command line)."""
         spool = spool.resolve()
         proc = cls._workers.get(spool)
         if proc is not None and proc.poll() is None:
             return
         src = str(SRC)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        kind = store_kind(uri) if uri else None
         cls._workers[spool] = subprocess.Popen(
-            [sys.executable, "-m", "gradsweep.track.delivery", str(spool), "--owner-pid", str(os.getpid())],
+            [sys.executable, "-m", "gradsweep.track.delivery", str(spool), "--owner-pid", str(os.getpid()),
+             *(["--store", kind] if kind else [])],
             stdin=subprocess.PIPE, env=env, start_new_session=True)

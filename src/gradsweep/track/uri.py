@@ -69,6 +69,14 @@ def mask_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
+def store_kind(uri: str) -> Optional[str]:
+    """Which MLflow store module serves ``uri``: ``sql`` (SQLAlchemy: sqlite, postgresql, mysql),
+    ``rest`` (a tracking server), or None."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    return "sql" if scheme in ("sqlite", "postgresql", "mysql", "mssql") else \
+        "rest" if scheme in ("http", "https") else None
+
+
 def is_local_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
