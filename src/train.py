@@ -13,8 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 
 from gradsweep.cli.plan import print_plan, start_delivery  # noqa: E402  (light: no torch, no MLflow)
 
-print_plan(sys.argv[1:])  # within a second; PyTorch and MLflow take several to load
-start_delivery(sys.argv[1:])  # its MLflow import overlaps ours of PyTorch
+if __name__ == "__main__":  # not when a test imports this module for `main`
+    print_plan(sys.argv[1:])  # within a second; PyTorch and MLflow take several to load
+    start_delivery(sys.argv[1:])  # its MLflow import overlaps ours of PyTorch
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
