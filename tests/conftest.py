@@ -27,10 +27,30 @@ def run_train(args: list[str], cwd: Path, timeout: int = 300, env: dict | None =
                           timeout=timeout, env=full_env)
 
 
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with MLflow's schema, made once per test worker: creating the
+    schema (every migration) costs 2-4 CPU-seconds, copying the file milliseconds. Tests about a
+    store that does not exist yet make their own."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def fresh_store(folder: Path, template: Path, name: str = "mlflow.db") -> Path:
+    """A copy of the migrated empty store at ``folder / name`` (what MLflow would create there)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copyfile(template, folder / name))
+
+
 @pytest.fixture
-def store(tmp_path) -> str:
-    """An embedded tracking store URI in a temp dir."""
-    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+def store(tmp_path, migrated_db) -> str:
+    """An embedded tracking store URI in a temp dir (empty, its schema in place)."""
+    return f"sqlite:///{fresh_store(tmp_path / 'mlruns', migrated_db)}"
 
 
 @pytest.fixture
@@ -49,7 +69,8 @@ def hydra_compose():
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, migrated_db):
+    fresh_store(tmp_path, migrated_db, "server.db")
     server = MlflowServer(tmp_path).start()
     yield server
     server.stop()

@@ -139,11 +139,12 @@ def test_a_deleted_experiment_is_one_line(tmp_path, store):
     assert "tracking.experiment_name='gone': that experiment is deleted" in lines[0] and "restore" in lines[0]
 
 
-def test_a_job_killed_while_spooled_ends_killed_at_sync(tmp_path):
+def test_a_job_killed_while_spooled_ends_killed_at_sync(tmp_path, migrated_db):
     """The store is down, the job is SIGKILLed mid-run: `gradsweep sync` delivers what it journaled
     and closes the run KILLED (failure=worker_died) instead of repeating "1 still spooled"."""
-    from conftest import MlflowServer
+    from conftest import MlflowServer, fresh_store
 
+    fresh_store(tmp_path, migrated_db, "server.db")
     server = MlflowServer(tmp_path)  # not started yet: the job spools
     proc = _job([f"trainer.epochs={EPOCHS}", f"tracking.uri={server.uri}"], tmp_path)
     spool = tmp_path / "mlruns" / "spool"

@@ -6,7 +6,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, TRAIN, MlflowServer
+from conftest import ROOT, TRAIN, MlflowServer, fresh_store
 
 EPOCHS = 200  # 1000 steps: a few seconds of training
 STEPS = EPOCHS * 5
@@ -31,7 +31,8 @@ def _assert_complete(client, run):
     assert run.data.params["trainer.epochs"] == str(EPOCHS)
 
 
-def test_server_stopped_mid_run_and_restarted(tmp_path):
+def test_server_stopped_mid_run_and_restarted(tmp_path, migrated_db):
+    fresh_store(tmp_path, migrated_db, "server.db")
     server = MlflowServer(tmp_path).start()
     job = _job(server.uri, tmp_path)
     lines: list[str] = []
@@ -66,7 +67,8 @@ def test_server_stopped_mid_run_and_restarted(tmp_path):
         server.stop()
 
 
-def test_server_down_for_whole_job_then_sync(tmp_path):
+def test_server_down_for_whole_job_then_sync(tmp_path, migrated_db):
+    fresh_store(tmp_path, migrated_db, "server.db")
     server = MlflowServer(tmp_path)  # not started: unreachable from the beginning
     job = _job(server.uri, tmp_path, "tracking.delivery_timeout_s=2")
     err, _ = job.communicate(timeout=300)

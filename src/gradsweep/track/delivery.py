@@ -374,6 +374,11 @@ def refused(spool: Path) -> list[tuple[Path, str]]:
     return [(f, r) for f in sorted(spool.iterdir()) if f.is_dir() and (r := refusal(f))]
 
 
+#: folders seen delivered (a delivered journal never becomes pending again): a long-lived spool keeps
+#: the state of every run created from it, and a delivery process looks at the spool 4 times a second
+_seen_done: set[Path] = set()
+
+
 def pending(spool: Path, owner_pid: Optional[int] = None) -> list[Path]:
     """Journals not yet fully delivered (of one owner process, or of any)."""
     if not spool.is_dir():
@@ -385,9 +390,11 @@ def pending(spool: Path, owner_pid: Optional[int] = None) -> list[Path]:
         except OSError:
             return float("inf")
 
-    for folder in sorted((p for p in spool.iterdir() if p.is_dir()), key=age):
+    for folder in sorted((p for p in spool.iterdir() if p not in _seen_done and p.is_dir()), key=age):
         header = read_json(folder / HEADER)
         state = read_json(folder / STATE) or {}
+        if state.get("done"):
+            _seen_done.add(folder)
         if header is None or state.get("done"):
             continue
         if owner_pid is None or header.get("owner_pid") == owner_pid:
@@ -480,9 +487,14 @@ def watch_owner(control, spool: Path, owner_pid: Optional[int] = None) -> thread
     return closed
 
 
+IDLE_WAIT_S = 2.0  # between looks at the spool while the owner has nothing to deliver
+
+
 def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
            closed: Optional[threading.Event] = None) -> None:
-    """Deliver the owner's journals until ``control`` (the owner's pipe) closes, then once more."""
+    """Deliver the owner's journals until ``control`` (the owner's pipe) closes, then once more.
+    Every ``interval_s`` while the owner has journals to deliver; while it has none, when it says
+    it opened or ended a run (``DeliveryWorker.nudge``), else every ``IDLE_WAIT_S``."""
     global _owner_reports
     _owner_reports = True
     reporter = OutageReporter()
@@ -496,7 +508,7 @@ def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
         if closed is None:
             time.sleep(interval_s)
             continue
-        _wake.wait(interval_s)
+        _wake.wait(interval_s if folders else IDLE_WAIT_S)
         _wake.clear()
         if closed.is_set():
             break  # owner closed the pipe or died
@@ -509,7 +521,7 @@ def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid
     when this process has finished importing MLflow and its last pass. What the last pass says
     (only a killed owner leaves anything to deliver) goes to ``<spool>/delivery.log``."""
     while control.read(1):
-        _wake.set()  # the owner ended a run (DeliveryWorker.nudge); this returns at EOF
+        _wake.set()  # the owner opened or ended a run (DeliveryWorker.nudge); this returns at EOF
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -233,6 +233,7 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
     if existing:  # a resumed run: it is this process's now (see close_dead_runs)
         journal.set_tags({WORKER_TAG: tags[WORKER_TAG]})
     DeliveryWorker.ensure(spool, uri)
+    DeliveryWorker.nudge(spool)  # a new journal: its run is created now, not at the next look
     return MlflowRun(journal, tracking.delivery_timeout_s, run_name, deferred=parent_local_id is not None)
 
 
@@ -365,8 +366,8 @@ class DeliveryWorker:
 
     @classmethod
     def nudge(cls, spool: Path) -> None:
-        """Tell this process's delivery process for ``spool`` that a run has ended: it delivers it
-        now instead of at its next poll (a quarter of a second later)."""
+        """Tell this process's delivery process for ``spool`` that a run was opened or has ended:
+        it looks at the spool now instead of at its next poll."""
         proc = cls._workers.get(spool.resolve())
         if proc is None or proc.poll() is not None:
             return
