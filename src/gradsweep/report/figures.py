@@ -111,22 +111,19 @@ def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: s
     from gradsweep.track.delivery import client_for
     from gradsweep.track.journal import records
     from gradsweep.track.store import StoreRun
+    from gradsweep.train.sinks import HistorySink
 
-    history: dict[str, tuple[list[int], list[float]]] = {}
+    sink = HistorySink()  # what the job's own HistorySink held, read back from its journal
     for _offset, rec in records(folder):
         if rec["op"] == "metrics":
-            for key, value in rec["values"].items():
-                if key.startswith("grad_norm/"):
-                    steps, values = history.setdefault(key, ([], []))
-                    steps.append(rec["step"])
-                    values.append(float(value))
-    if not history:
+            sink.log_metrics(rec["step"], {k: float(v) for k, v in rec["values"].items() if k.startswith("grad_norm/")})
+    if not sink.history:
         return {"drawn": False}
     with tempfile.TemporaryDirectory(prefix="gradsweep-figure-") as tmp:
         try:
-            out = plot_param_norms(history, path, title=title)
+            out = plot_param_norms(sink.history, path, title=title)
         except OSError:
-            out = plot_param_norms(history, Path(tmp) / "grad_norms.png", title=title)
+            out = plot_param_norms(sink.history, Path(tmp) / "grad_norms.png", title=title)
         StoreRun(client_for(header["uri"]), run_id).log_artifact(out, "figures")
     return {"drawn": True, "path": str(out)}
 

@@ -161,9 +161,10 @@ class SharedCompositions:
             not self.loader.repository.group_exists(key)
 
     def compose(self, overrides: list[str]) -> DictConfig:
-        parsed = self.parser.parse_overrides(overrides)
-        values = [o for o in parsed if self._is_value(o)]
-        choices = tuple(o.input_line for o in parsed if not self._is_value(o))
+        values, choices = [], []
+        for override in self.parser.parse_overrides(overrides):
+            (values if self._is_value(override) else choices).append(override)
+        choices = tuple(o.input_line for o in choices)
         if choices not in self.shared:
             self.shared[choices] = compose(config_name=self.config_name, overrides=list(choices),
                                            return_hydra_config=True)
@@ -184,7 +185,7 @@ def _jobs(config_dir: str | Path, overrides: list[str], config_name: str,
             cfg = compositions.compose(combo)
             refuse_password("hydra.sweeper.storage", cfg.hydra.sweeper.get("storage"))  # before multirun.yaml holds it
             params = cfg.hydra.sweeper.get("params") or {}
-            given = {ov.get_key_element() for ov in OverridesParser.create().parse_overrides(combo)}
+            given = {ov.get_key_element() for ov in compositions.parser.parse_overrides(combo)}
             for extra in job_combinations([f"{k}={v}" for k, v in params.items() if k not in given]):
                 jobs.append((combo + extra, compositions.compose(combo + extra) if extra else cfg))
     return jobs

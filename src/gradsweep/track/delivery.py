@@ -472,8 +472,8 @@ def deliver_all(folders: list[Path], reporter: OutageReporter, spool: Path, busy
     return left
 
 
-#: set when the owner writes to its pipe (a run of its has ended: deliver it now, not at the next
-#: poll) and when the pipe closes
+#: set when the owner writes to its pipe (it opened or ended a run: look at the spool now, not at
+#: the next poll) and when the pipe closes
 _wake = threading.Event()
 
 
