@@ -131,7 +131,7 @@ def test_resume_sends_each_metric_only_after_the_step_the_run_holds():
         if step in (5, 7):
             sink.log_metrics(step, {"dev/acc": 0.5})
     sink.log_metrics(9, {"test/acc": 0.6})
-    assert sent.history["train/loss"][0] == [8, 9] and sent.history["grad_norm/total"][0] == [8, 9]
+    assert list(sent.history["train/loss"][0]) == [8, 9] and list(sent.history["grad_norm/total"][0]) == [8, 9]
     assert sent.history["dev/acc"][0] == [5, 7] and sent.history["test/acc"][0] == [9]
 
 

@@ -243,7 +243,8 @@ def srn_runs(tmp_path_factory):
 
 
 def _series(outcome, key):
-    return outcome.history.history.get(key, ([], []))
+    steps, values = outcome.history.history.get(key, ([], []))
+    return list(steps), [float(v) for v in values]
 
 
 def test_job_logs_what_each_rule_decided_every_step(srn_runs):

@@ -3,6 +3,7 @@ its parent run from the sweep's delivery process, or from `gradsweep sync` after
 only once the records before it, and the sweep's children, are on a real embedded store."""
 import csv
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -101,9 +102,9 @@ def test_a_jobs_figure_is_drawn_by_its_deliverer_from_the_journal(store, tmp_pat
     """`run_figure`: the job writes only the hook record; the deliverer draws the per-parameter norms
     from the journal's own values, saves them where the job asked and logs them to the run."""
     j = journal(store, "figure")
+    j.define_steps(["train/loss", GRAD_TOTAL, "grad_norm/total_clipped", "grad_norm/rnn.W"], 6)
     for step in range(6):
-        j.log_metrics(step, {GRAD_TOTAL: 2.0 ** step, "grad_norm/total_clipped": 1.0, "grad_norm/rnn.W": 0.5 * step,
-                             "train/loss": 1.0})
+        j.log_steps(np.array([step]), np.array([[1.0, 2.0 ** step, 1.0, 0.5 * step]], np.float32))
     out = tmp_path / "out" / "figures" / "grad_norms.png"
     j.after_delivery("run_figure", path=str(out), title="clip.max_norm=1")
     j.end("FINISHED")
@@ -121,7 +122,8 @@ def test_a_figure_whose_folder_cannot_be_written_still_reaches_the_run(store, tm
     the way), so the figure is drawn in a temporary folder and still logged."""
     (tmp_path / "blocked").write_text("a file, not a folder")
     j = journal(store, "figure elsewhere")
-    j.log_metrics(0, {GRAD_TOTAL: 3.0})
+    j.define_steps([GRAD_TOTAL], 1)
+    j.log_steps(np.array([0]), np.array([[3.0]], np.float32))
     j.after_delivery("run_figure", path=str(tmp_path / "blocked" / "figures" / "grad_norms.png"))
     j.end("FINISHED")
     assert deliver(j.folder)

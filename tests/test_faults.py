@@ -30,13 +30,13 @@ def _only_run(store):
 
 
 def _journal_of(proc, spool, min_bytes=20_000, timeout=120, created=False):
-    """The job's journal folder once it holds at least ``min_bytes`` of records (and, if ``created``,
+    """The job's journal folder once it holds at least ``min_bytes`` of step records (and, if ``created``,
     once its delivery process has created the run on the store)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         for folder in pending(spool, owner_pid=proc.pid):
             try:
-                if (folder / "journal.jsonl").stat().st_size >= min_bytes and \
+                if (folder / "steps.bin").stat().st_size >= min_bytes and \
                         (not created or "run_id" in (json.loads((folder / "state.json").read_text())) or {}):
                     return folder
             except (FileNotFoundError, ValueError):
@@ -68,11 +68,11 @@ def _can_unshare() -> bool:
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs unshare -m (root) for a private tmpfs")
 def test_spool_on_a_full_disk_fails_the_run_and_says_so(tmp_path, store):
-    """The spool on a 256 KiB tmpfs (a private mount namespace): it fills mid-run."""
+    """The spool on a 64 KiB tmpfs (a private mount namespace): it fills mid-run (2000 steps of 60 bytes)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     mlflow_client(store)  # the store itself is on the big disk
-    script = (f"mount -t tmpfs -o size=256k tmpfs {mnt} && exec {sys.executable} {TRAIN} trainer.epochs={EPOCHS} "
+    script = (f"mount -t tmpfs -o size=64k tmpfs {mnt} && exec {sys.executable} {TRAIN} trainer.epochs={EPOCHS} "
               f"tracking.uri={store} tracking.spool_dir={mnt}")
     res = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                          timeout=180)
@@ -118,15 +118,17 @@ def test_a_stalled_delivery_peer_does_not_hold_the_job_past_its_deadline(tmp_pat
         out, err = proc.communicate(timeout=120)  # ends: no path waits past its deadline
     finally:
         os.close(fd)
-    assert proc.returncode == 0, err[-3000:]
-    assert "run not fully delivered" in err and "gradsweep sync" in err
+    assert proc.returncode == 3, err[-3000:]  # trained, not recorded: the exit status says so, and why
+    assert "not fully delivered: its delivery made no progress for 3 s" in err and "gradsweep sync" in err
     gradsweep = str(os.path.join(os.path.dirname(sys.executable), "gradsweep"))
     res = subprocess.run([gradsweep, "sync", "--spool", str(tmp_path / "mlruns" / "spool")], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "delivered 1 of 1" in res.stdout, res.stdout + res.stderr
+    # the job's own delivery process may finish it first, once the lock is free: nothing left then
+    assert res.returncode == 0 and ("delivered 1 of 1" in res.stdout or "nothing to deliver" in res.stdout), \
+        res.stdout + res.stderr
     client, run = _only_run(store)
     assert run.info.status == "FINISHED"
-    assert len(client.get_metric_history(run.info.run_id, "grad_norm/total")) == EPOCHS * 5
+    assert len(client.get_metric_history(run.info.run_id, "grad_norm/total")) == EPOCHS * 5  # <= max_points: all
 
 
 def test_a_deleted_experiment_is_one_line(tmp_path, store):
@@ -148,10 +150,12 @@ def test_a_job_killed_while_spooled_ends_killed_at_sync(tmp_path, migrated_db):
     server = MlflowServer(tmp_path)  # not started yet: the job spools
     proc = _job([f"trainer.epochs={EPOCHS}", f"tracking.uri={server.uri}"], tmp_path)
     spool = tmp_path / "mlruns" / "spool"
-    folder = _journal_of(proc, spool, min_bytes=20_000)
+    folder = _journal_of(proc, spool, min_bytes=20_000)  # ~330 steps of 60 bytes
     proc.kill()
     proc.communicate(timeout=60)
-    journaled = sum('"grad_norm/total"' in line for line in (folder / "journal.jsonl").read_text().splitlines())
+    from gradsweep.track.steps import StepSchema, read_records
+
+    journaled = len(read_records(folder, StepSchema.load(folder), 0))  # complete step records
     server.start()
     try:
         gradsweep = os.path.join(os.path.dirname(sys.executable), "gradsweep")

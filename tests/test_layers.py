@@ -19,7 +19,9 @@ RULES = {
     "run": (("train", "track", "report"), ("hydra", "hydra_plugins", "omegaconf", "optuna")),
     "sweep": (("train", "track", "report", "run"), ()),
     "cli": (("train", "track", "report", "run", "sweep"), ()),
+    "api": (("train", "track", "report", "run"), ("hydra", "hydra_plugins", "omegaconf", "optuna")),
 }
+FACADE = "gradsweep.api"  #: the package's own __init__ re-exports the public API (imported on first use)
 
 
 def module_name(path: Path) -> str:
@@ -52,6 +54,10 @@ def test_layer_imports_only_downward(path):
     layer = name.split(".")[1] if name.count(".") >= 1 else None
     found = imports(path)
     ours = {m for m in found if m.startswith("gradsweep.")}
+    if name == "gradsweep":
+        assert ours <= {FACADE}, ours
+        assert FACADE not in imports(path, top_level_only=True), "import gradsweep must stay light"
+        return
     if layer not in RULES:  # a shared module: imports no layer
         assert all(".".join(m.split(".")[:2]) in SHARED for m in ours), (name, ours)
         assert not any(m.split(".")[0] in THIRD_PARTY for m in found), (name, found)

@@ -25,6 +25,9 @@ from gradsweep.sweep.hydra_adapter import preflight
 
 EXIT_INPUT = 2
 EXIT_FAILED = 1
+#: trained, but a run is not on the tracking store yet (spooled: store unreachable or delivery stuck);
+#: `gradsweep sync` delivers it. Not 0: a script must not take the results as recorded, not 1: nothing failed
+EXIT_SPOOLED = 3
 
 
 def one_line(e: BaseException) -> str:
@@ -110,6 +113,7 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
         sys.stdout = _Filtered(stdout, without_schemas)
     try:
         main()
+        _exit_if_not_recorded()
     except NonFiniteError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
@@ -126,6 +130,17 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
         sys.stdout, sys.stderr = stdout, stderr
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_if_not_recorded() -> None:
+    """Runs whose end did not reach the tracking store (each named when its wait ended): exit 1, so a
+    script or scheduler never takes a sweep for recorded while its runs are still spooled."""
+    store = sys.modules.get("gradsweep.track.store")
+    undelivered = getattr(store, "UNDELIVERED", None)
+    if undelivered:
+        print(f"error: {len(undelivered)} run(s) not fully recorded in the tracking store "
+              f"({undelivered[-1][1]}); `gradsweep sync` delivers them", file=sys.stderr)
+        sys.exit(EXIT_SPOOLED)
 
 
 def run_as_process(main: Callable[[], object], config_dir: str, config_name: str) -> NoReturn:

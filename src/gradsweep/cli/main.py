@@ -47,7 +47,7 @@ BUSY_WAIT_S = 30.0  # a journal another process is delivering (a job's delivery 
 def sync(args: argparse.Namespace) -> int:
     import time
 
-    from gradsweep.track.delivery import OutageReporter, deliver_all, pending, refused
+    from gradsweep.track.delivery import OutageReporter, deliver_all, pending, refused, remove_delivered
     from gradsweep.track.journal import HEADER, STATE, close_orphan, read_json
 
     for folder in pending(args.spool):
@@ -57,6 +57,7 @@ def sync(args: argparse.Namespace) -> int:
     folders = pending(args.spool)
     if not folders:
         print(f"nothing to deliver in {args.spool}")
+        remove_delivered(args.spool)
         return _say_refused(refused(args.spool))
     deadline = time.monotonic() + args.wait
     reporter = OutageReporter(sys.stdout)
@@ -74,6 +75,7 @@ def sync(args: argparse.Namespace) -> int:
             print(f"  created run {state['run_id']} ({create.get('run_name')})"
                   + (f"; its summary: gradsweep report {state['run_id']}" if top and
                      str(create.get("run_name", "")).startswith("sweep") else ""))
+    remove_delivered(args.spool)  # what delivered runs of ended processes left
     return max(1 if left else 0, _say_refused(refused(args.spool)))
 
 

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import statistics
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -132,10 +133,17 @@ def resolve(client, ref: str, uri: str) -> Target:
 
 
 # ----------------------------------------------------------------------------- reading
-def history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
-    from gradsweep.track.store import metric_history
+_histories: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-    return metric_history(client, run_id, key)
+
+def history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    """Every step of a run's metric: from its dense history (``telemetry/``) where it has the key,
+    else MLflow's metric history (see :class:`gradsweep.track.history.Histories`)."""
+    from gradsweep.track.history import Histories
+
+    if client not in _histories:
+        _histories[client] = Histories(client)
+    return _histories[client].series(run_id, key)
 
 
 def _value(text: Optional[str]) -> Any:

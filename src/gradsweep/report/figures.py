@@ -5,6 +5,7 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -80,16 +81,18 @@ def plot_param_norms(history: dict[str, Series], path: str | Path, title: str = 
     constrained layout, which took half of the figure's 0.8 s here."""
     fig, ax = plt.subplots(figsize=(10, 5))
     fig.subplots_adjust(left=0.08, right=0.76, top=0.92, bottom=0.1)
+    history = {k: _peaks(v) for k, v in history.items() if k.startswith("grad_norm/")}
     for key, series in history.items():
         name = key.removeprefix("grad_norm/")
-        if not key.startswith("grad_norm/") or name in ("total", "total_clipped"):
+        if name in ("total", "total_clipped"):
             continue
         ax.plot(*_positive(series), label=name, linewidth=1.0, alpha=0.85)
     if "grad_norm/total" in history:
         ax.plot(*_positive(history["grad_norm/total"]), label="total (before clipping)", color="black", linewidth=2.0,
                 zorder=3)
     clipped = history.get("grad_norm/total_clipped")
-    if clipped and "grad_norm/total" in history and clipped[1] != history["grad_norm/total"][1]:
+    if clipped is not None and "grad_norm/total" in history and \
+            not np.array_equal(clipped[1], history["grad_norm/total"][1]):
         ax.plot(*_positive(clipped), label="total after clipping", color="black", linestyle="--", linewidth=1.2)
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -98,6 +101,22 @@ def plot_param_norms(history: dict[str, Series], path: str | Path, title: str = 
     ax.grid(True, which="both", alpha=0.3)
     _legend(ax, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _save(fig, path)
+
+
+PLOT_POINTS = 2000  #: a line holds at most about this many points (a figure is ~1000 pixels wide)
+
+
+def _peaks(series: Series) -> Series:
+    """A long series cut to about PLOT_POINTS windows, each drawn as its largest value at its step
+    (on a log axis of norms, spikes are what must stay visible)."""
+    steps, values = np.asarray(series[0]), np.asarray(series[1], dtype=float)
+    if len(steps) <= PLOT_POINTS:
+        return steps, values
+    w = -(-len(steps) // PLOT_POINTS)
+    padded = np.full(-(-len(values) // w) * w, -np.inf)
+    padded[:len(values)] = np.where(np.isfinite(values), values, -np.inf)
+    rows = padded.reshape(-1, w).argmax(axis=1) + np.arange(0, len(padded), w)
+    return steps[rows], values[rows]
 
 
 def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: str = "", **_) -> dict:
@@ -109,14 +128,16 @@ def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: s
     import tempfile
 
     from gradsweep.track.delivery import client_for
-    from gradsweep.track.journal import records
+    from gradsweep.track.steps import StepSchema, read_records
     from gradsweep.track.store import StoreRun
     from gradsweep.train.sinks import HistorySink
 
-    sink = HistorySink()  # what the job's own HistorySink held, read back from its journal
-    for _offset, rec in records(folder):
-        if rec["op"] == "metrics":
-            sink.log_metrics(rec["step"], {k: float(v) for k, v in rec["values"].items() if k.startswith("grad_norm/")})
+    sink = HistorySink()  # what the job's own HistorySink held, read back from its journal's step records
+    schema = StepSchema.load(folder)
+    if schema is not None:
+        recs = read_records(folder, schema, 0)
+        sink.define_steps(schema.names, len(recs))
+        sink.log_steps(recs["step"], recs["v"])
     if not sink.history:
         return {"drawn": False}
     with tempfile.TemporaryDirectory(prefix="gradsweep-figure-") as tmp:

@@ -13,8 +13,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import numpy as np
 import torch
 import yaml
 
@@ -103,12 +104,14 @@ class Resume:
     best: Optional[dict]  # the best checkpoint so far, if there is one
     run_id: Optional[str] = None  # continue this run (resume_from was a run id)
     logged: dict[str, int] = field(default_factory=dict)  # metric -> last step the run holds (may be beyond `last`)
+    history: Optional[Any] = None  # the run's dense history so far (a DataFrame), for a verdict over the whole run
 
 
-def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Path, last_only: bool = False) -> Resume:
+def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Path, last_only: bool = False,
+                   spool: Optional[Path] = None) -> Resume:
     """``trainer.resume_from``: a checkpoint path (a new run) or an MLflow run id (the same run).
     ``last_only``: just the checkpoint to continue from (preflight's check), not the best one nor
-    the steps the run holds."""
+    the steps the run holds. ``spool``: where a killed writer of the run may have left records."""
     path = Path(ref)
     if path.exists() or not RUN_ID.match(ref):
         best_path = path.with_name("best.pt")
@@ -132,8 +135,18 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
         best = None
     from gradsweep.track.store import metric_history
 
+    from gradsweep.track.history import read_history
+
+    if spool is not None:
+        from gradsweep.track.store import hand_over
+
+        hand_over(spool, ref)
     logged = {key: max(metric_history(client, ref, key)[0], default=-1) for key in run.data.metrics}
-    return Resume(load_checkpoint(last), best, ref, logged)
+    dense = read_history(client, ref)
+    if dense is not None:  # the steps it holds beyond its sampled metrics' last point are not sent again
+        last_dense = int(dense.index.max())
+        logged.update({key: max(logged.get(key, -1), last_dense) for key in dense.columns})
+    return Resume(load_checkpoint(last), best, ref, logged, dense)
 
 
 def check_inputs(spec: JobSpec) -> None:
@@ -168,8 +181,8 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
     device = device_for(spec.trainer.device)
     model.to(device)
     make_tracker = lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name, spec.tracking.artifact_location)  # noqa: E731
-    resume = resolve_resume(spec.trainer.resume_from, make_tracker, ctx.output_dir / "resume") \
-        if spec.trainer.resume_from else None
+    resume = resolve_resume(spec.trainer.resume_from, make_tracker, ctx.output_dir / "resume",
+                            spool=_spool(spec)) if spec.trainer.resume_from else None
     optimizer = build("optimizer", spec.optimizer, model.parameters())
     if resume is not None:  # input validation: a refused resume creates no run, changes no run's status
         check_compatible(resume.last, model, optimizer, spec.trainer.resume_from)
@@ -210,6 +223,7 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
                           config_dict, on_eval)
         if resume is not None:
             trainer.restore(resume.last, resume.best)
+            _continue_history(history, resume, trainer)
         if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
             store.on_save = lambda path: run.log_artifact(path, "checkpoints")
         ref = run.run_ref
@@ -255,6 +269,17 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
     return JobOutcome(run.run_ref, status, result.best_dev_acc, result, None, history, health=health, run=run)
 
 
+def _continue_history(history: HistorySink, resume: Resume, trainer: Trainer) -> None:
+    """A run continued in place: its steps before the checkpoint, from its dense history, so the
+    verdict and ``health/*`` cover the whole run, not only the steps after the resume."""
+    dense = resume.history
+    if dense is None or list(dense.columns) != trainer.names:
+        return
+    before = dense[dense.index < trainer.step]
+    history.define_steps(trainer.names, trainer.total_steps)
+    history.log_steps(before.index.to_numpy(dtype=np.int64), before.to_numpy(dtype=np.float32))
+
+
 def _close_run(run: RunLogger, history: HistorySink, store: CheckpointStore, spec: JobSpec, status: str,
                name: str) -> None:
     """Figures and checkpoints, then the final status; then deliver what is left (in that order)."""
@@ -278,6 +303,14 @@ def _close_run(run: RunLogger, history: HistorySink, store: CheckpointStore, spe
 
 def _exception_tags(e: BaseException) -> dict[str, str]:
     return {FAILURE_TAG: "exception", FAILURE_REASON_TAG: f"{type(e).__name__}: {e}"}
+
+
+def _spool(spec: JobSpec) -> Optional[Path]:
+    if spec.tracking.backend != "mlflow":
+        return None
+    from gradsweep.track.store import spool_of
+
+    return spool_of(spec.tracking)
 
 
 def _tracker(uri: str, experiment_name: str, artifact_location: Optional[str]) -> "Tracker":

@@ -77,10 +77,8 @@ class GradsweepCallback(Callback):
         self.journal.after_delivery("sweep_summary", out_dir=str(Path(str(config.hydra.sweep.dir)).resolve()))
         delivered = self.journal.finish(status)
         run_id = self.journal.run_id
-        if not delivered or not run_id:  # spooled: there is no parent run id to show yet
-            print(f"\nThe sweep is spooled in {self.journal.journal.folder.parent} (the tracking store did not answer). "
-                  "When it is back, run `gradsweep sync`: it delivers the runs and the sweep's summary and "
-                  "prints the sweep's parent run id.", flush=True)
+        if not delivered or not run_id:  # not all on the store: say which runs and why
+            _say_not_recorded(self.journal)
             return
         summary = self.journal.hook_result("sweep_summary") or {}
         if summary.get("error"):
@@ -89,6 +87,21 @@ class GradsweepCallback(Callback):
 
         print_ui_hint(absolute_sqlite(self.tracking.uri), run_id, summary.get("experiment_id"),
                       summary.get("children"))
+
+
+def _say_not_recorded(journal) -> None:
+    """The sweep ends before its runs are all on the store: name each run still spooled and why."""
+    from gradsweep.track.journal import HEADER, read_json
+    from gradsweep.track.store import UNDELIVERED, children_pending
+
+    folder = journal.journal.folder
+    reason = UNDELIVERED[-1][1] if UNDELIVERED else "the tracking store did not answer"
+    left = [(read_json(child / HEADER) or {}).get("create", {}).get("run_name") or child.name
+            for child in children_pending(folder, journal.run_id)]
+    runs = f"{len(left)} of its runs ({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}) and " if left else ""
+    print(f"\nThe sweep is not fully recorded: {runs}its parent run are still in {folder.parent} ({reason}). "
+          "Run `gradsweep sync`" + (" when the store is back" if "did not answer" in reason else "") +
+          ": it delivers the runs and the sweep's summary and prints the sweep's parent run id.", flush=True)
 
 
 def print_ui_hint(uri: str, run_id: str, experiment_id: Optional[str] = None, children: Optional[list] = None) -> None:

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -25,7 +26,8 @@ from typing import Any, Callable, Iterator, Optional
 
 from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.locks import Busy, create_in_turn, locked_file
-from gradsweep.track.journal import HEADER, JOURNAL, STATE, read_json, records, write_json_atomic
+from gradsweep.track.journal import HEADER, STATE, read_json, records, write_json_atomic
+from gradsweep.track.steps import TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
 log = logging.getLogger("gradsweep.track.delivery")
@@ -276,6 +278,17 @@ def _deliver_locked(folder: Path) -> bool:
             metrics.clear()
             commit(pending_offset)
 
+    schema: list[StepSchema] = []
+
+    def send_steps(final: bool) -> None:
+        """The step records (steps.bin) beyond what was sent: dense-history chunks, sampled metrics.
+        The schema is looked for at each call: the job may define its steps while a pass is reading."""
+        if not schema and (loaded := StepSchema.load(folder)) is not None:
+            schema.append(loaded)
+        if schema:
+            _deliver_steps(folder, schema[0], state, final, client, send, commit=lambda: commit(state["offset"]))
+
+    send_steps(final=False)
     for offset, rec in records(folder, state["offset"]):
         op = rec["op"]
         if op == "metrics":
@@ -309,16 +322,47 @@ def _deliver_locked(folder: Path) -> bool:
                 log.error("%s of run %s failed: %s", rec.get("hook"), run_id, result["error"])
             state.setdefault("hooks", {})[rec.get("hook", "?")] = result
         elif op == "end":
+            send_steps(final=True)  # the last chunk and the last, partial window
             if state.get("rejected"):  # the run says what it lacks
                 send(client.set_tag, REJECTED_TAG, _rejection_summary(state), what="tags")
-            send(client.set_terminated, rec["status"], rec.get("end_time"), what="the final status")
+            if rec.get("status"):  # none: handed over to a process continuing the run in place
+                send(client.set_terminated, rec["status"], rec.get("end_time"), what="the final status")
             state["done"] = True
         pending_offset = offset
         commit(offset)
     send_metrics()
     if state.get("done"):
-        finish(folder, keep_state="create" in header or "hooks" in state)
+        state["owner_pid"] = header.get("owner_pid")
+        finish(folder, state, keep_state="create" in header or "hooks" in state)
     return bool(state.get("done"))
+
+
+def _deliver_steps(folder: Path, schema: StepSchema, state: dict[str, Any], final: bool, client,
+                   send: Callable[..., None], commit: Callable[[], None]) -> None:
+    """Send what ``steps.bin`` holds beyond the state's offsets: each complete Parquet chunk as a
+    ``telemetry/`` artifact (the last, partial one when ``final``), then the sampled points of the
+    complete windows as metrics (see :mod:`gradsweep.track.steps`)."""
+    from mlflow.entities import Metric
+
+    offsets = state.setdefault("steps", {"chunked": 0, "sent": 0})
+    while True:
+        recs = read_records(folder, schema, offsets["chunked"], max_rows=schema.rows_per_chunk)
+        if len(recs) == 0 or (len(recs) < schema.rows_per_chunk and not final):
+            break
+        # written outside the spool: a spool on a full disk still gets its records delivered
+        with tempfile.TemporaryDirectory(prefix="gradsweep-chunk-") as tmp:
+            path = write_chunk(recs, schema, Path(tmp) / chunk_name(schema, int(recs["step"][0])))
+            send(client.log_artifact, str(path), TELEMETRY, what="dense history (telemetry/)")
+        offsets["chunked"] += len(recs) * schema.width
+        commit()
+    recs = read_records(folder, schema, offsets["sent"])
+    points, used = sample(recs, schema, final)
+    for i in range(0, len(points), MAX_METRICS):
+        batch = [Metric(name, value, ts, step) for name, step, ts, value in points[i:i + MAX_METRICS]]
+        send(client.log_batch, metrics=batch, what=f"{len(batch)} metric values")
+    if used:
+        offsets["sent"] += used * schema.width
+        commit()
 
 
 REJECTED_TAG = "gradsweep.rejected"
@@ -352,14 +396,43 @@ def _refused(folder: Path, state: dict[str, Any], e: Exception) -> bool:
 
 
 
-def finish(folder: Path, keep_state: bool) -> None:
-    """Drop a delivered journal. A run created from the spool keeps its state.json: children
-    spooled with it find its run id there (and the process that ran it, its hooks' results)."""
-    if keep_state:
-        (folder / JOURNAL).unlink(missing_ok=True)
-        shutil.rmtree(folder / "artifacts", ignore_errors=True)
-    else:
+def finish(folder: Path, state: dict[str, Any], keep_state: bool) -> None:
+    """Drop a delivered journal. A run created from the spool keeps its state and header until its owner
+    has ended (:func:`remove_delivered`): children spooled with it find its run id there, and the
+    process that ran it, its hooks' results."""
+    if not keep_state:
         shutil.rmtree(folder, ignore_errors=True)
+        return
+    write_json_atomic(folder / STATE, state)
+    for entry in folder.iterdir():
+        if entry.name not in (STATE, HEADER):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def remove_delivered(spool: Path, owner_pid: Optional[int] = None) -> int:
+    """Remove what delivered runs left in ``spool`` (their state.json) once their owner process has
+    ended (of ``owner_pid``, or of any owner that is gone) and no journal still pending names them as
+    its parent. A run the store refused stays, with why (``gradsweep sync`` says it). Returns how many."""
+    from gradsweep.track.journal import pid_alive
+
+    if not spool.is_dir():
+        return 0
+    parents = set()
+    for folder in pending(spool):
+        header = read_json(folder / HEADER) or {}
+        parents.add(header.get("parent_local_id") or (header.get("create") or {}).get("parent_local_id"))
+    removed = 0
+    for folder in spool.iterdir():
+        state = read_json(folder / STATE) if folder.is_dir() else None
+        if not state or not state.get("done") or state.get("refused") or folder.name in parents:
+            continue
+        owner = state.get("owner_pid")
+        if (owner_pid is not None and owner != owner_pid) or (owner_pid is None and owner and pid_alive(owner)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        _seen_done.discard(folder)
+        removed += 1
+    return removed
 
 
 def refusal(folder: Path) -> Optional[str]:
@@ -513,6 +586,7 @@ def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
         if closed.is_set():
             break  # owner closed the pipe or died
     deliver_all(pending(spool, owner_pid), reporter, spool)
+    remove_delivered(spool, owner_pid)
 
 
 def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid: Optional[int] = None) -> None:
@@ -534,6 +608,7 @@ def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     if owner_pid is not None and not pending(spool, owner_pid):
+        remove_delivered(spool, owner_pid)
         os._exit(0)
     closed.set()
     _wake.set()

@@ -1,7 +1,8 @@
 """The run journal: everything a run logs is appended to local disk first, then delivered.
 
-A run's params, tags, metrics, artifacts and final status are written as JSON lines to
-``<spool>/<local id>/journal.jsonl`` (artifacts are copied beside it). A delivery worker
+A run's params, tags, sparse metrics (evaluations, end-of-run figures), artifacts and final status
+are written as JSON lines to ``<spool>/<local id>/journal.jsonl`` (artifacts are linked beside
+it); its per-step values as fixed-size binary records in ``steps.bin`` (:mod:`gradsweep.track.steps`). A delivery worker
 (:mod:`gradsweep.track.delivery`) sends them to the tracking store with ``log_batch`` and records how
 far it got in ``state.json``. So the training thread never waits on the network, a tracking
 server outage only delays delivery, and whatever was not delivered when the process ended is
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import shutil
 import socket
 import time
@@ -21,10 +23,15 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
+
 from gradsweep.errors import ConfigError, RecordingLost
 from gradsweep.names import FAILURE_TAG
+from gradsweep.track.steps import HEAD, STEPS, StepSchema, record_dtype
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
+_HEAD = struct.Struct("<qq")  # a step record's step and wall time (gradsweep.track.steps.record_dtype)
+assert _HEAD.size == HEAD
 FLUSH_EVERY_S = 0.25  # metric records are flushed to the file at least this often
 JOURNAL = "journal.jsonl"
 STATE = "state.json"
@@ -47,6 +54,11 @@ def worker_alive(worker: str) -> bool:
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True
+    return pid_alive(int(pid))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has ``pid`` (one of another user's counts as alive)."""
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -100,19 +112,30 @@ def refused_error(state: dict[str, Any]) -> Exception:
         RecordingLost(f"the tracking store refused the run: {reason}")
 
 
-def close_orphan(folder: Path) -> bool:
+def close_orphan(folder: Path, handover: bool = False) -> bool:
     """A journal whose writer died without ending it (SIGKILL, a crash) gets the ending the writer
-    would have written: tag ``failure=worker_died`` and status KILLED. True if it was closed."""
+    would have written: tag ``failure=worker_died`` and status KILLED. ``handover``: the run is about
+    to be continued in place by a new process: the journal ends without a status, so delivering it
+    sends everything it holds and leaves the run to its new writer. A torn last line (the crash
+    came in the middle of a write) is dropped first. True if it was closed."""
+    from gradsweep.locks import Busy, locked_file
+
     header = read_json(folder / HEADER)
     if header is None or worker_alive(header.get("worker") or f"{socket.gethostname()}:{header.get('owner_pid')}"):
         return False
     try:
-        if any(rec["op"] == "end" for _, rec in records(folder)):
-            return False
-        with open(folder / JOURNAL, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"op": "tags", "tags": {FAILURE_TAG: "worker_died"}}) + "\n")
-            f.write(json.dumps({"op": "end", "status": "KILLED", "end_time": now_ms()}) + "\n")
-    except (OSError, ValueError):
+        with locked_file(folder / "lock", wait_s=5.0):  # not while a deliverer reads it
+            if any(rec["op"] == "end" for _, rec in records(folder)):
+                return False
+            with open(folder / JOURNAL, "r+b") as f:
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)  # a torn tail: never append onto it
+                f.seek(0, os.SEEK_END)
+                ending = [{"op": "end", "status": None, "end_time": now_ms()}] if handover else \
+                    [{"op": "tags", "tags": {FAILURE_TAG: "worker_died"}},
+                     {"op": "end", "status": "KILLED", "end_time": now_ms()}]
+                f.write("".join(json.dumps(r) + "\n" for r in ending).encode())
+    except (OSError, ValueError, Busy):
         return False
     return True
 
@@ -131,6 +154,8 @@ class RunJournal:
         self.header = header or read_json(folder / HEADER) or {}
         self._run_id = run_id
         self._file = open(folder / JOURNAL, "a", encoding="utf-8")
+        self._steps = None  # steps.bin, opened by define_steps
+        self.schema: Optional[StepSchema] = None
         self._last_flush = time.monotonic()
         self._artifacts = 0
         self.lost: Optional[str] = None  # why, once the journal is lost
@@ -166,18 +191,30 @@ class RunJournal:
             self.dropped += 1
             return
         try:
+            if flush and self._steps is not None:  # the steps before this record are on disk before it
+                self._steps.flush()
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
             if flush or time.monotonic() - self._last_flush > FLUSH_EVERY_S:
-                self._file.flush()
-                self._last_flush = time.monotonic()
-                if os.fstat(self._file.fileno()).st_nlink == 0:  # unlinked: nobody will ever read it
-                    raise FileNotFoundError(0, "was deleted while the run was going")
-                if self._run_id is None:
-                    self._poll_state()
+                self._flush()
         except OSError as e:
             self._lose(e)
-        if record["op"] == "metrics":
-            self.last_step = record["step"]
+
+    def flush(self) -> None:
+        """Everything written so far to the files (the delivery process then sees it)."""
+        try:
+            self._flush()
+        except OSError as e:
+            self._lose(e)
+
+    def _flush(self) -> None:
+        if self._steps is not None:
+            self._steps.flush()
+        self._file.flush()
+        self._last_flush = time.monotonic()
+        if os.fstat(self._file.fileno()).st_nlink == 0:  # unlinked: nobody will ever read it
+            raise FileNotFoundError(0, "was deleted while the run was going")
+        if self._run_id is None:
+            self._poll_state()
 
     def _poll_state(self) -> None:
         """Until the delivery process has created the run: learn its id, or that the store refused
@@ -194,14 +231,48 @@ class RunJournal:
         self.lost = f"{self.folder} {e.strerror or e}" if isinstance(e, FileNotFoundError) else \
             f"{self.folder} could not be written: {e.strerror or e}"
         self.dropped += 1
-        try:
-            self._file.close()
-        except OSError:
-            pass
+        for f in (self._file, self._steps):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
         raise RecordingLost(f"run journal {self.lost}") from None
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._append({"op": "metrics", "step": step, "ts": now_ms(), "values": metrics}, flush=False)
+        self.last_step = max(self.last_step, step)
+
+    def define_steps(self, names: list[str], total_steps: int = 0) -> None:
+        """Fix the names of the run's step values (once, before the first :meth:`log_steps`)."""
+        if self.lost is not None:
+            return
+        self.schema = StepSchema(list(names), total_steps, start_ms=now_ms(),
+                                 **{k: self.header[k] for k in ("max_points", "max_param_points") if k in self.header})
+        try:
+            self.schema.save(self.folder)
+            self._steps = open(self.folder / STEPS, "ab")
+        except OSError as e:
+            self._lose(e)
+
+    def log_steps(self, steps, values) -> None:
+        """One binary record per row of ``values`` (float32, one column per name of :meth:`define_steps`)."""
+        if self.lost is not None:
+            self.dropped += 1
+            return
+        try:
+            if len(steps) == 1:  # the common case: one step, two writes into the file's buffer
+                self._steps.write(_HEAD.pack(int(steps[0]), now_ms()))
+                self._steps.write(values.tobytes())
+            else:
+                rec = np.empty(len(steps), record_dtype(len(self.schema.names)))
+                rec["step"], rec["ts"], rec["v"] = steps, now_ms(), values
+                self._steps.write(rec.tobytes())
+            if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
+                self._flush()
+        except OSError as e:
+            self._lose(e)
+        self.last_step = max(self.last_step, int(steps[-1]))
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._append({"op": "params", "params": {k: str(v)[:6000] for k, v in params.items()}})
@@ -243,6 +314,10 @@ class RunJournal:
         if self._file.closed:
             return
         try:
+            if self._steps is not None and not self._steps.closed:
+                self._steps.flush()
+                os.fsync(self._steps.fileno())
+                self._steps.close()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()

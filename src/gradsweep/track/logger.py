@@ -11,11 +11,13 @@ Only the ``mlflow`` backend imports MLflow.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from gradsweep.track.settings import TrackingConfig
+from gradsweep.track.steps import OPTIONAL
 
 
 class RunLogger(Protocol):
@@ -24,6 +26,12 @@ class RunLogger(Protocol):
         """How to name the run to a person: its id on the store, or where it waits to be delivered."""
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def define_steps(self, names: list[str], total_steps: int = 0) -> None:
+        """The names of the run's step values (see :class:`gradsweep.train.sinks.Sink`)."""
+
+    def log_steps(self, steps, values) -> None:
+        """Step rows: ``steps`` (k,) int64, ``values`` (k, len(names)) float32."""
 
     def log_params(self, params: dict[str, Any]) -> None: ...
 
@@ -46,6 +54,7 @@ class MemoryRunLogger:
         self.tags: dict[str, str] = {k: str(v) for k, v in tags.items()}
         self.artifacts: dict[str, bytes] = {}  # "<artifact_path>/<name>" -> content
         self.status: Optional[str] = None
+        self.step_names: list[str] = []
 
     @property
     def run_ref(self) -> str:
@@ -54,6 +63,14 @@ class MemoryRunLogger:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.metrics[k].append((step, float(v)))
+
+    def define_steps(self, names: list[str], total_steps: int = 0) -> None:
+        self.step_names = list(names)
+
+    def log_steps(self, steps, values) -> None:
+        for step, row in zip(steps.tolist(), values.tolist()):
+            self.log_metrics(step, {k: v for k, v in zip(self.step_names, row)
+                                    if not (k in OPTIONAL and math.isnan(v))})
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.params.update({k: str(v) for k, v in params.items()})

@@ -23,6 +23,13 @@ class TrackingConfig:
     artifact_location: Optional[str] = None  # embedded store: defaults to mlruns/artifacts
     spool_dir: Optional[str] = None  # run journals before delivery; default: mlruns/spool
     delivery_timeout_s: float = 60.0  # at the end of a run, wait this long for an unreachable store
+    #: points per metric and run that go to MLflow (min and max of each window of steps survive;
+    #: a run this short logs every step). MLflow's UI never draws more than 2,500 per run and metric.
+    #: The dense history (telemetry/ artifacts, gradsweep.history) keeps every step regardless.
+    max_points: int = 2500
+    #: the same for each parameter's norm (grad_norm/<param>): a 100-tensor model at 2,500 points
+    #: each would leave ~70 MB of MLflow's sqlite rows per run (~280 bytes a value)
+    max_param_points: int = 250
     log_figures: bool = True
     log_checkpoints: bool = True
 
@@ -34,3 +41,7 @@ class TrackingConfig:
                 "tracking.experiment_name", name if len(name) <= 60 else f"{name[:40]}... ({len(name)} characters)",
                 f"a printable name of 1-{MAX_EXPERIMENT_NAME} characters")
         positive("tracking.delivery_timeout_s", self.delivery_timeout_s, strict=False)
+        for key in ("max_points", "max_param_points"):
+            value = getattr(self, key)
+            require(isinstance(value, int) and 2 <= value <= 1_000_000, f"tracking.{key}", value,
+                    "an integer from 2 to 1000000")

@@ -76,6 +76,7 @@ class Tracker:
         self.uri = resolve_uri(uri)
         self.client = delivery.mlflow_client(self.uri)
         self.experiment_id = self._experiment(experiment_name, artifact_location)
+        self._histories = None
 
     def _experiment(self, name: str, artifact_location: Optional[str]) -> str:
         return delivery.experiment_id(self.client, name, artifact_location or default_artifact_location(self.uri))
@@ -92,7 +93,12 @@ class Tracker:
                                        max_results=10000, order_by=["attributes.start_time ASC"])
 
     def history(self, run_id: str, key: str) -> tuple[list[int], list[float]]:
-        return metric_history(self.client, run_id, key)
+        """Every step of a run's metric: its dense history where it has the key, else MLflow's."""
+        if self._histories is None:
+            from gradsweep.track.history import Histories
+
+            self._histories = Histories(self.client)
+        return self._histories.series(run_id, key)
 
     def __repr__(self) -> str:
         return f"Tracker({mask(self.uri)!r}, experiment {self.experiment_id})"
@@ -172,6 +178,12 @@ class MlflowRun:
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self.journal.log_metrics(step, metrics)
 
+    def define_steps(self, names: list[str], total_steps: int = 0) -> None:
+        self.journal.define_steps(names, total_steps)
+
+    def log_steps(self, steps, values) -> None:
+        self.journal.log_steps(steps, values)
+
     def log_params(self, params: dict[str, Any]) -> None:
         self.journal.log_params(params)
 
@@ -202,11 +214,12 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
     run will ask for at its end (its delivery process loads what they need meanwhile)."""
     uri = resolve_uri(tracking.uri)
     experiment_name, artifact_location = tracking.experiment_name, tracking.artifact_location
-    spool = Path(tracking.spool_dir) if tracking.spool_dir else default_spool_dir(uri)
+    spool = spool_of(tracking)
     tags = {**tags, WORKER_TAG: worker_id()}
     existing = run_id is not None
     header: dict[str, Any] = {"uri": uri, "experiment_name": experiment_name,
-                              "artifact_location": artifact_location or default_artifact_location(uri)}
+                              "artifact_location": artifact_location or default_artifact_location(uri),
+                              "max_points": tracking.max_points, "max_param_points": tracking.max_param_points}
     if run_id is None and parent_local_id is None and (create_now or mlflow_loaded()):
         try:
             run_id = Tracker(uri, experiment_name, artifact_location).start_run(run_name, tags, parent_run_id)
@@ -237,6 +250,28 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
     return MlflowRun(journal, tracking.delivery_timeout_s, run_name, deferred=parent_local_id is not None)
 
 
+def spool_of(tracking: TrackingConfig) -> Path:
+    """Where runs of ``tracking`` are journaled before delivery."""
+    return Path(tracking.spool_dir) if tracking.spool_dir else default_spool_dir(resolve_uri(tracking.uri))
+
+
+def hand_over(spool: Path, run_id: str) -> int:
+    """A run about to be continued in place: its journals left by a process that died (SIGKILL)
+    are delivered to their last complete record, without ending the run, so its dense history and
+    metrics so far are on the store before the new process reads them. Returns how many."""
+    from gradsweep.track.journal import close_orphan
+
+    settled = 0
+    for folder in delivery.pending(spool):
+        header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
+        if run_id in (header.get("run_id"), state.get("run_id")) and close_orphan(folder, handover=True):
+            try:
+                settled += bool(delivery.deliver(folder, wait_s=30.0))
+            except (delivery.Busy, delivery.Unreachable):
+                pass
+    return settled
+
+
 def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0, wait: bool = True) -> bool:
     """Write the final status and deliver what is left. False if the store stayed unreachable:
     the journal stays on disk for ``gradsweep sync``. A lost journal (deleted, disk full) raises
@@ -252,7 +287,7 @@ def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0, wait: b
     DeliveryWorker.nudge(journal.folder.parent)
     if not wait and DeliveryWorker.alive(journal.folder.parent):
         return True
-    deadline = time.monotonic() + timeout_s
+    deadline = Deadline(journal.folder.parent, timeout_s)
     if not mlflow_loaded() and DeliveryWorker.alive(journal.folder.parent):
         delivered = _wait_for_worker(journal, deadline)
         if delivered is not None:
@@ -260,7 +295,7 @@ def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0, wait: b
     reporter = delivery.OutageReporter()
     while True:
         try:
-            if delivery.deliver(journal.folder, wait_s=max(0.1, min(30.0, deadline - time.monotonic()))):
+            if delivery.deliver(journal.folder, wait_s=max(0.1, min(30.0, deadline.left()))):
                 reporter.reachable(journal.folder.parent)
                 _raise_if_refused(read_json(journal.folder / STATE) or {})
                 return True
@@ -268,9 +303,55 @@ def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0, wait: b
             pass
         except delivery.Unreachable as e:
             reporter.unreachable(journal.folder.parent, str(e))
-        if time.monotonic() > deadline:
-            return _not_delivered(journal)
+        if deadline.passed():
+            return _not_delivered(journal, deadline.reason())
         time.sleep(1.0)
+
+
+class Deadline:
+    """How long a run's end waits for its delivery: ``timeout_s`` without progress. Delivery that is
+    merely behind (records still being sent, by whichever process) moves the deadline; a store
+    that does not answer, or a delivery that is stuck, does not."""
+
+    def __init__(self, spool: Path, timeout_s: float) -> None:
+        self.spool, self.timeout_s = spool, timeout_s
+        self.at = time.monotonic() + timeout_s
+        self.seen = self._progress()
+        self.checked = time.monotonic()
+
+    def _progress(self) -> tuple:
+        """What has been delivered from ``spool`` so far: per pending journal, its offsets."""
+        out = []
+        for folder in delivery.pending(self.spool):
+            state = read_json(folder / STATE) or {}
+            steps = state.get("steps") or {}
+            out.append((folder.name, state.get("offset", 0), steps.get("sent", 0), steps.get("chunked", 0)))
+        return tuple(out)
+
+    def _update(self) -> None:
+        now = time.monotonic()
+        if now - self.checked < 1.0:
+            return
+        self.checked = now
+        progress = self._progress()
+        if progress != self.seen and not self.unreachable():
+            self.seen, self.at = progress, now + self.timeout_s
+
+    def unreachable(self) -> bool:
+        return (self.spool / ".outage").exists()
+
+    def left(self) -> float:
+        self._update()
+        return self.at - time.monotonic()
+
+    def passed(self) -> bool:
+        return self.left() <= 0
+
+    def reason(self) -> str:
+        if self.unreachable():
+            return "the tracking store did not answer"
+        return (f"its delivery made no progress for {self.timeout_s:g} s (another process holds its journal, "
+                "or the tracking store is not taking its records)")
 
 
 def mlflow_loaded() -> bool:
@@ -280,10 +361,10 @@ def mlflow_loaded() -> bool:
     return "mlflow.tracking" in sys.modules
 
 
-def _wait_for_worker(journal: RunJournal, deadline: float) -> Optional[bool]:
+def _wait_for_worker(journal: RunJournal, deadline: Deadline) -> Optional[bool]:
     """Wait for the delivery process to deliver the ended journal. True when it has, False at the
     deadline (the journal stays for `gradsweep sync`), None if the delivery process died (deliver here)."""
-    while time.monotonic() < deadline:
+    while not deadline.passed():
         state = read_json(journal.folder / STATE) or {}
         if state.get("done") or not (journal.folder / HEADER).exists():
             _raise_if_refused(state)
@@ -291,12 +372,19 @@ def _wait_for_worker(journal: RunJournal, deadline: float) -> Optional[bool]:
         if not DeliveryWorker.alive(journal.folder.parent):
             return None
         time.sleep(0.05)
-    return _not_delivered(journal)
+    return _not_delivered(journal, deadline.reason())
 
 
-def _not_delivered(journal: RunJournal) -> bool:
-    print(f"[gradsweep] run not fully delivered; it stays in {journal.folder.parent}: "
-          "run `gradsweep sync` when the tracking store is back", file=sys.stderr, flush=True)
+#: runs of this process whose end was not fully delivered: (name, why); the command's exit status says so
+UNDELIVERED: list[tuple[str, str]] = []
+
+
+def _not_delivered(journal: RunJournal, reason: str) -> bool:
+    name = journal.run_id or (journal.header.get("create") or {}).get("run_name") or journal.local_id
+    UNDELIVERED.append((str(name), reason))
+    print(f"[gradsweep] run {name} not fully delivered: {reason}. It stays in {journal.folder.parent}; "
+          "`gradsweep sync` delivers it" + (" when the store is back" if "did not answer" in reason else ""),
+          file=sys.stderr, flush=True)
     return False
 
 

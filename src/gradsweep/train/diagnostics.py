@@ -131,12 +131,18 @@ def layer_weights(param_names: list[str]) -> list[str]:
 def spikes(total: np.ndarray, factor: float, window: int, min_history: int, floor: float = 0.0) -> np.ndarray:
     """Indices of steps whose value exceeds ``factor`` x the median of the previous ``window`` values
     and ``floor``."""
-    out = []
-    for t in range(min_history, len(total)):
-        ref = np.median(total[max(0, t - window):t])
-        if ref > 0 and total[t] > factor * ref and total[t] > floor:
-            out.append(t)
-    return np.array(out, dtype=int)
+    start = max(min_history, 1)
+    if len(total) <= start:
+        return np.array([], dtype=int)
+    ref = np.empty(len(total) - start)
+    for t in range(start, min(window, len(total))):  # the first steps: a shorter window
+        ref[t - start] = np.median(total[:t])
+    if len(total) > window:  # then every full window at once
+        first = max(window, start)
+        ref[first - start:] = running_median(total[:-1], window)[first - window:]
+    t = np.arange(start, len(total))
+    hit = (ref > 0) & (total[start:] > factor * ref) & (total[start:] > floor)
+    return t[hit].astype(int)
 
 
 def running_median(values: np.ndarray, window: int) -> np.ndarray:
@@ -155,20 +161,39 @@ def vanished_steps(norm: np.ndarray, total: np.ndarray, cfg: DiagnosticsConfig) 
 
 def _aligned(history: dict[str, Series], names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Values of ``names`` on the steps where all of them were recorded and finite."""
-    by_step: dict[int, dict[str, float]] = {}
-    for n in names:
-        for s, v in zip(*history[n]):
-            by_step.setdefault(s, {})[n] = v
-    steps = sorted(s for s, d in by_step.items() if len(d) == len(names) and all(math.isfinite(x) for x in d.values()))
-    return np.array(steps, dtype=int), {n: np.array([by_step[s][n] for s in steps], dtype=float) for n in names}
+    series = [(np.asarray(history[n][0], dtype=np.int64), np.asarray(history[n][1], dtype=float)) for n in names]
+    common = series[0][0]
+    for steps, _ in series[1:]:
+        if len(steps) != len(common) or not np.array_equal(steps, common):
+            common = np.intersect1d(common, steps)
+    cols = [values if len(steps) == len(common) and np.array_equal(steps, common)
+            else values[np.searchsorted(steps, common)] for steps, values in _sorted(series)]
+    keep = np.isfinite(np.vstack(cols)).all(axis=0) if cols else np.zeros(0, bool)
+    return common[keep], {n: c[keep] for n, c in zip(names, cols)}
+
+
+def _sorted(series: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each (steps, values) in step order, a repeated step's last value kept."""
+    out = []
+    for steps, values in series:
+        if len(steps) > 1 and not (np.diff(steps) > 0).all():
+            order = np.argsort(steps, kind="stable")
+            steps, values = steps[order], values[order]
+            last = np.r_[steps[1:] != steps[:-1], True]
+            steps, values = steps[last], values[last]
+        out.append((steps, values))
+    return out
 
 
 def _at_steps(history: dict[str, Series], name: str, steps: np.ndarray) -> Optional[np.ndarray]:
     """Values of ``name`` on ``steps`` (NaN where it was not recorded); None when never recorded."""
     if name not in history:
         return None
-    by_step = dict(zip(*history[name]))
-    return np.array([by_step.get(int(s), math.nan) for s in steps], dtype=float)
+    [(have, values)] = _sorted([(np.asarray(history[name][0], dtype=np.int64),
+                                 np.asarray(history[name][1], dtype=float))])
+    pos = np.clip(np.searchsorted(have, steps), 0, max(0, len(have) - 1))
+    found = (have[pos] == steps) if len(have) else np.zeros(len(steps), bool)
+    return np.where(found, values[pos] if len(have) else math.nan, math.nan)
 
 
 def dead_relu_fraction(model, x) -> Optional[float]:
@@ -208,7 +233,7 @@ def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None
     """Health metrics and verdicts of one run (``history`` as recorded by the training loop)."""
     cfg = cfg or DiagnosticsConfig()
     d = Diagnosis()
-    if not history.get("grad_norm/total", ([], []))[0]:
+    if len(history.get("grad_norm/total", ([], []))[0]) == 0:
         return d
     raw_total = np.array(history["grad_norm/total"][1], dtype=float)
     raw_loss = np.array(history.get("train/loss", ([], []))[1], dtype=float)
@@ -310,10 +335,10 @@ def record_health(history: dict[str, Series], cfg: DiagnosticsConfig, model, tra
     try:
         x = train_x[:DEAD_UNIT_ROWS] if train_x is not None else None
         d = diagnose(history, cfg, model, x)
-        if not history.get("grad_norm/total", ([], []))[0]:
+        if len(history.get("grad_norm/total", ([], []))[0]) == 0:
             return d
         if d.metrics:
-            sink.log_metrics(max(history["grad_norm/total"][0]), d.metrics)
+            sink.log_metrics(int(np.max(history["grad_norm/total"][0])), d.metrics)
         set_tags({TAG: d.tag})
         flagged = {"exploding", "vanishing"} & set(d.verdicts)
         (log.warning if flagged else log.info)("run %s %s", run_ref, d.summary())

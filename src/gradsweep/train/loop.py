@@ -2,7 +2,8 @@
 
 It emits plain records to a :class:`~gradsweep.train.sinks.Sink` and knows nothing of MLflow or Hydra.
 Per step the host receives one vector (loss, accuracy, norms, clip factor, what an adaptive clipping
-rule decided, every parameter's norm) in a single device-to-host transfer.
+rule decided, every parameter's norm) in a single device-to-host transfer, and passes it on as one
+float32 row (``Sink.log_steps``): no dict, no Python float per value.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,7 +24,8 @@ from gradsweep.train.clipping import Clipper
 from gradsweep.train.data import DataSet, Split
 from gradsweep.checks import choice, require
 from gradsweep.errors import NonFiniteError
-from gradsweep.names import CLIP_CLIPPED_FRAC, CLIP_COEF, CLIP_THRESHOLD, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_LOSS
+from gradsweep.names import (CLIP_CLIPPED_FRAC, CLIP_COEF, CLIP_THRESHOLD, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_ACC,
+                             TRAIN_LOSS)
 from gradsweep.train.sinks import Sink
 from gradsweep.train.telemetry import GradientNorms, ParamStats, epoch_stat_names, metric_names, step_vector
 
@@ -33,6 +36,7 @@ LOSSES = ("cross_entropy", "bce")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+HEAD = (TRAIN_LOSS, TRAIN_ACC, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, CLIP_COEF)  #: a step vector's first values
 CONSOLE_LINES = 10  # progress lines per run: about this many, at evaluations
 CONSOLE_MAX_GAP_S = 30.0  # and never longer than this without one
 
@@ -181,7 +185,7 @@ class Trainer:
             self.store.save(name, self.state())
 
     # -------------------------------------------------------------------------- the loop
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: bool = False) -> list[float]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: bool = False) -> np.ndarray:
         self.optimizer.zero_grad(set_to_none=False)
         loss, correct = batch_loss(self.model(x), y, self.cfg.loss, self.cfg.reduction)
         loss.backward()
@@ -195,27 +199,37 @@ class Trainer:
             self.epoch_stats = torch.cat([self.param_stats(self.norms.params).reshape(-1), grad_stats.reshape(-1)])
         extra = self.clipper.extra() if self.clip_metrics else None
         vec = step_vector(loss, correct.float() / len(y), total, total_clipped, coef, per_param, extra)
-        return vec.tolist()  # the step's single device-to-host transfer
+        return vec.cpu().numpy()  # the step's single device-to-host transfer
+
+    def head(self, values: np.ndarray) -> dict[str, float]:
+        """The step's headline values by name (console, non-finite checks); a clip figure the rule
+        has no value for at this step (NaN, e.g. a warm-up) is left out."""
+        record = dict(zip(HEAD, values[:len(HEAD)].tolist()))
+        for key, v in zip(self.clip_metrics, values[len(HEAD):len(HEAD) + len(self.clip_metrics)].tolist()):
+            if not math.isnan(v):
+                record[key] = v
+        return record
 
     def run(self) -> TrainResult:
         self.model.train()
+        self.sink.define_steps(self.names, self.total_steps)
+        step_index = np.empty(1, np.int64)
         while self.step < self.total_steps:
             if self.perm is None:
                 self.perm = torch.randperm(len(self.train_y), generator=self.gen)
             idx = self.perm[self.batch * self.batch_size:(self.batch + 1) * self.batch_size].to(self.device)
             end_of_epoch = self.param_stats is not None and self.batch == self.steps_per_epoch - 1
             values = self.train_step(self.train_x[idx], self.train_y[idx], stats=end_of_epoch)
-            record = dict(zip(self.names, values))
-            for key in self.clip_metrics:  # NaN: the rule has no such value at this step (e.g. a warm-up)
-                if math.isnan(record[key]):
-                    del record[key]
-            if self.step % self.cfg.log_every_steps == 0 or not _finite(record.values()):
-                self.sink.log_metrics(self.step, record)
+            loss, total = float(values[0]), float(values[2])
+            finite = math.isfinite(loss) and math.isfinite(total)
+            if self.step % self.cfg.log_every_steps == 0 or not finite:
+                step_index[0] = self.step
+                self.sink.log_steps(step_index, values[None, :])
             if end_of_epoch:  # one transfer per epoch
                 self.sink.log_metrics(self.step, dict(zip(self.stat_names, self.epoch_stats.tolist())))
-            if not math.isfinite(record[TRAIN_LOSS]):
+            if not math.isfinite(loss):
                 raise NonFiniteError("loss", self.step)
-            if not math.isfinite(record[GRAD_TOTAL]):
+            if not math.isfinite(total):
                 raise NonFiniteError("grad", self.step)
             self.batch += 1
             if self.batch == self.steps_per_epoch:
@@ -223,7 +237,7 @@ class Trainer:
             self.step += 1
             last = self.step == self.total_steps
             if self.step % self.cfg.eval_every_steps == 0 or last:
-                self._evaluate(record)
+                self._evaluate(self.head(values))
             if self.cfg.checkpoint_every_steps and self.step % self.cfg.checkpoint_every_steps == 0 and not last:
                 self._save("last")
         self._save("last")
@@ -249,7 +263,7 @@ class Trainer:
                 or now - self._last_console > CONSOLE_MAX_GAP_S:
             self._last_console = now
             log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1,
-                     self.total_steps, self.epoch, record[TRAIN_LOSS], record["train/acc"], norm, acc, self.best_score)
+                     self.total_steps, self.epoch, record[TRAIN_LOSS], record[TRAIN_ACC], norm, acc, self.best_score)
         if self.on_eval is not None:
             self.on_eval(step, acc)
 
@@ -263,6 +277,3 @@ class Trainer:
         self.sink.log_metrics(last_step, {"test/acc": test_acc, "test/loss": test_loss, "best/dev_acc": self.best_score})
         return TrainResult(self.best_score, self.best_step, last_step, test_acc, test_loss)
 
-
-def _finite(values) -> bool:
-    return all(math.isfinite(v) for v in values)

@@ -1,0 +1,11 @@
+"""The public Python API (``import gradsweep``): what code of the user's own calls.
+
+* :func:`history` — a run's dense per-step history as a pandas DataFrame.
+
+May import: train, track, report, run (never Hydra or Optuna: a user's script does not need them).
+"""
+from __future__ import annotations
+
+from gradsweep.track.history import history
+
+__all__ = ["history"]

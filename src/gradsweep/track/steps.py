@@ -1,0 +1,187 @@
+"""Step vectors: the dense per-step telemetry of a run, from the job's journal to the store.
+
+A run's step values (loss, accuracy, the norms before and after clipping, the clip figures, every
+parameter's norm) have names fixed when training starts (:class:`StepSchema`, ``steps.json`` in the
+journal folder). Each logged step is then one fixed-size binary record in ``steps.bin``: the step
+(int64), its wall time in ms (int64) and the values (float32): 4 bytes a value plus 16 a step,
+where a JSON object per value took ~43.
+
+Delivery turns the records into two things (:mod:`gradsweep.track.delivery`):
+
+* the **dense history**: every record, as Parquet chunks of ``rows_per_chunk`` steps logged as
+  run artifacts under ``telemetry/`` (read back with :func:`gradsweep.history`);
+* **MLflow metrics, sampled**: a short run logs every step; a longer one is cut into windows of
+  ``window`` steps, and each window sends, per metric, only its minimum and its maximum (at their
+  true steps), so a spike keeps its exact value and step in MLflow's chart while the store grows
+  with ``max_points``, not with the number of steps. MLflow's own UI never asks for more than
+  2,500 points per metric and run (``MAX_RESULTS_PER_RUN`` in ``mlflow/server/handlers.py``).
+
+Both are cut at fixed positions (chunk ``k`` = records ``k*rows_per_chunk...``; window ``w`` =
+steps ``w*window...``), so a delivery retried after an outage or a crash sends the same chunk
+under the same name and the same points again: nothing is lost and nothing is stored twice.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from gradsweep.names import CLIP_CLIPPED_FRAC, CLIP_THRESHOLD, GRAD_NORM, GRAD_TOTAL, GRAD_TOTAL_CLIPPED
+
+SCHEMA = "steps.json"
+STEPS = "steps.bin"
+TELEMETRY = "telemetry"  #: artifact folder of the dense history
+HEAD = 16  #: bytes of a record before its values: step and wall time, int64 each
+CHUNK_VALUES = 1 << 20  #: about this many values per Parquet chunk (4 MB of float32)
+#: NaN in these means "the rule has no value at this step" (a warm-up), not a diverged run
+OPTIONAL = (CLIP_THRESHOLD, CLIP_CLIPPED_FRAC)
+
+
+def record_dtype(n: int) -> np.dtype:
+    return np.dtype([("step", "<i8"), ("ts", "<i8"), ("v", "<f4", (n,))])
+
+
+def is_param_metric(name: str) -> bool:
+    return name.startswith(GRAD_NORM) and name not in (GRAD_TOTAL, GRAD_TOTAL_CLIPPED)
+
+
+@dataclass
+class StepSchema:
+    """What a run's step records hold and how they are delivered (``steps.json``)."""
+
+    names: list[str]
+    total_steps: int = 0  #: steps planned (0: not known, e.g. a loop of the user's own)
+    max_points: int = 2500  #: per metric and run in MLflow: loss, accuracy, totals, clip figures
+    max_param_points: int = 250  #: per parameter metric (grad_norm/<param>) and run
+    rows_per_chunk: int = 0  #: steps per Parquet chunk; 0 = from CHUNK_VALUES
+    start_ms: int = 0  #: when the journal was opened: orders the chunks of a resumed run's journals
+    windows: dict[str, int] = field(default_factory=dict)  #: set in __post_init__
+
+    def __post_init__(self) -> None:
+        if not self.rows_per_chunk:
+            self.rows_per_chunk = max(256, CHUNK_VALUES // max(1, len(self.names)))
+        head = window(self.total_steps, self.max_points)
+        # a multiple of the head window: every window boundary of the one is one of the other, so
+        # a delivery pass can stop at a point where both families' windows are complete
+        param = head * math.ceil(window(self.total_steps, self.max_param_points) / head)
+        self.windows = {"head": head, "param": param}
+
+    @property
+    def width(self) -> int:
+        return HEAD + 4 * len(self.names)
+
+    def window_of(self, name: str) -> int:
+        return self.windows["param" if is_param_metric(name) else "head"]
+
+    def save(self, folder: Path) -> None:
+        data = {k: v for k, v in asdict(self).items() if k != "windows"}
+        tmp = folder / (SCHEMA + ".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(folder / SCHEMA)
+
+    @classmethod
+    def load(cls, folder: Path) -> Optional["StepSchema"]:
+        try:
+            data = json.loads((folder / SCHEMA).read_text())
+        except (OSError, ValueError):
+            return None
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "windows"})
+
+
+def window(total_steps: int, max_points: int) -> int:
+    """Steps per window so that min and max of each window fit ``max_points`` (1: every step).
+    A run of unknown length uses 1 (``gradsweep.watch`` without ``total_steps``)."""
+    if total_steps <= max_points or total_steps <= 0:
+        return 1
+    return math.ceil(total_steps / max(1, max_points // 2))
+
+
+def read_records(folder: Path, schema: StepSchema, offset: int, max_rows: Optional[int] = None) -> np.ndarray:
+    """Complete records of ``steps.bin`` from byte ``offset`` (a torn tail after a crash is left out)."""
+    dtype = record_dtype(len(schema.names))
+    try:
+        with open(folder / STEPS, "rb") as f:
+            f.seek(offset)
+            data = f.read() if max_rows is None else f.read(max_rows * dtype.itemsize)
+    except FileNotFoundError:
+        return np.empty(0, dtype)
+    usable = len(data) - len(data) % dtype.itemsize
+    return np.frombuffer(data[:usable], dtype)
+
+
+def sample(records: np.ndarray, schema: StepSchema, final: bool) -> tuple[list[tuple[str, int, int, float]], int]:
+    """The MLflow points of ``records`` (which start at a window boundary, or at the run's first
+    record): ``(name, step, ts, value)`` of every complete window, and of the last, partial one
+    when ``final``; and how many records those windows used (the next pass starts there)."""
+    if len(records) == 0:
+        return [], 0
+    used = len(records)
+    widest = max(schema.windows.values())
+    last = int(records["step"][-1])
+    if not final and (last + 1) % widest:  # the latest window may still grow: it is sent once complete
+        ids = records["step"] // widest
+        used = int(np.searchsorted(ids, ids[-1], side="left"))
+    points: list[tuple[str, int, int, float]] = []
+    for w in sorted(set(schema.windows.values())):
+        cols = [j for j, n in enumerate(schema.names) if schema.window_of(n) == w]
+        if cols:
+            points += _window_points(records[:used], [schema.names[j] for j in cols], np.asarray(cols), w)
+    return points, used
+
+
+def _window_points(records: np.ndarray, names: list[str], cols: np.ndarray,
+                   w: int) -> list[tuple[str, int, int, float]]:
+    if len(records) == 0:
+        return []
+    steps, ts, values = records["step"], records["ts"], records["v"][:, cols]
+    out: list[tuple[str, int, int, float]] = []
+    if w == 1:
+        for i in range(len(records)):
+            s, t = int(steps[i]), int(ts[i])
+            for name, v in zip(names, values[i].tolist()):
+                if not (math.isnan(v) and name in OPTIONAL):
+                    out.append((name, s, t, v))
+        return out
+    ids = steps // w
+    bounds = np.flatnonzero(np.diff(ids)) + 1
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(records)]):
+        block = values[a:b].astype(np.float64)
+        finite = np.isfinite(block)
+        lo = np.where(finite, block, np.inf).argmin(axis=0)
+        hi = np.where(finite, block, -np.inf).argmax(axis=0)
+        bad = (~finite).argmax(axis=0)  # first non-finite row, where there is one
+        has_finite, has_bad = finite.any(axis=0), ~finite.all(axis=0)
+        for j, name in enumerate(names):
+            rows = set()
+            if has_finite[j]:
+                rows.update((int(lo[j]), int(hi[j])))
+            if has_bad[j] and name not in OPTIONAL:  # a diverged value is shown, not hidden by sampling
+                rows.add(int(bad[j]))
+            for r in sorted(rows):
+                out.append((name, int(steps[a + r]), int(ts[a + r]), float(block[r, j])))
+    return out
+
+
+def chunk_name(schema: StepSchema, first_step: int) -> str:
+    """Deterministic: a retried upload replaces the same file. Sorted by name = written order."""
+    return f"steps-{schema.start_ms:013d}-{first_step:010d}.parquet"
+
+
+def write_chunk(records: np.ndarray, schema: StepSchema, path: Path) -> Path:
+    """One Parquet file: ``step``, ``time`` (ms) and one float32 column per metric name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {"step": pa.array(records["step"]), "time": pa.array(records["ts"])}
+    values = np.ascontiguousarray(records["v"])
+    for j, name in enumerate(schema.names):
+        columns[name] = pa.array(values[:, j])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table(columns), tmp, compression="zstd")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,144 @@
+"""The dense per-step history and the bounded MLflow store (issue: telemetry that scales).
+
+Every logged step is a fixed-size binary record in the run's journal; delivery writes them as
+Parquet chunks (``telemetry/``) and sends MLflow only each window's minimum and maximum. Checked
+against a real embedded store and a real ``mlflow server`` with proxied artifacts."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+import gradsweep
+from gradsweep.names import GRAD_TOTAL, TRAIN_LOSS
+from gradsweep.track.delivery import deliver
+from gradsweep.track.journal import RunJournal
+from gradsweep.track.steps import STEPS, StepSchema, read_records, sample, window
+from gradsweep.track.store import Tracker
+from jobs import run_inprocess
+
+
+def _names(n_params: int) -> list[str]:
+    return [TRAIN_LOSS, "train/acc", GRAD_TOTAL, "grad_norm/total_clipped", "clip/coef",
+            *(f"grad_norm/layers.{i}.weight" for i in range(n_params))]
+
+
+def _values(steps: int, n: int, seed: int, spike_at: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = rng.lognormal(0.0, 0.3, size=(steps, n)).astype(np.float32)
+    v[spike_at, 2] = 2600.0  # one spike of the total norm
+    return v
+
+
+def _journal(tmp_path, store: str, schema_kw: dict, run_name: str = "r") -> RunJournal:
+    tracker = Tracker(store, "dense")
+    run_id = tracker.start_run(run_name, {})
+    header = {"uri": tracker.uri, "experiment_name": "dense", "artifact_location": None, "run_id": run_id, **schema_kw}
+    return RunJournal.create(tmp_path / "spool", header)
+
+
+def test_a_step_costs_4_bytes_a_value_plus_16_and_a_torn_tail_is_left_out(tmp_path, store):
+    names = _names(100)
+    journal = _journal(tmp_path, store, {})
+    journal.define_steps(names, 1000)
+    values = _values(1000, len(names), 0, 10)
+    for step in range(1000):
+        journal.log_steps(np.array([step]), values[step:step + 1])
+    journal.close()
+    size = (journal.folder / STEPS).stat().st_size
+    assert size == 1000 * (16 + 4 * len(names))
+    assert size / values.size < 5  # bytes per value
+    with open(journal.folder / STEPS, "ab") as f:  # a crash in the middle of a record
+        f.write(b"\x01\x02\x03")
+    recs = read_records(journal.folder, StepSchema.load(journal.folder), 0)
+    assert len(recs) == 1000 and np.array_equal(recs["v"], values) and list(recs["step"]) == list(range(1000))
+
+
+@pytest.mark.parametrize("total,max_points", [(250, 2500), (10_000, 2500), (100_000, 2500), (7_001, 50), (999, 10)])
+def test_sampling_keeps_every_window_min_and_max_within_the_budget(total, max_points):
+    names = _names(3)
+    schema = StepSchema(names, total, max_points=max_points, max_param_points=max(2, max_points // 5))
+    values = _values(total, len(names), total, spike_at=total // 3)
+    recs = np.empty(total, dtype=[("step", "<i8"), ("ts", "<i8"), ("v", "<f4", (len(names),))])
+    recs["step"], recs["ts"], recs["v"] = np.arange(total), 0, values
+    points, pos = [], 0
+    for cut in (total // 7, total // 2, total - 1):  # delivered in passes, as records arrive
+        got, used = sample(recs[pos:cut], schema, final=False)
+        points += got
+        pos += used
+    got, used = sample(recs[pos:], schema, final=True)
+    points += got
+    assert pos + used == total
+    by_name: dict[str, dict[int, float]] = {}
+    for name, step, _ts, value in points:
+        assert step not in by_name.setdefault(name, {}), (name, step)  # no point sent twice
+        by_name[name][step] = value
+    for j, name in enumerate(names):
+        budget = schema.max_param_points if name.startswith("grad_norm/layers") else max_points
+        assert len(by_name[name]) <= budget, (name, len(by_name[name]))
+        assert by_name[name][int(np.argmax(values[:, j]))] == float(values[:, j].max())  # the spike, exactly
+        assert by_name[name][int(np.argmin(values[:, j]))] == float(values[:, j].min())
+    if total <= max_points:  # a short run logs every step
+        assert sorted(by_name[GRAD_TOTAL]) == list(range(total))
+    assert window(total, max_points) == (1 if total <= max_points else math.ceil(total / (max_points // 2)))
+
+
+def test_delivery_bounds_mlflow_and_history_returns_every_step(tmp_path, store):
+    """6,000 steps of a 100-tensor model, chunked small: MLflow holds <= max_points per metric with
+    the spike's exact value and step; gradsweep.history holds every step, bit for bit."""
+    names = _names(100)
+    journal = _journal(tmp_path, store, {"max_points": 200, "max_param_points": 40})
+    journal.define_steps(names, 6000)
+    values = _values(6000, len(names), 1, spike_at=4321)
+    for start in range(0, 6000, 500):  # blocks, as a job syncing every 500 steps writes them
+        journal.log_steps(np.arange(start, start + 500), values[start:start + 500])
+        if start == 3000:
+            journal.flush()  # a first pass delivers what is there while the run goes on
+            assert not deliver(journal.folder)
+    journal.end("FINISHED")
+    assert deliver(journal.folder)
+    client = MlflowClient(store)
+    run = client.get_run(journal.run_id)
+    assert run.info.status == "FINISHED"
+    hist = sorted(client.get_metric_history(journal.run_id, GRAD_TOTAL), key=lambda m: m.step)
+    assert len(hist) <= 200 and (4321, 2600.0) in [(m.step, m.value) for m in hist]
+    assert len({m.step for m in hist}) == len(hist)  # none stored twice
+    assert len(client.get_metric_history(journal.run_id, "grad_norm/layers.7.weight")) <= 40
+    frame = gradsweep.history(journal.run_id, tracking_uri=store)
+    assert list(frame.index) == list(range(6000)) and list(frame.columns) == names
+    assert np.array_equal(frame.to_numpy(), values)
+    assert not journal.folder.exists() or not (journal.folder / STEPS).exists()  # nothing left to deliver
+
+
+def test_job_history_equals_what_the_loop_computed_embedded(tmp_path, store):
+    out = run_inprocess(["trainer.epochs=6", "clip=none", "tracking.max_points=20", "tracking.max_param_points=10"],
+                        tmp_path, store)
+    _check_job(out, store, max_points=20, max_param_points=10)
+
+
+@pytest.mark.integration  # starts a real mlflow server
+def test_job_history_through_a_server_with_proxied_artifacts(tmp_path, mlflow_server):
+    out = run_inprocess(["trainer.epochs=6", "tracking.max_points=20"], tmp_path, mlflow_server.uri)
+    _check_job(out, mlflow_server.uri, max_points=20, max_param_points=250)
+    files = [f.path for f in MlflowClient(mlflow_server.uri).list_artifacts(out.run_id, "telemetry")]
+    assert files and all(f.endswith(".parquet") for f in files)
+    assert not list((tmp_path / "mlruns" / "artifacts").glob("**/*.parquet"))  # on the server's side only
+
+
+def _check_job(out, uri: str, max_points: int, max_param_points: int) -> None:
+    assert out.status == "FINISHED"
+    loop = out.history  # what the training loop computed, as it computed it
+    frame = gradsweep.history(out.run_id, tracking_uri=uri)
+    assert list(frame.index) == list(loop.steps) == list(range(30))
+    for name in loop.names:
+        assert np.array_equal(frame[name].to_numpy(), loop.column(name), equal_nan=True), name
+    client = MlflowClient(uri)
+    total = client.get_metric_history(out.run_id, GRAD_TOTAL)
+    assert len(total) <= max_points
+    peak = int(np.argmax(loop.column(GRAD_TOTAL)))
+    assert (peak, float(loop.column(GRAD_TOTAL)[peak])) in [(m.step, m.value) for m in total]
+    assert len(client.get_metric_history(out.run_id, "grad_norm/rnn.U")) <= max_param_points
+    run = client.get_run(out.run_id)
+    assert run.data.metrics["health/peak_grad_norm"] == pytest.approx(float(loop.column(GRAD_TOTAL).max()))
