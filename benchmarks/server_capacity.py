@@ -10,16 +10,19 @@ For each N, N writer processes each open a run exactly as a job does (`gradsweep
 a run journal on disk plus the real delivery process `python -m gradsweep.track.delivery <spool>
 --owner-pid <pid>`, one per job, sending with `log_batch`), wait until their delivery process has
 created the run, then append one step of ~100 values (`grad_norm/<param>` for --params parameters +
-the totals, `clip/coef`, `train/loss`, `train/acc`) --steps-per-s times a second for --seconds; then
+the totals, `clip/coef`, `train/loss`, `train/acc`: one binary step record, as a job's `log_steps`)
+--steps-per-s times a second for --seconds; then
 they close the run as a job does (`close_run`: wait for their delivery process, at most --drain-s).
 
 Measured from the journals' own delivery offsets (state.json), sampled once a second:
   written pts/s    what the N writers appended (the training side)
-  delivered pts/s  what reached the server over the window after a short warm-up
-  backlog / lag    points written but not yet delivered when training ends, and how old the newest
-                   delivered step is then (seconds behind training)
+  delivered pts/s  steps whose values reached the server (sampled to MLflow's bound, every step in
+                   the dense history at the end), in values/s, over the window after a short warm-up
+  backlog / lag    values written but not yet delivered when training ends, and how far delivery is
+                   behind then (seconds of training)
   drained          seconds after training ended until every run was complete on the server
-  arrived          every run's `grad_norm/total` history on the server has one point per written step
+  arrived          every run's dense history (gradsweep.history) has every written step, and its
+                   `grad_norm/total` in MLflow at most tracking.max_points points
 and CPU shares (per cent of one core) of the server (+ PostgreSQL), the delivery processes, the
 writers, and the whole machine (100 % x cores = saturated).
 
@@ -44,8 +47,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 from gradsweep.track.server import stat_fields  # noqa: E402  (light: no MLflow)
 
-METRIC_LINE = b'"op":"metrics"'
-
 
 # ------------------------------------------------------------------------------ writer process
 def writer(args: argparse.Namespace) -> None:
@@ -61,14 +62,19 @@ def writer(args: argparse.Namespace) -> None:
     while run.journal.run_id is None and time.monotonic() < deadline:  # the delivery process created it
         run.journal._poll_state()
         time.sleep(0.1)
-    names = [f"grad_norm/p{i:03d}" for i in range(args.params)]
-    names += ["grad_norm/total", "grad_norm/total_clipped", "clip/coef", "train/loss", "train/acc"]
+    import numpy as np
+
+    names = ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef"]
+    names += [f"grad_norm/p{i:03d}" for i in range(args.params)]
+    run.define_steps(names, int(args.seconds * args.steps_per_s))  # as a job does: its planned length
     print(json.dumps({"ready": True, "folder": str(run.journal.folder), "worker_pid": worker_pid,
-                      "run_id": run.journal.run_id}), flush=True)
+                      "run_id": run.journal.run_id, "width": run.journal.schema.width}), flush=True)
     sys.stdin.readline()  # go
     t0 = time.monotonic()
     period = 1.0 / args.steps_per_s
     step = 0
+    index = np.empty(1, np.int64)
+    base = 0.5 + (np.arange(len(names)) % 100) / 100
     while True:
         due = t0 + step * period
         if due >= t0 + args.seconds:
@@ -76,10 +82,11 @@ def writer(args: argparse.Namespace) -> None:
         wait = due - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        run.log_metrics(step, {n: 0.5 + ((step * 7 + i) % 100) / 100 for i, n in enumerate(names)})
+        index[0] = step
+        run.log_steps(index, (base + (step * 7 % 100) / 100).astype(np.float32)[None, :])
         step += 1
     trained = time.monotonic()
-    run.journal._file.flush()
+    run.journal.flush()
     ok = close_run(run.journal, "FINISHED", args.drain_s)
     print(json.dumps({"steps": step, "values": len(names), "train_s": trained - t0,
                       "drain_s": time.monotonic() - trained, "delivered": ok}), flush=True)
@@ -87,35 +94,20 @@ def writer(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------ measuring
 class JournalProgress:
-    """Delivered metric lines of one journal, read incrementally up to its committed offset."""
+    """Delivered steps of one journal: its state's offset of step records sent (sampled to MLflow)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.read_to = 0
-        self.lines = 0
-        self.last_ts = None  # ms, of the newest delivered step
+    def __init__(self, folder: Path, width: int):
+        self.folder, self.width = folder, width
+        self.lines = 0  # steps delivered
+        self.done = False
 
     def sample(self) -> None:
         try:
             state = json.loads((self.folder / "state.json").read_text())
         except (OSError, ValueError):
             return
-        offset = state.get("offset", 0)
-        if state.get("done"):
-            offset = None  # everything; the journal may be gone
-        try:
-            with open(self.folder / "journal.jsonl", "rb") as f:
-                f.seek(self.read_to)
-                chunk = f.read() if offset is None else f.read(max(0, offset - self.read_to))
-        except OSError:
-            return
-        end = chunk.rfind(b"\n") + 1
-        chunk = chunk[:end]
-        self.read_to += end
-        for line in chunk.splitlines():
-            if METRIC_LINE in line:
-                self.lines += 1
-                self.last_ts = json.loads(line)["ts"]
+        self.done = bool(state.get("done"))
+        self.lines = max(self.lines, (state.get("steps") or {}).get("sent", 0) // self.width)
 
 
 def cpu_ticks(pids: list[int]) -> int:
@@ -169,7 +161,7 @@ def one_case(uri: str, server_pids, n: int, args: argparse.Namespace, root: Path
                "--params", str(args.params), "--drain-s", str(args.drain_s)]
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root))
     ready = [json.loads(p.stdout.readline()) for p in procs]
-    journals = [JournalProgress(Path(r["folder"])) for r in ready]
+    journals = [JournalProgress(Path(r["folder"]), r["width"]) for r in ready]
     delivery_pids = [r["worker_pid"] for r in ready]
     writer_pids = [p.pid for p in procs]
     for j in journals:  # whatever was delivered before training (nothing: params come from the job only)
@@ -191,13 +183,13 @@ def one_case(uri: str, server_pids, n: int, args: argparse.Namespace, root: Path
         if "warm" not in marks and elapsed >= warm:
             marks["warm"] = (elapsed, sum(j.lines for j in journals))
     t_end = time.monotonic()
-    t_end_wall_ms = time.time() * 1000
     for j in journals:
         j.sample()
     delivered_end = sum(j.lines - b for j, b in zip(journals, base))
+    written_end = int((t_end - t0) * args.steps_per_s)
     cpu1 = (cpu_ticks(server_pids()), cpu_ticks(delivery_pids), cpu_ticks(writer_pids), machine_ticks())
     window = t_end - t0
-    lags = [(t_end_wall_ms - j.last_ts) / 1000 if j.last_ts else window for j in journals]
+    lags = [max(0, written_end - j.lines) / args.steps_per_s for j in journals]  # steps behind, in seconds
     results = [json.loads(p.stdout.readline() or "{}") for p in procs]  # after close_run (drain)
     for p in procs:
         p.wait()
@@ -211,11 +203,17 @@ def one_case(uri: str, server_pids, n: int, args: argparse.Namespace, root: Path
     written = sum(steps) * values
     warm_t, warm_lines = marks.get("warm", (0.0, 0))
     delivered_rate = (delivered_end - warm_lines) * values / max(1e-9, window - warm_t)
+    import gradsweep
+
     client = MlflowClient(uri)
     arrived = 0
-    for r, s in zip(ready, steps):
-        got = {m.step for m in client.get_metric_history(r["run_id"], "grad_norm/total")} if r["run_id"] else set()
-        arrived += got == set(range(s))
+    for r, s in zip(ready, steps):  # every step in the dense history, the MLflow metric within its bound
+        try:
+            dense = list(gradsweep.history(r["run_id"], tracking_uri=uri).index) if r["run_id"] else []
+        except LookupError:
+            dense = []
+        points = len(client.get_metric_history(r["run_id"], "grad_norm/total")) if r["run_id"] else 0
+        arrived += dense == list(range(s)) and 0 < points <= 2500
     cores = os.cpu_count() or 1
     busy = (cpu1[3][0] - cpu0[3][0]) / max(1, cpu1[3][1] - cpu0[3][1]) * 100 * cores
     pct = [(cpu1[k] - cpu0[k]) / tick / window * 100 for k in range(3)]
