@@ -66,7 +66,7 @@ def writer(args: argparse.Namespace) -> None:
 
     names = ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef"]
     names += [f"grad_norm/p{i:03d}" for i in range(args.params)]
-    run.define_steps(names, int(args.seconds * args.steps_per_s))  # as a job does: its planned length
+    run.define_steps(names, args.planned_steps or int(args.seconds * args.steps_per_s))  # as a job does
     print(json.dumps({"ready": True, "folder": str(run.journal.folder), "worker_pid": worker_pid,
                       "run_id": run.journal.run_id, "width": run.journal.schema.width}), flush=True)
     sys.stdin.readline()  # go
@@ -94,7 +94,8 @@ def writer(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------ measuring
 class JournalProgress:
-    """Delivered steps of one journal: its state's offset of step records sent (sampled to MLflow)."""
+    """Delivered steps of one journal: its state's offset of step records whose headline metrics were
+    sent (sampled to MLflow; a step is counted once its window is complete)."""
 
     def __init__(self, folder: Path, width: int):
         self.folder, self.width = folder, width
@@ -107,7 +108,7 @@ class JournalProgress:
         except (OSError, ValueError):
             return
         self.done = bool(state.get("done"))
-        self.lines = max(self.lines, (state.get("steps") or {}).get("sent", 0) // self.width)
+        self.lines = max(self.lines, (state.get("steps") or {}).get("sent_head", 0) // self.width)
 
 
 def cpu_ticks(pids: list[int]) -> int:
@@ -158,7 +159,7 @@ def one_case(uri: str, server_pids, n: int, args: argparse.Namespace, root: Path
     for i in range(n):
         cmd = [sys.executable, __file__, "--_writer", "--uri", uri, "--experiment", experiment, "--spool", str(spool),
                "--index", str(i), "--seconds", str(args.seconds), "--steps-per-s", str(args.steps_per_s),
-               "--params", str(args.params), "--drain-s", str(args.drain_s)]
+               "--params", str(args.params), "--drain-s", str(args.drain_s), "--planned-steps", str(args.planned_steps)]
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root))
     ready = [json.loads(p.stdout.readline()) for p in procs]
     journals = [JournalProgress(Path(r["folder"]), r["width"]) for r in ready]
@@ -281,6 +282,9 @@ def main() -> None:
     ap.add_argument("--backends", default="postgres,sqlite")
     ap.add_argument("--steps-per-s", type=float, default=20.0, help="steps a second each job writes")
     ap.add_argument("--params", type=int, default=96, help="parameters of the model (grad_norm/<param> each)")
+    ap.add_argument("--planned-steps", type=int, default=100_000,
+                    help="the run's planned length (sets its MLflow windows): the jobs model --seconds of a run "
+                         "this long; 0 = just --seconds of steps (a short run: every step goes to MLflow)")
     ap.add_argument("--server-workers", type=int, default=1, help="`mlflow server --workers` (the product runs 1)")
     ap.add_argument("--drain-s", type=float, default=30.0, help="how long a job waits for its delivery at the end")
     # the writer process (internal)
@@ -300,8 +304,9 @@ def main() -> None:
         rows += run_backend(backend, args)
     values = args.params + 5
     cores = os.cpu_count()
+    planned = f"of a {args.planned_steps:,}-step run " if args.planned_steps else ""
     print(f"One `mlflow server` (--workers {args.server_workers}), jobs writing {values} values/step at {args.steps_per_s:g} steps/s each "
-          f"({values * args.steps_per_s:.0f} points/s per job) for {args.seconds:g} s, each with its own delivery "
+          f"({values * args.steps_per_s:.0f} points/s per job) for {args.seconds:g} s {planned}, each with its own delivery "
           f"process (log_batch, <= 1000 values/request). This machine: {cores} cores shared by the writers, the "
           f"delivery processes, the server and PostgreSQL; writers sleep between steps (real jobs would also "
           f"train).\n")

@@ -63,14 +63,16 @@ def test_sampling_keeps_every_window_min_and_max_within_the_budget(total, max_po
     values = _values(total, len(names), total, spike_at=total // 3)
     recs = np.empty(total, dtype=[("step", "<i8"), ("ts", "<i8"), ("v", "<f4", (len(names),))])
     recs["step"], recs["ts"], recs["v"] = np.arange(total), 0, values
-    points, pos = [], 0
-    for cut in (total // 7, total // 2, total - 1):  # delivered in passes, as records arrive
-        got, used = sample(recs[pos:cut], schema, final=False)
+    points = []
+    for family in ("head", "param"):
+        pos = 0
+        for cut in (total // 7, total // 2, total - 1):  # delivered in passes, as records arrive
+            got, used = sample(recs[pos:cut], schema, False, family)
+            points += got
+            pos += used
+        got, used = sample(recs[pos:], schema, True, family)
         points += got
-        pos += used
-    got, used = sample(recs[pos:], schema, final=True)
-    points += got
-    assert pos + used == total
+        assert pos + used == total
     by_name: dict[str, dict[int, float]] = {}
     for name, step, _ts, value in points:
         assert step not in by_name.setdefault(name, {}), (name, step)  # no point sent twice
@@ -142,3 +144,29 @@ def _check_job(out, uri: str, max_points: int, max_param_points: int) -> None:
     assert len(client.get_metric_history(out.run_id, "grad_norm/rnn.U")) <= max_param_points
     run = client.get_run(out.run_id)
     assert run.data.metrics["health/peak_grad_norm"] == pytest.approx(float(loop.column(GRAD_TOTAL).max()))
+
+
+def test_a_run_end_waits_while_delivery_progresses_and_names_why_it_stops(tmp_path, store):
+    """The end of a run waits tracking.delivery_timeout_s *without progress*: delivery merely behind
+    moves the deadline; an unanswering store or a stuck delivery does not, and the reason says which."""
+    import json
+    import time
+
+    from gradsweep.track.store import Deadline
+
+    journal = _journal(tmp_path, store, {})
+    journal.define_steps(_names(1), 10)
+    journal.flush()
+    spool = journal.folder.parent
+    deadline = Deadline(spool, timeout_s=1.5)
+    t0 = time.monotonic()
+    for offset in range(1, 4):  # progress every 0.8 s: still waiting after 2.4 s > 1.5 s
+        time.sleep(0.8)
+        (journal.folder / "state.json").write_text(json.dumps({"run_id": journal.run_id, "offset": offset}))
+        assert not deadline.passed(), offset
+    while not deadline.passed():  # then no progress: it passes 1.5 s later
+        time.sleep(0.1)
+    assert 3.0 < time.monotonic() - t0 < 6.0
+    assert "made no progress for 1.5 s" in deadline.reason()
+    (spool / ".outage").touch()
+    assert "the tracking store did not answer" in deadline.reason()

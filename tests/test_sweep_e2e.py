@@ -1,10 +1,12 @@
 """A real `-m` sweep in a subprocess, read back with MlflowClient (embedded store and real server)."""
 import csv
+import time
 from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
 
+import gradsweep
 from conftest import run_train
 
 PARAMS = ["embedding.weight", "rnn.W", "rnn.U", "rnn.b", "classifier.weight", "classifier.bias"]
@@ -73,6 +75,14 @@ def test_multirun_embedded_store(tmp_path, store):
     assert runs_link == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
     ids = compare.split("runs=[")[1].split("]")[0].replace('"', "").split(",")
     assert set(ids) == children and compare.endswith("workflowType=machine_learning")
+    for c in children:  # every step of each child in its dense history
+        assert list(gradsweep.history(c, tracking_uri=store).index) == list(range(STEPS))
+    # the delivered runs leave nothing in the spool once the sweep's delivery process has ended
+    spool = Path(store.removeprefix("sqlite:///")).parent / "spool"
+    deadline = time.monotonic() + 30
+    while [p for p in spool.iterdir() if p.is_dir()] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p.name for p in spool.iterdir() if p.is_dir()] == []
 
 
 def test_multirun_against_real_server(tmp_path, mlflow_server):

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.locks import Busy, create_in_turn, locked_file
 from gradsweep.track.journal import HEADER, STATE, read_json, records, write_json_atomic
-from gradsweep.track.steps import TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
+from gradsweep.track.steps import FAMILIES, TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
 log = logging.getLogger("gradsweep.track.delivery")
@@ -344,7 +344,7 @@ def _deliver_steps(folder: Path, schema: StepSchema, state: dict[str, Any], fina
     complete windows as metrics (see :mod:`gradsweep.track.steps`)."""
     from mlflow.entities import Metric
 
-    offsets = state.setdefault("steps", {"chunked": 0, "sent": 0})
+    offsets = state.setdefault("steps", {"chunked": 0})
     while True:
         recs = read_records(folder, schema, offsets["chunked"], max_rows=schema.rows_per_chunk)
         if len(recs) == 0 or (len(recs) < schema.rows_per_chunk and not final):
@@ -355,14 +355,16 @@ def _deliver_steps(folder: Path, schema: StepSchema, state: dict[str, Any], fina
             send(client.log_artifact, str(path), TELEMETRY, what="dense history (telemetry/)")
         offsets["chunked"] += len(recs) * schema.width
         commit()
-    recs = read_records(folder, schema, offsets["sent"])
-    points, used = sample(recs, schema, final)
-    for i in range(0, len(points), MAX_METRICS):
-        batch = [Metric(name, value, ts, step) for name, step, ts, value in points[i:i + MAX_METRICS]]
-        send(client.log_batch, metrics=batch, what=f"{len(batch)} metric values")
-    if used:
-        offsets["sent"] += used * schema.width
-        commit()
+    for family in FAMILIES:  # each its own windows and offset: headline points do not wait for the wider ones
+        key = f"sent_{family}"
+        recs = read_records(folder, schema, offsets.get(key, 0))
+        points, used = sample(recs, schema, final, family)
+        for i in range(0, len(points), MAX_METRICS):
+            batch = [Metric(name, value, ts, step) for name, step, ts, value in points[i:i + MAX_METRICS]]
+            send(client.log_batch, metrics=batch, what=f"{len(batch)} metric values")
+        if used:
+            offsets[key] = offsets.get(key, 0) + used * schema.width
+            commit()
 
 
 REJECTED_TAG = "gradsweep.rejected"

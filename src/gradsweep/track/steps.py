@@ -64,11 +64,8 @@ class StepSchema:
     def __post_init__(self) -> None:
         if not self.rows_per_chunk:
             self.rows_per_chunk = max(256, CHUNK_VALUES // max(1, len(self.names)))
-        head = window(self.total_steps, self.max_points)
-        # a multiple of the head window: every window boundary of the one is one of the other, so
-        # a delivery pass can stop at a point where both families' windows are complete
-        param = head * math.ceil(window(self.total_steps, self.max_param_points) / head)
-        self.windows = {"head": head, "param": param}
+        self.windows = {"head": window(self.total_steps, self.max_points),
+                        "param": window(self.total_steps, self.max_param_points)}
 
     @property
     def width(self) -> int:
@@ -113,24 +110,25 @@ def read_records(folder: Path, schema: StepSchema, offset: int, max_rows: Option
     return np.frombuffer(data[:usable], dtype)
 
 
-def sample(records: np.ndarray, schema: StepSchema, final: bool) -> tuple[list[tuple[str, int, int, float]], int]:
-    """The MLflow points of ``records`` (which start at a window boundary, or at the run's first
-    record): ``(name, step, ts, value)`` of every complete window, and of the last, partial one
-    when ``final``; and how many records those windows used (the next pass starts there)."""
-    if len(records) == 0:
-        return [], 0
+FAMILIES = ("head", "param")  #: headline metrics; parameter norms (each with its own window and offset)
+
+
+def sample(records: np.ndarray, schema: StepSchema, final: bool,
+           family: str = "head") -> tuple[list[tuple[str, int, int, float]], int]:
+    """The MLflow points of one family's metrics in ``records`` (which start at one of its window
+    boundaries, or at the run's first record): ``(name, step, ts, value)`` of every complete window,
+    and of the last, partial one when ``final``; and how many records those windows used (the
+    family's next pass starts there)."""
+    w = schema.windows[family]
+    cols = [j for j, n in enumerate(schema.names) if schema.window_of(n) == w and
+            (family == "param") == is_param_metric(n)]
+    if len(records) == 0 or not cols:
+        return [], len(records)
     used = len(records)
-    widest = max(schema.windows.values())
-    last = int(records["step"][-1])
-    if not final and (last + 1) % widest:  # the latest window may still grow: it is sent once complete
-        ids = records["step"] // widest
+    if not final and (int(records["step"][-1]) + 1) % w:  # the latest window may still grow
+        ids = records["step"] // w
         used = int(np.searchsorted(ids, ids[-1], side="left"))
-    points: list[tuple[str, int, int, float]] = []
-    for w in sorted(set(schema.windows.values())):
-        cols = [j for j, n in enumerate(schema.names) if schema.window_of(n) == w]
-        if cols:
-            points += _window_points(records[:used], [schema.names[j] for j in cols], np.asarray(cols), w)
-    return points, used
+    return _window_points(records[:used], [schema.names[j] for j in cols], np.asarray(cols), w), used
 
 
 def _window_points(records: np.ndarray, names: list[str], cols: np.ndarray,

@@ -325,7 +325,7 @@ class Deadline:
         for folder in delivery.pending(self.spool):
             state = read_json(folder / STATE) or {}
             steps = state.get("steps") or {}
-            out.append((folder.name, state.get("offset", 0), steps.get("sent", 0), steps.get("chunked", 0)))
+            out.append((folder.name, state.get("offset", 0), *sorted(steps.items())))
         return tuple(out)
 
     def _update(self) -> None:
