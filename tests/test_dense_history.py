@@ -56,10 +56,14 @@ def test_a_step_costs_4_bytes_a_value_plus_16_and_a_torn_tail_is_left_out(tmp_pa
     assert len(recs) == 1000 and np.array_equal(recs["v"], values) and list(recs["step"]) == list(range(1000))
 
 
-@pytest.mark.parametrize("total,max_points", [(250, 2500), (10_000, 2500), (100_000, 2500), (7_001, 50), (999, 10)])
-def test_sampling_keeps_every_window_min_and_max_within_the_budget(total, max_points):
+@pytest.mark.parametrize("total,max_points,known", [(250, 2500, True), (10_000, 2500, True), (100_000, 2500, True),
+                                                    (7_001, 50, True), (999, 10, True), (100_000, 2500, False),
+                                                    (300, 2500, False), (50_000, 400, False)])
+def test_sampling_keeps_every_window_min_and_max_within_the_budget(total, max_points, known):
+    """``known``: the run's length is planned (a job); else (a loop of the user's own) windows widen
+    as the run goes, within the same budget."""
     names = _names(3)
-    schema = StepSchema(names, total, max_points=max_points, max_param_points=max(2, max_points // 5))
+    schema = StepSchema(names, total if known else 0, max_points=max_points, max_param_points=max(2, max_points // 5))
     values = _values(total, len(names), total, spike_at=total // 3)
     recs = np.empty(total, dtype=[("step", "<i8"), ("ts", "<i8"), ("v", "<f4", (len(names),))])
     recs["step"], recs["ts"], recs["v"] = np.arange(total), 0, values
@@ -82,8 +86,10 @@ def test_sampling_keeps_every_window_min_and_max_within_the_budget(total, max_po
         assert len(by_name[name]) <= budget, (name, len(by_name[name]))
         assert by_name[name][int(np.argmax(values[:, j]))] == float(values[:, j].max())  # the spike, exactly
         assert by_name[name][int(np.argmin(values[:, j]))] == float(values[:, j].min())
-    if total <= max_points:  # a short run logs every step
+    if total <= max_points and known:  # a short run logs every step
         assert sorted(by_name[GRAD_TOTAL]) == list(range(total))
+    if not known:  # its first steps at full resolution
+        assert set(range(max(1, max_points // 40))) <= set(by_name[GRAD_TOTAL])
     assert window(total, max_points) == (1 if total <= max_points else math.ceil(total / (max_points // 2)))
 
 

@@ -8,13 +8,14 @@ Subpackages by layer; each imports only the layers below it (``tests/test_layers
 * :mod:`gradsweep.run`    one job: a typed spec -> train -> a recorded run;
 * :mod:`gradsweep.sweep`  Hydra and Optuna: compose and validate, sweeps, studies, schedules;
 * :mod:`gradsweep.cli`    the ``gradsweep`` command and the ``train.py`` error reporting;
-* :mod:`gradsweep.api`    the public Python API, re-exported here: ``gradsweep.history(run_id)``.
+* :mod:`gradsweep.api`    the public Python API, re-exported here: ``gradsweep.history(run_id)``,
+  ``gradsweep.watch(model, ...)``.
 
 Beside them, used by every layer: ``names`` (metric and tag names), ``errors``, ``checks``
 (schema range checks), ``paths`` (where the checkout's parts are) and ``locks`` (file locks).
 """
 
-__all__ = ["history"]
+__all__ = ["history", "watch", "Watch"]
 
 
 def __getattr__(name: str):

@@ -59,13 +59,17 @@ class StepSchema:
     max_param_points: int = 250  #: per parameter metric (grad_norm/<param>) and run
     rows_per_chunk: int = 0  #: steps per Parquet chunk; 0 = from CHUNK_VALUES
     start_ms: int = 0  #: when the journal was opened: orders the chunks of a resumed run's journals
-    windows: dict[str, int] = field(default_factory=dict)  #: set in __post_init__
+    windows: dict[str, int] = field(default_factory=dict)  #: steps per window of each family (__post_init__)
 
     def __post_init__(self) -> None:
         if not self.rows_per_chunk:
             self.rows_per_chunk = max(256, CHUNK_VALUES // max(1, len(self.names)))
         self.windows = {"head": window(self.total_steps, self.max_points),
                         "param": window(self.total_steps, self.max_param_points)}
+
+    def window_ids(self, family: str, steps: np.ndarray) -> np.ndarray:
+        budget = self.max_param_points if family == "param" else self.max_points
+        return window_ids(steps, self.total_steps, budget)
 
     @property
     def width(self) -> int:
@@ -90,11 +94,28 @@ class StepSchema:
 
 
 def window(total_steps: int, max_points: int) -> int:
-    """Steps per window so that min and max of each window fit ``max_points`` (1: every step).
-    A run of unknown length uses 1 (``gradsweep.watch`` without ``total_steps``)."""
-    if total_steps <= max_points or total_steps <= 0:
+    """Steps per window so that min and max of each window fit ``max_points`` (1: every step); for
+    a run of unknown length (0), the width of its first windows (see :func:`window_ids`)."""
+    if total_steps <= max_points:
         return 1
     return math.ceil(total_steps / max(1, max_points // 2))
+
+
+LEVELS = 20  #: a run of unknown length: window widths 1, 2, 4, ... 2**19, each for the same number of windows
+
+
+def window_ids(steps: np.ndarray, total_steps: int, max_points: int) -> np.ndarray:
+    """The window of each step. Known length: windows of :func:`window` steps. Unknown length (a
+    loop of the user's own): ``c = max_points / (2 * LEVELS)`` windows of 1 step, then c of 2, c of
+    4, ...: the bound holds for runs up to ``c * (2**LEVELS - 1)`` steps (65 M at 2,500 points), and
+    the early steps, all a short run has, keep a fine resolution."""
+    steps = np.asarray(steps, dtype=np.int64)
+    if total_steps > 0:
+        return steps // window(total_steps, max_points)
+    c = max(1, max_points // (2 * LEVELS))
+    level = np.floor(np.log2(steps // c + 1)).astype(np.int64)
+    width = np.left_shift(1, level)
+    return level * c + (steps - c * (width - 1)) // width
 
 
 def read_records(folder: Path, schema: StepSchema, offset: int, max_rows: Optional[int] = None) -> np.ndarray:
@@ -119,32 +140,33 @@ def sample(records: np.ndarray, schema: StepSchema, final: bool,
     boundaries, or at the run's first record): ``(name, step, ts, value)`` of every complete window,
     and of the last, partial one when ``final``; and how many records those windows used (the
     family's next pass starts there)."""
-    w = schema.windows[family]
-    cols = [j for j, n in enumerate(schema.names) if schema.window_of(n) == w and
-            (family == "param") == is_param_metric(n)]
+    cols = [j for j, n in enumerate(schema.names) if (family == "param") == is_param_metric(n)]
     if len(records) == 0 or not cols:
         return [], len(records)
+    ids = schema.window_ids(family, records["step"])
     used = len(records)
-    if not final and (int(records["step"][-1]) + 1) % w:  # the latest window may still grow
-        ids = records["step"] // w
+    last = int(records["step"][-1])
+    if not final and schema.window_ids(family, np.array([last + 1]))[0] == ids[-1]:  # the latest window may still grow
         used = int(np.searchsorted(ids, ids[-1], side="left"))
-    return _window_points(records[:used], [schema.names[j] for j in cols], np.asarray(cols), w), used
+    every_step = schema.total_steps > 0 and schema.windows[family] == 1
+    return _window_points(records[:used], [schema.names[j] for j in cols], np.asarray(cols),
+                          None if every_step else ids[:used]), used
 
 
 def _window_points(records: np.ndarray, names: list[str], cols: np.ndarray,
-                   w: int) -> list[tuple[str, int, int, float]]:
+                   ids: Optional[np.ndarray]) -> list[tuple[str, int, int, float]]:
+    """Each window's min and max per name (``ids``: the window of each record; None: every record)."""
     if len(records) == 0:
         return []
     steps, ts, values = records["step"], records["ts"], records["v"][:, cols]
     out: list[tuple[str, int, int, float]] = []
-    if w == 1:
+    if ids is None:
         for i in range(len(records)):
             s, t = int(steps[i]), int(ts[i])
             for name, v in zip(names, values[i].tolist()):
                 if not (math.isnan(v) and name in OPTIONAL):
                     out.append((name, s, t, v))
         return out
-    ids = steps // w
     bounds = np.flatnonzero(np.diff(ids)) + 1
     for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(records)]):
         block = values[a:b].astype(np.float64)
