@@ -211,9 +211,9 @@ def one_case(uri: str, server_pids, n: int, args: argparse.Namespace, root: Path
     for r, s in zip(ready, steps):  # every step in the dense history, the MLflow metric within its bound
         try:
             dense = list(gradsweep.history(r["run_id"], tracking_uri=uri).index) if r["run_id"] else []
-        except LookupError:
-            dense = []
-        points = len(client.get_metric_history(r["run_id"], "grad_norm/total")) if r["run_id"] else 0
+            points = len(client.get_metric_history(r["run_id"], "grad_norm/total")) if r["run_id"] else 0
+        except Exception:  # no dense history, or the server still too busy to answer: not arrived
+            dense, points = [], 0
         arrived += dense == list(range(s)) and 0 < points <= 2500
     cores = os.cpu_count() or 1
     busy = (cpu1[3][0] - cpu0[3][0]) / max(1, cpu1[3][1] - cpu0[3][1]) * 100 * cores

@@ -176,3 +176,42 @@ def test_a_run_end_waits_while_delivery_progresses_and_names_why_it_stops(tmp_pa
     assert "made no progress for 1.5 s" in deadline.reason()
     (spool / ".outage").touch()
     assert "the tracking store did not answer" in deadline.reason()
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("tensor", ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight", "blocks.1.attn.weight", "head.weight"]),
+    ("module", ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "head"]),
+    ("depth:2", ["blocks.0", "blocks.1", "head.weight"]),
+    (r"re:^blocks\.(\d+)", ["0", "1", "head.weight"]),
+])
+def test_parameter_norms_are_grouped_for_mlflow_as_asked(spec, expected):
+    """tracking.param_groups: each group's norm is the L2 norm of its tensors' gradients together."""
+    params = ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight", "blocks.1.attn.weight", "head.weight"]
+    names = [TRAIN_LOSS, GRAD_TOTAL, *(f"grad_norm/{p}" for p in params)]
+    schema = StepSchema(names, 4, param_groups=spec)
+    recs = np.empty(4, dtype=[("step", "<i8"), ("ts", "<i8"), ("v", "<f4", (len(names),))])
+    recs["step"], recs["ts"] = np.arange(4), 0
+    recs["v"] = np.arange(4 * len(names), dtype=np.float32).reshape(4, -1) + 1
+    points, used = sample(recs, schema, True, "param")
+    assert used == 4
+    got = {}
+    for name, step, _ts, value in points:
+        got.setdefault(name, {})[step] = value
+    assert list(got) == [f"grad_norm/{g}" for g in expected]
+    v = recs["v"].astype(np.float64)
+    for g in expected:  # recomputed from the per-tensor norms
+        cols = [2 + i for i, p in enumerate(params) if p == g or (p.startswith(g + ".") and spec != "tensor")
+                or (spec.startswith("re:") and p.startswith(f"blocks.{g}."))]
+        want = np.sqrt((v[:, cols] ** 2).sum(axis=1))
+        assert np.allclose([got[f"grad_norm/{g}"][s] for s in range(4)], want), g
+
+
+def test_a_bad_param_groups_value_is_one_line():
+    from gradsweep.errors import ConfigError
+    from gradsweep.track.settings import TrackingConfig
+
+    for bad, why in (("blocks", "unknown form"), ("depth:0", "depth:N needs an integer N >= 1"), ("re:(", "re: ")):
+        with pytest.raises(ConfigError) as e:
+            TrackingConfig(param_groups=bad)
+        assert str(e.value).startswith(f"tracking.param_groups={bad!r} is invalid; allowed: tensor|module|depth:N|re:")
+        assert why in str(e.value)

@@ -61,12 +61,20 @@ def test_an_exception_inside_the_block_ends_the_run_failed_with_the_reason(store
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(RuntimeError, match="the user's loop broke"):
-        with gradsweep.watch(model, clip={"name": "zclip"}, tracking_uri=store, run_name="broken") as gs:
+        with gradsweep.watch(model, clip={"name": "zclip"}, tracking_uri=store, run_name="broken",
+                             param_groups="module") as gs:
             _loop(gs, model, opt, boom_at=25)
     run = MlflowClient(store).get_run(gs.run_id)
     assert run.info.status == "FAILED" and run.data.tags["failure"] == "exception"
     assert run.data.tags["failure_reason"] == "RuntimeError: the user's loop broke"
-    assert list(gradsweep.history(gs.run_id, tracking_uri=store).index) == list(range(25))
+    frame = gradsweep.history(gs.run_id, tracking_uri=store)
+    assert list(frame.index) == list(range(25)) and "grad_norm/0.weight" in frame.columns  # dense: every tensor
+    # MLflow: one curve per module (weight and bias together)
+    assert {k for k in run.data.metrics if k.startswith("grad_norm/")} == \
+        {"grad_norm/total", "grad_norm/total_clipped", "grad_norm/0", "grad_norm/2", "grad_norm/4"}
+    last = frame.index[-1]
+    assert run.data.metrics["grad_norm/2"] == pytest.approx(
+        float(np.hypot(frame.loc[last, "grad_norm/2.weight"], frame.loc[last, "grad_norm/2.bias"])), rel=1e-5)
 
 
 def test_a_diverging_loop_fails_at_its_step():

@@ -64,7 +64,8 @@ class Watch:
                  experiment_name: str = EXPERIMENT, run_name: str = "watch", *, total_steps: int = 0,
                  params: Optional[dict[str, Any]] = None, tags: Optional[dict[str, str]] = None,
                  log_every_steps: int = 1, backend: str = "mlflow", max_points: int = 2500,
-                 max_param_points: int = 250, diagnostics: Optional[DiagnosticsConfig] = None) -> None:
+                 max_param_points: int = 250, param_groups: str = "tensor",
+                 diagnostics: Optional[DiagnosticsConfig] = None) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model={type(model).__name__}: not a torch.nn.Module; allowed: an nn.Module")
         self.model = model
@@ -73,7 +74,7 @@ class Watch:
         self.clip_metrics = tuple(getattr(self.clipper, "metrics", ()))
         self.tracking = TrackingConfig(backend=backend, uri=tracking_uri or default_uri(),
                                        experiment_name=experiment_name, max_points=max_points,
-                                       max_param_points=max_param_points)
+                                       max_param_points=max_param_points, param_groups=param_groups)
         self.run_name, self.total_steps = run_name, int(total_steps)
         self.params, self.tags = dict(params or {}), dict(tags or {})
         if log_every_steps < 1:

@@ -248,7 +248,8 @@ class RunJournal:
         if self.lost is not None:
             return
         self.schema = StepSchema(list(names), total_steps, start_ms=now_ms(),
-                                 **{k: self.header[k] for k in ("max_points", "max_param_points") if k in self.header})
+                                 **{k: self.header[k] for k in ("max_points", "max_param_points", "param_groups")
+                                    if k in self.header})
         try:
             self.schema.save(self.folder)
             self._steps = open(self.folder / STEPS, "ab")

@@ -6,6 +6,7 @@ from typing import Optional
 
 from gradsweep.checks import choice, positive, require
 from gradsweep.names import EMBEDDED_STORE, EXPERIMENT
+from gradsweep.track.steps import check_param_groups
 from gradsweep.track.uri import check_tracking_uri
 
 
@@ -30,6 +31,11 @@ class TrackingConfig:
     #: the same for each parameter's norm (grad_norm/<param>): a 100-tensor model at 2,500 points
     #: each would leave ~70 MB of MLflow's sqlite rows per run (~280 bytes a value)
     max_param_points: int = 250
+    #: how parameter norms appear in MLflow: tensor (one curve each) | module (weight and bias of a
+    #: module together) | depth:N (the first N parts of the name: depth:2 -> one curve per blocks.<i>)
+    #: | re:<pattern> (its first group names the curve). Each group's norm is the L2 norm of its
+    #: tensors' gradients together; the dense history keeps every tensor whatever this says.
+    param_groups: str = "tensor"
     log_figures: bool = True
     log_checkpoints: bool = True
 
@@ -41,6 +47,9 @@ class TrackingConfig:
                 "tracking.experiment_name", name if len(name) <= 60 else f"{name[:40]}... ({len(name)} characters)",
                 f"a printable name of 1-{MAX_EXPERIMENT_NAME} characters")
         positive("tracking.delivery_timeout_s", self.delivery_timeout_s, strict=False)
+        why = check_param_groups(self.param_groups)
+        require(why is None, "tracking.param_groups", self.param_groups,
+                f"tensor|module|depth:N|re:<pattern> ({why})")
         for key in ("max_points", "max_param_points"):
             value = getattr(self, key)
             require(isinstance(value, int) and 2 <= value <= 1_000_000, f"tracking.{key}", value,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -59,6 +60,7 @@ class StepSchema:
     max_param_points: int = 250  #: per parameter metric (grad_norm/<param>) and run
     rows_per_chunk: int = 0  #: steps per Parquet chunk; 0 = from CHUNK_VALUES
     start_ms: int = 0  #: when the journal was opened: orders the chunks of a resumed run's journals
+    param_groups: str = "tensor"  #: how parameter norms are grouped in MLflow (see group_of)
     windows: dict[str, int] = field(default_factory=dict)  #: steps per window of each family (__post_init__)
 
     def __post_init__(self) -> None:
@@ -149,26 +151,70 @@ def sample(records: np.ndarray, schema: StepSchema, final: bool,
     if not final and schema.window_ids(family, np.array([last + 1]))[0] == ids[-1]:  # the latest window may still grow
         used = int(np.searchsorted(ids, ids[-1], side="left"))
     every_step = schema.total_steps > 0 and schema.windows[family] == 1
-    return _window_points(records[:used], [schema.names[j] for j in cols], np.asarray(cols),
-                          None if every_step else ids[:used]), used
+    recs = records[:used]
+    if family == "param" and schema.param_groups != "tensor":
+        names, values = group_norms(recs["v"], schema)
+    else:
+        names, values = [schema.names[j] for j in cols], recs["v"][:, cols]
+    return _window_points(recs["step"], recs["ts"], values, names, None if every_step else ids[:used]), used
 
 
-def _window_points(records: np.ndarray, names: list[str], cols: np.ndarray,
+def group_of(param: str, spec: str) -> str:
+    """The group a parameter's norm belongs to in MLflow (``tracking.param_groups``): ``tensor``:
+    itself; ``module``: its module (``blocks.0.attn.weight`` -> ``blocks.0.attn``); ``depth:N``: the
+    first N parts of its name (``depth:2``: ``blocks.0``); ``re:<pattern>``: the pattern's first
+    group (or whole match) where it matches, else itself."""
+    if spec == "tensor":
+        return param
+    if spec == "module":
+        return param.rpartition(".")[0] or param
+    if spec.startswith("depth:"):
+        return ".".join(param.split(".")[:int(spec[6:])])
+    m = re.search(spec[3:], param)
+    return param if m is None else (m.group(1) if m.groups() and m.group(1) else m.group(0))
+
+
+def check_param_groups(spec: str) -> Optional[str]:
+    """Why ``spec`` is not a valid ``tracking.param_groups`` (None when it is)."""
+    if spec in ("tensor", "module"):
+        return None
+    if spec.startswith("depth:"):
+        return None if spec[6:].isdigit() and int(spec[6:]) >= 1 else "depth:N needs an integer N >= 1"
+    if spec.startswith("re:"):
+        try:
+            re.compile(spec[3:])
+        except re.error as e:
+            return f"re: {e}"
+        return None
+    return "unknown form"
+
+
+def group_norms(values: np.ndarray, schema: StepSchema) -> tuple[list[str], np.ndarray]:
+    """Each group's norm per row: sqrt of the sum of its tensors' squared norms (the L2 norm of
+    the group's gradients as one vector)."""
+    groups: dict[str, list[int]] = {}
+    for j, name in enumerate(schema.names):
+        if is_param_metric(name):
+            groups.setdefault(GRAD_NORM + group_of(name[len(GRAD_NORM):], schema.param_groups), []).append(j)
+    v = values.astype(np.float64)
+    return list(groups), np.stack([np.sqrt((v[:, idx] ** 2).sum(axis=1)) for idx in groups.values()], axis=1)
+
+
+def _window_points(steps: np.ndarray, ts: np.ndarray, values: np.ndarray, names: list[str],
                    ids: Optional[np.ndarray]) -> list[tuple[str, int, int, float]]:
-    """Each window's min and max per name (``ids``: the window of each record; None: every record)."""
-    if len(records) == 0:
+    """Each window's min and max per name (``ids``: the window of each row; None: every row)."""
+    if len(steps) == 0:
         return []
-    steps, ts, values = records["step"], records["ts"], records["v"][:, cols]
     out: list[tuple[str, int, int, float]] = []
     if ids is None:
-        for i in range(len(records)):
+        for i in range(len(steps)):
             s, t = int(steps[i]), int(ts[i])
             for name, v in zip(names, values[i].tolist()):
                 if not (math.isnan(v) and name in OPTIONAL):
                     out.append((name, s, t, v))
         return out
     bounds = np.flatnonzero(np.diff(ids)) + 1
-    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(records)]):
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(steps)]):
         block = values[a:b].astype(np.float64)
         finite = np.isfinite(block)
         lo = np.where(finite, block, np.inf).argmin(axis=0)

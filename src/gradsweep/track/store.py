@@ -219,7 +219,8 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
     existing = run_id is not None
     header: dict[str, Any] = {"uri": uri, "experiment_name": experiment_name,
                               "artifact_location": artifact_location or default_artifact_location(uri),
-                              "max_points": tracking.max_points, "max_param_points": tracking.max_param_points}
+                              "max_points": tracking.max_points, "max_param_points": tracking.max_param_points,
+                              "param_groups": tracking.param_groups}
     if run_id is None and parent_local_id is None and (create_now or mlflow_loaded()):
         try:
             run_id = Tracker(uri, experiment_name, artifact_location).start_run(run_name, tags, parent_run_id)
