@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.locks import Busy, create_in_turn, locked_file
 from gradsweep.track.journal import HEADER, STATE, read_json, records, write_json_atomic
-from gradsweep.track.steps import FAMILIES, TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
+from gradsweep.track.steps import FAMILIES, STEPS, TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
 log = logging.getLogger("gradsweep.track.delivery")
@@ -345,7 +345,12 @@ def _deliver_steps(folder: Path, schema: StepSchema, state: dict[str, Any], fina
     from mlflow.entities import Metric
 
     offsets = state.setdefault("steps", {"chunked": 0})
-    while True:
+    try:
+        size = (folder / STEPS).stat().st_size
+    except FileNotFoundError:
+        return
+    chunk_bytes = schema.rows_per_chunk * schema.width
+    while final or size - offsets["chunked"] >= chunk_bytes:  # an open chunk is not read at every pass
         recs = read_records(folder, schema, offsets["chunked"], max_rows=schema.rows_per_chunk)
         if len(recs) == 0 or (len(recs) < schema.rows_per_chunk and not final):
             break
