@@ -92,6 +92,31 @@ def test_agc_rescales_each_unit_relative_to_its_weights():
     assert coef == pytest.approx(after / before, rel=1e-6)
 
 
+def test_agc_clips_the_srns_output_units_its_columns_as_the_paper_defines_them():
+    """NFNets' unit-wise norm reduces over everything but a weight's output axis. The SRN stores W and
+    U as (input, output) (h = tanh(x W + h U + b)), so its units are columns: checked against that
+    definition computed by hand, with rows and columns of different norms so a row-wise rule fails."""
+    from gradsweep.train.models import SRNConfig, SRN
+
+    torch.manual_seed(0)
+    model = SRN(SRNConfig(hidden_size=4, input_size=3, init="normal", init_std=0.5), num_classes=2)
+    grads = [torch.randn_like(p) * 3 for p in model.parameters()]
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, _, clipped, (frac,) = step(AGC(clip_factor=0.1, eps=1e-3), model, *[g.tolist() for g in grads])
+    got = dict(zip([n for n, _ in model.named_parameters()], clipped))
+    raw = dict(zip([n for n, _ in model.named_parameters()], grads))
+    units = 0
+    for name in ("rnn.W", "rnn.U"):
+        g, w = raw[name], weights[name]
+        for j in range(g.shape[1]):  # one output unit: column j
+            limit = 0.1 * max(float(w[:, j].norm()), 1e-3)
+            scale = min(1.0, limit / float(g[:, j].norm()))
+            assert got[name][:, j].tolist() == pytest.approx((g[:, j] * scale).tolist(), rel=1e-5), (name, j)
+            units += 1
+    assert GradientNorms(model).output_dims[:4] == [0, 1, 1, 0]  # embedding rows, W and U columns, b one unit
+    assert 0 < frac <= 1 and units == 8
+
+
 def test_agc_can_clip_the_last_layer_too():
     model = Toy(a=dict(weight=[[1.0]]), head=dict(weight=[[1.0, 0.0]]))
     _, _, (_, gh), (frac,) = step(AGC(0.01, 1e-3, skip_last_layer=False), model, [[0.0]], [[0.0, 3.0]])

@@ -361,9 +361,11 @@ class AutoClip(_Stateful):
 class AGC(_Stateful):
     """Unit-wise clipping relative to the weights' norms (NFNets' adaptive gradient clipping).
 
-    A unit is a slice along dim 0 (torch's (out, in, ...) layout: an output row of nn.Linear, a filter
-    of nn.Conv, a row of nn.Embedding); a 0-/1-dimensional tensor is one unit. Stateless between
-    steps (``t`` only counts them).
+    A unit is an output unit, as the paper defines it: a slice along the weight's output axis, dim 0
+    in torch's (out, in, ...) layout (an output row of nn.Linear, a filter of nn.Conv, a row of
+    nn.Embedding) unless the module declares another (``agc_output_dims``, see
+    :func:`gradsweep.train.telemetry.output_dims`: the SRN's W and U are (input, output), their units
+    are columns); a 0-/1-dimensional tensor is one unit. Stateless between steps (``t`` only counts them).
     """
 
     rule = "agc"
@@ -381,7 +383,8 @@ class AGC(_Stateful):
         skip = last_layer(norms.names) if self.skip_last_layer else set()
         self.index = [i for i, n in enumerate(norms.names) if n not in skip]
         self.index_t = torch.tensor(self.index, dtype=torch.long, device=device)
-        self.units = sum(_units(norms.params[i]) for i in self.index)
+        self.axes = [norms.output_dims[i] for i in self.index]
+        self.units = sum(_units(norms.params[i], a) for i, a in zip(self.index, self.axes))
 
     def __call__(self, norms, grads, total_l2, per_param=None):
         if self.index is None:
@@ -390,9 +393,9 @@ class AGC(_Stateful):
             per_param = torch.stack(torch._foreach_norm(grads, 2.0))
         after_sq = per_param.detach().float() ** 2
         clipped, after_parts = [], []
-        for i in self.index:
+        for i, axis in zip(self.index, self.axes):
             g, w = grads[i], norms.params[i].detach()
-            dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+            dims = tuple(d for d in range(g.dim()) if d != axis) if g.dim() > 1 else None
             g_norm = torch.linalg.vector_norm(g, 2.0, dim=dims, keepdim=dims is not None)
             w_norm = torch.linalg.vector_norm(w, 2.0, dim=dims, keepdim=dims is not None)
             max_norm = w_norm.clamp_min(self.eps) * self.clip_factor
@@ -421,8 +424,8 @@ def last_layer(names: list[str]) -> set[str]:
     return {n for n in names if n.rpartition(".")[0] == owner}
 
 
-def _units(p: torch.Tensor) -> int:
-    return int(p.shape[0]) if p.dim() > 1 else 1
+def _units(p: torch.Tensor, axis: int = 0) -> int:
+    return int(p.shape[axis]) if p.dim() > 1 else 1
 
 
 def _ratio(after: torch.Tensor, before: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,12 @@ class CNNConfig(ModelConfig):
 
 
 class SRNLayer(nn.Module):
-    """One simple recurrent layer: h_t = tanh(x_t W + h_{t-1} U + b), parameters W, U, b."""
+    """One simple recurrent layer: h_t = tanh(x_t W + h_{t-1} U + b), parameters W, U, b.
+
+    W and U are stored (input, output), as the equation reads (``x @ W``): their output units are
+    columns, which they declare for unit-wise clipping (AGC); b is one vector, one unit."""
+
+    agc_output_dims = {"W": 1, "U": 1}
 
     def __init__(self, input_size: int, hidden_size: int, init: str = "zeros", std: float = 0.01):
         super().__init__()

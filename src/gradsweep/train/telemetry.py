@@ -16,6 +16,9 @@ class GradientNorms:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        declared = output_dims(model)
+        #: each parameter's output axis (where its units lie, for unit-wise rules such as AGC)
+        self.output_dims = [declared.get(n, 0) for n in self.names]
 
     def grads(self) -> list[torch.Tensor]:
         """Current gradients; a parameter without one (unused this step) contributes zeros."""
@@ -30,6 +33,22 @@ class GradientNorms:
     def total(per_param: torch.Tensor) -> torch.Tensor:
         """Global L2 norm from the per-parameter L2 norms (same as clip_grad_norm_'s total)."""
         return torch.linalg.vector_norm(per_param, 2.0)
+
+
+#: What a module may declare when a weight of its own is not stored (output, input, ...) as torch's
+#: layers store theirs: ``{local parameter name: output axis}``. SRNLayer's W (input x output, used as
+#: ``x @ W``) declares 1. Read by :func:`output_dims` for the whole model.
+OUTPUT_DIMS_ATTR = "agc_output_dims"
+
+
+def output_dims(model: nn.Module) -> dict[str, int]:
+    """Every parameter's declared output axis, by its full name (``rnn.W`` -> 1); undeclared: absent
+    (axis 0: torch's nn.Linear, nn.Conv*, nn.Embedding layout)."""
+    out: dict[str, int] = {}
+    for prefix, module in model.named_modules():
+        for local, dim in (getattr(module, OUTPUT_DIMS_ATTR, None) or {}).items():
+            out[f"{prefix}.{local}" if prefix else local] = int(dim)
+    return out
 
 
 def metric_names(param_names: list[str], clip_metrics: tuple[str, ...] | list[str] = ()) -> list[str]:
