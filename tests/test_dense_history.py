@@ -183,6 +183,8 @@ def test_a_run_end_waits_while_delivery_progresses_and_names_why_it_stops(tmp_pa
     ("module", ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "head"]),
     ("depth:2", ["blocks.0", "blocks.1", "head.weight"]),
     (r"re:^blocks\.(\d+)", ["0", "1", "head.weight"]),
+    ("re:^", ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight", "blocks.1.attn.weight",
+              "head.weight"]),  # an empty match names no group: each tensor stays itself
 ])
 def test_parameter_norms_are_grouped_for_mlflow_as_asked(spec, expected):
     """tracking.param_groups: each group's norm is the L2 norm of its tensors' gradients together."""
@@ -200,8 +202,8 @@ def test_parameter_norms_are_grouped_for_mlflow_as_asked(spec, expected):
     assert list(got) == [f"grad_norm/{g}" for g in expected]
     v = recs["v"].astype(np.float64)
     for g in expected:  # recomputed from the per-tensor norms
-        cols = [2 + i for i, p in enumerate(params) if p == g or (p.startswith(g + ".") and spec != "tensor")
-                or (spec.startswith("re:") and p.startswith(f"blocks.{g}."))]
+        cols = [2 + i for i, p in enumerate(params) if p == g or (p.startswith(g + ".") and spec not in ("tensor", "re:^"))
+                or (spec.startswith("re:^b") and p.startswith(f"blocks.{g}."))]
         want = np.sqrt((v[:, cols] ** 2).sum(axis=1))
         assert np.allclose([got[f"grad_norm/{g}"][s] for s in range(4)], want), g
 
@@ -210,7 +212,8 @@ def test_a_bad_param_groups_value_is_one_line():
     from gradsweep.errors import ConfigError
     from gradsweep.track.settings import TrackingConfig
 
-    for bad, why in (("blocks", "unknown form"), ("depth:0", "depth:N needs an integer N >= 1"), ("re:(", "re: ")):
+    for bad, why in (("blocks", "unknown form"), ("depth:0", "depth:N needs an integer N >= 1"),
+                     ("depth:\u00b2", "depth:N needs an integer N >= 1"), ("re:(", "re: ")):
         with pytest.raises(ConfigError) as e:
             TrackingConfig(param_groups=bad)
         assert str(e.value).startswith(f"tracking.param_groups={bad!r} is invalid; allowed: tensor|module|depth:N|re:")

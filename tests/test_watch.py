@@ -96,3 +96,22 @@ def test_bad_clip_settings_are_one_line_naming_the_key(clip, message):
     with pytest.raises(ConfigError) as e:
         gradsweep.watch(_model(), clip=clip, backend="memory")
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_misuse_is_a_clear_error_not_a_broken_run():
+    model = _model()
+    with gradsweep.watch(model, backend="memory") as gs:
+        model(torch.randn(4, 8)).sum().backward()
+        gs.step(loss=1.0)
+    with pytest.raises(RuntimeError, match="outside its `with` block"):
+        gs.step(loss=1.0)  # after the block: the run is closed
+    with pytest.raises(RuntimeError, match="a Watch records one run"):
+        with gs:
+            pass
+    with pytest.raises(ConfigError, match="has no trainable parameters"):
+        gradsweep.watch(nn.ReLU(), backend="memory")
+    with pytest.raises(ValueError, match="reserved prefix"):
+        with gradsweep.watch(_model(), backend="memory") as gs2:
+            gs2.model(torch.randn(4, 8)).sum().backward()
+            gs2.step(loss=1.0, **{"grad_norm/fake": 1.0})
+    assert gs.run.status == "FINISHED" and gs2.status == "FAILED"

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from gradsweep.errors import ConfigError, NonFiniteError
-from gradsweep.names import (CLIP_COEF, EXPERIMENT, FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GRAD_TOTAL,
+from gradsweep.names import (CLIP_COEF, EXPERIMENT, FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GRAD_NORM, GRAD_TOTAL,
                              GRAD_TOTAL_CLIPPED, TRAIN_ACC, TRAIN_LOSS, grad_norm)
 from gradsweep.track.history import default_uri
 from gradsweep.track.logger import RunLogger, open_run_logger
@@ -82,6 +82,9 @@ class Watch:
         self.log_every_steps = log_every_steps
         self.diagnostics = diagnostics or DiagnosticsConfig()
         self.norms = GradientNorms(model)
+        if not self.norms.names:
+            raise ConfigError(f"model={type(model).__name__}: has no trainable parameters; allowed: a model with "
+                              "parameters that require gradients")
         self.history = HistorySink()
         self.run: Optional[RunLogger] = None
         self.names: list[str] = []  #: the recorded step values, fixed by the first step()
@@ -94,6 +97,8 @@ class Watch:
 
     # ------------------------------------------------------------------------ the run
     def __enter__(self) -> "Watch":
+        if self.run is not None:
+            raise RuntimeError("gradsweep.watch: a Watch records one run; make a new one for another run")
         self.run = open_run_logger(self.tracking, self.run_name, {"gradsweep.api": "watch", **self.tags},
                                    hooks=("run_figure",))
         self.sink = TeeSink(self.history, self.run)
@@ -133,7 +138,7 @@ class Watch:
              **extra: torch.Tensor | float) -> None:
         """Record this optimizer step's gradients (and ``loss``, ``acc``, any ``extra`` scalars, named
         as given) and apply the clipper to them. The names recorded are fixed by the first call."""
-        if self.run is None:
+        if self.run is None or self.status is not None:
             raise RuntimeError("gradsweep.watch(...).step() outside its `with` block")
         grads = self.norms.grads()
         per_param = self.norms.per_param(grads)
@@ -169,7 +174,7 @@ class Watch:
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         """Other values of the run (an evaluation: ``{"dev/acc": 0.9}``), at ``step`` (default: the
         last recorded step)."""
-        if self.run is None:
+        if self.run is None or self.status is not None:
             raise RuntimeError("gradsweep.watch(...).log_metrics() outside its `with` block")
         self.sink.log_metrics(max(0, self.steps - 1) if step is None else step, {k: float(v) for k, v in metrics.items()})
 
@@ -179,9 +184,11 @@ class Watch:
         self.names = [*([TRAIN_LOSS] if "loss" in given else []), *([TRAIN_ACC] if "acc" in given else []),
                       GRAD_TOTAL, GRAD_TOTAL_CLIPPED, CLIP_COEF, *self.clip_metrics,
                       *(grad_norm(n) for n in self.norms.names)]
-        clash = sorted(set(self.extra_names) & set(self.names))
+        clash = sorted(set(self.extra_names) & set(self.names)) or \
+            [k for k in self.extra_names if k.startswith((GRAD_NORM, "clip/", "health/"))]
         if clash:
-            raise ValueError(f"gradsweep.watch: step() extra {clash[0]!r} is a recorded name already")
+            raise ValueError(f"gradsweep.watch: step() extra {clash[0]!r} is a recorded name or uses a reserved "
+                             "prefix (grad_norm/, clip/, health/)")
         self.names += self.extra_names
         self._total = self.names.index(GRAD_TOTAL)
         self.sink.define_steps(self.names, self.total_steps)

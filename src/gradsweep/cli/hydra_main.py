@@ -133,8 +133,9 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
 
 
 def _exit_if_not_recorded() -> None:
-    """Runs whose end did not reach the tracking store (each named when its wait ended): exit 1, so a
-    script or scheduler never takes a sweep for recorded while its runs are still spooled."""
+    """Runs whose end did not reach the tracking store (each named when its wait ended): exit 3
+    (EXIT_SPOOLED), so a script or scheduler never takes a sweep for recorded while its runs are
+    still spooled."""
     store = sys.modules.get("gradsweep.track.store")
     undelivered = getattr(store, "UNDELIVERED", None)
     if undelivered:

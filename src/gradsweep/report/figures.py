@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 import numpy as np
@@ -134,9 +135,12 @@ def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: s
 
     sink = HistorySink()  # what the job's own HistorySink held, read back from its journal's step records
     schema = StepSchema.load(folder)
+    client = client_for(header["uri"])
     if schema is not None:
         recs = read_records(folder, schema, 0)
-        sink.define_steps(schema.names, len(recs))
+        sink.define_steps(schema.names, schema.total_steps)
+        if header.get("run_id"):  # a run continued in place: its steps before this journal, from the store
+            _earlier_steps(sink, client, run_id, schema.names, int(recs["step"][0]) if len(recs) else None)
         sink.log_steps(recs["step"], recs["v"])
     if not sink.history:
         return {"drawn": False}
@@ -145,8 +149,24 @@ def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: s
             out = plot_param_norms(sink.history, path, title=title)
         except OSError:
             out = plot_param_norms(sink.history, Path(tmp) / "grad_norms.png", title=title)
-        StoreRun(client_for(header["uri"]), run_id).log_artifact(out, "figures")
+        StoreRun(client, run_id).log_artifact(out, "figures")
     return {"drawn": True, "path": str(out)}
+
+
+def _earlier_steps(sink, client, run_id: str, names: list[str], before: Optional[int]) -> None:
+    """The run's dense history on the store before step ``before`` (a resumed run's earlier
+    journals), into ``sink``: the figure covers the whole run, as the verdict does."""
+    from gradsweep.track.history import read_history
+
+    try:
+        dense = read_history(client, run_id)
+    except Exception:  # the figure still shows this journal's steps
+        return
+    if dense is None or list(dense.columns) != names:
+        return
+    if before is not None:
+        dense = dense[dense.index < before]
+    sink.log_steps(dense.index.to_numpy(dtype=np.int64), dense.to_numpy(dtype=np.float32))
 
 
 def _save(fig, path: str | Path, dpi: int = 110) -> Path:

@@ -28,6 +28,7 @@ from gradsweep.train.data import read_digit_sum
 from gradsweep.train.diagnostics import Diagnosis, record_health
 from gradsweep.train.loop import Trainer, TrainResult
 from gradsweep.train.registry import build
+from gradsweep.train.user_code import check_task
 from gradsweep.train.sinks import FromStep, HistorySink, TeeSink
 from gradsweep.track.logger import RunLogger, open_run_logger
 from gradsweep.track.uri import check_local_store, mask, mask_overrides
@@ -159,6 +160,8 @@ def check_inputs(spec: JobSpec) -> None:
         check_local_store(spec.tracking.uri, spec.tracking.spool_dir)
     ref = spec.trainer.resume_from
     if not ref:
+        if "custom" in (spec.model.name, spec.data.name):  # the user's code: imported and tried on two examples
+            data_and_model(spec)
         return
     with tempfile.TemporaryDirectory(prefix="gradsweep-resume-") as tmp:
         state = resolve_resume(ref, lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name,
@@ -169,8 +172,15 @@ def check_inputs(spec: JobSpec) -> None:
 
 
 def data_and_model(spec: JobSpec) -> tuple:
+    """The job's data and model; a model or data of the user's own is checked on two examples
+    (its outputs must fit ``trainer.loss``) before anything is recorded."""
     data = build("data", spec.data)
-    return data, build("model", spec.model, data, 1 if spec.trainer.loss == "bce" else data.num_classes)
+    model = build("model", spec.model, data, 1 if spec.trainer.loss == "bce" else data.num_classes)
+    if "custom" in (spec.model.name, spec.data.name):
+        key = "model._target_" if spec.model.name == "custom" else "data._target_"
+        check_task(model, data, spec.trainer.loss, key, getattr(spec.model if spec.model.name == "custom"
+                                                                else spec.data, "_target_"))
+    return data, model
 
 
 def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, float], None]] = None) -> JobOutcome:
@@ -204,7 +214,11 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
                           hooks=("run_figure",) if spec.tracking.log_figures else ())
     try:  # from here on the run exists: whatever stops the job before training ends it, never leaves it RUNNING
         if same_run:
-            make_tracker().client.update_run(same_run, status="RUNNING")
+            client = make_tracker().client
+            client.update_run(same_run, status="RUNNING")
+            stale = set(client.get_run(same_run).data.tags) & {FAILURE_TAG, FAILURE_STEP_TAG, FAILURE_REASON_TAG}
+            for tag in stale:  # how its killed writer ended (e.g. worker_died) no longer describes it
+                client.delete_tag(same_run, tag)
             run.set_tags({RESUMED_AT_TAG: resume.last["step"]})
         else:
             run.log_params(spec.params())
@@ -264,8 +278,12 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", run.run_ref, status,
                 error)
         return JobOutcome(run.run_ref, status, math.nan, None, failure, history, error, health, run)
-    log.info("run %s FINISHED: best dev acc %.4f (step %d), test acc %.4f", run.run_ref, result.best_dev_acc,
-             result.best_step, result.test_acc)
+    if spec.trainer.loss == "mse":
+        log.info("run %s FINISHED: best dev loss %.4g (step %d), test loss %.4g", run.run_ref, -result.best_dev_acc,
+                 result.best_step, result.test_loss)
+    else:
+        log.info("run %s FINISHED: best dev acc %.4f (step %d), test acc %.4f", run.run_ref, result.best_dev_acc,
+                 result.best_step, result.test_acc)
     return JobOutcome(run.run_ref, status, result.best_dev_acc, result, None, history, health=health, run=run)
 
 

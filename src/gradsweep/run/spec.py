@@ -37,8 +37,11 @@ class JobSpec:
             require(self.tracking.backend == "mlflow", "tracking.backend", self.tracking.backend,
                     f"mlflow to resume from the run id trainer.resume_from={ref} (memory records no runs)")
         if self.trainer.loss == "bce":
-            require(self.data.name in ("moons", "circles"), "trainer.loss", "bce",
+            require(self.data.name in ("moons", "circles", "custom"), "trainer.loss", "bce",
                     "cross_entropy for data with more than 2 classes")
+        if self.trainer.loss in ("mse", "lm"):
+            require(self.model.name == "custom" and self.data.name == "custom", "trainer.loss", self.trainer.loss,
+                    "cross_entropy|bce for the built-in models and data (mse and lm: model=custom data=custom)")
 
     def public(self) -> dict[str, Any]:
         """The whole config as plain data with the password of every URI masked: what the run's

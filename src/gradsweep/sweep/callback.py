@@ -98,6 +98,7 @@ def _say_not_recorded(journal) -> None:
     reason = UNDELIVERED[-1][1] if UNDELIVERED else "the tracking store did not answer"
     left = [(read_json(child / HEADER) or {}).get("create", {}).get("run_name") or child.name
             for child in children_pending(folder, journal.run_id)]
+    UNDELIVERED.extend((name, reason) for name in left)  # the command's last line counts them too
     runs = f"{len(left)} of its runs ({', '.join(left[:5])}{', ...' if len(left) > 5 else ''}) and " if left else ""
     print(f"\nThe sweep is not fully recorded: {runs}its parent run are still in {folder.parent} ({reason}). "
           "Run `gradsweep sync`" + (" when the store is back" if "did not answer" in reason else "") +

@@ -68,6 +68,8 @@ def register_schemas() -> None:
         for name, part in parts(group).items():
             node = OmegaConf.structured(part.schema)  # structured(class) does not run __post_init__
             node.name = name
+            if part.open_keys:  # model=custom: every other key is the user's callable's keyword argument
+                OmegaConf.set_struct(node, False)
             cs.store(group=group, name=f"{name}_schema", node=node, replace=True)
     for group, schema in SINGLE_GROUPS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema, replace=True)
@@ -82,11 +84,21 @@ def to_spec(cfg: DictConfig) -> JobSpec:
         if node is None:
             raise ConfigError(f"{group} is missing; allowed: {'|'.join(options)}")
         choice(f"{group}.name", node.get("name"), tuple(options))
-        values[group] = _to_dataclass(options[node.name].schema, node, group)
+        part = options[node.name]
+        values[group] = _to_dataclass(part.schema, _with_kwargs(part.schema, node) if part.open_keys else node, group)
     for group, schema in SINGLE_GROUPS.items():
         if cfg.get(group) is not None:
             values[group] = _to_dataclass(schema, cfg[group], group)
     return JobSpec(**values)
+
+
+def _with_kwargs(schema: type, node: DictConfig) -> DictConfig:
+    """An open option's node with the keys its schema does not list moved under ``kwargs``."""
+    known = set(schema.__dataclass_fields__) - {"kwargs"}
+    plain = OmegaConf.to_container(node, resolve=True)
+    extra = {k: v for k, v in plain.items() if k not in known and k != "kwargs"}
+    return OmegaConf.create({**{k: v for k, v in plain.items() if k in known},
+                             "kwargs": {**(plain.get("kwargs") or {}), **extra}})
 
 
 def tracking_spec(cfg: DictConfig) -> TrackingConfig:

@@ -31,15 +31,16 @@ from typing import Optional
 
 import numpy as np
 
-from gradsweep.names import CLIP_CLIPPED_FRAC, CLIP_THRESHOLD, GRAD_NORM, GRAD_TOTAL, GRAD_TOTAL_CLIPPED
+from gradsweep.names import CLIP_CLIPPED_FRAC, CLIP_THRESHOLD, GRAD_NORM, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_ACC
 
 SCHEMA = "steps.json"
 STEPS = "steps.bin"
 TELEMETRY = "telemetry"  #: artifact folder of the dense history
 HEAD = 16  #: bytes of a record before its values: step and wall time, int64 each
 CHUNK_VALUES = 1 << 20  #: about this many values per Parquet chunk (4 MB of float32)
-#: NaN in these means "the rule has no value at this step" (a warm-up), not a diverged run
-OPTIONAL = (CLIP_THRESHOLD, CLIP_CLIPPED_FRAC)
+#: NaN in these means "no value at this step" (an adaptive rule's warm-up; no accuracy in a regression),
+#: not a diverged run: not sent to MLflow
+OPTIONAL = (CLIP_THRESHOLD, CLIP_CLIPPED_FRAC, TRAIN_ACC)
 
 
 def record_dtype(n: int) -> np.dtype:
@@ -171,7 +172,8 @@ def group_of(param: str, spec: str) -> str:
     if spec.startswith("depth:"):
         return ".".join(param.split(".")[:int(spec[6:])])
     m = re.search(spec[3:], param)
-    return param if m is None else (m.group(1) if m.groups() and m.group(1) else m.group(0))
+    group = None if m is None else (m.group(1) if m.groups() and m.group(1) else m.group(0))
+    return group or param  # an empty match names no group
 
 
 def check_param_groups(spec: str) -> Optional[str]:
@@ -179,7 +181,8 @@ def check_param_groups(spec: str) -> Optional[str]:
     if spec in ("tensor", "module"):
         return None
     if spec.startswith("depth:"):
-        return None if spec[6:].isdigit() and int(spec[6:]) >= 1 else "depth:N needs an integer N >= 1"
+        n = spec[6:]
+        return None if n.isascii() and n.isdigit() and int(n) >= 1 else "depth:N needs an integer N >= 1"
     if spec.startswith("re:"):
         try:
             re.compile(spec[3:])

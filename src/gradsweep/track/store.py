@@ -270,6 +270,8 @@ def hand_over(spool: Path, run_id: str) -> int:
                 settled += bool(delivery.deliver(folder, wait_s=30.0))
             except (delivery.Busy, delivery.Unreachable):
                 pass
+    if settled:
+        delivery.remove_delivered(spool)  # what the dead writers left: their processes are gone
     return settled
 
 

@@ -32,7 +32,11 @@ from gradsweep.train.telemetry import GradientNorms, ParamStats, epoch_stat_name
 log = logging.getLogger("gradsweep")
 EVAL_CHUNK = 4096
 REDUCTIONS = ("sum", "mean")
-LOSSES = ("cross_entropy", "bce")
+#: the task decides the loss: classes (cross_entropy), binary (bce, one logit), regression (mse: no
+#: accuracy; the best checkpoint and the objective are by dev loss), next-token language modelling
+#: (lm: logits (batch, time, vocab), targets (batch, time), IGNORE_INDEX skipped; dev/ppl logged)
+LOSSES = ("cross_entropy", "bce", "mse", "lm")
+IGNORE_INDEX = -100
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -45,7 +49,7 @@ CONSOLE_MAX_GAP_S = 30.0  # and never longer than this without one
 class TrainerConfig:
     epochs: int = 50
     batch_size: int = 64  # 0 = full batch
-    loss: str = "cross_entropy"  # cross_entropy|bce (bce: binary data, one output unit)
+    loss: str = "cross_entropy"  # cross_entropy|bce|mse|lm (bce: binary data, one output unit; see LOSSES)
     reduction: str = "sum"  # sum|mean
     eval_every_steps: int = 10  # also after the last step; 25 dev/acc points in the default job (costs ~1%)
     log_every_steps: int = 1
@@ -84,30 +88,46 @@ class TrainResult:
     test_loss: float
 
 
-def batch_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss with the configured reduction, number of correct predictions)."""
+def batch_loss(logits: torch.Tensor, y: torch.Tensor, loss: str,
+               reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss with the configured reduction, correct predictions, predictions counted): examples,
+    or tokens for ``lm``; none for ``mse`` (no accuracy)."""
     if loss == "bce":
         z = logits.reshape(-1)
         return (F.binary_cross_entropy_with_logits(z, y.float(), reduction=reduction),
-                ((z > 0).long() == y).sum())
-    return F.cross_entropy(logits, y, reduction=reduction), (logits.argmax(-1) == y).sum()
+                ((z > 0).long() == y).sum(), torch.tensor(len(y), device=z.device))
+    if loss == "mse":
+        pred = logits.reshape(y.shape).float()
+        zero = torch.zeros((), device=pred.device, dtype=torch.long)
+        return F.mse_loss(pred, y.float(), reduction=reduction), zero, zero
+    if loss == "lm":
+        flat, target = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        counted = target != IGNORE_INDEX
+        return (F.cross_entropy(flat, target, reduction=reduction, ignore_index=IGNORE_INDEX),
+                ((flat.argmax(-1) == target) & counted).sum(), counted.sum())
+    return F.cross_entropy(logits, y, reduction=reduction), (logits.argmax(-1) == y).sum(), \
+        torch.tensor(len(y), device=logits.device)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, loss: str, device: torch.device) -> tuple[float, float]:
-    """(accuracy, mean loss per example) over a whole split."""
+    """(accuracy, mean loss per prediction: per example, per token for ``lm``) over a whole split;
+    accuracy NaN where the task has none (``mse``)."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    counted = torch.zeros((), device=device, dtype=torch.long)
     for i in range(0, len(split), EVAL_CHUNK):
         x, y = split.x[i:i + EVAL_CHUNK].to(device), split.y[i:i + EVAL_CHUNK].to(device)
-        lsum, c = batch_loss(model(x), y, loss, "sum")
+        lsum, c, n = batch_loss(model(x), y, loss, "sum")
         total_loss += lsum
         correct += c
+        counted += n
     model.train(was_training)
-    acc, lsum = torch.stack([correct.float(), total_loss]).tolist()
-    return acc / len(split), lsum / len(split)
+    acc, lsum, n = torch.stack([correct.float(), total_loss, counted.float()]).tolist()
+    per = n if loss == "lm" else len(split)
+    return (acc / n if n else math.nan), lsum / max(per, 1)
 
 
 class Trainer:
@@ -119,6 +139,7 @@ class Trainer:
         self.config_dict = config_dict or {}
         self.on_eval = on_eval  # e.g. report to an Optuna trial; may raise to stop the run
         self.norms = GradientNorms(model)
+        self.has_acc = cfg.loss != "mse"  # regression: no accuracy; best checkpoint and objective by dev loss
         self.clip_metrics = tuple(getattr(clipper, "metrics", ()))
         self.names = metric_names(self.norms.names, self.clip_metrics)
         self.param_stats = ParamStats(self.norms.params) if getattr(cfg, "epoch_stats", False) else None
@@ -187,7 +208,7 @@ class Trainer:
     # -------------------------------------------------------------------------- the loop
     def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: bool = False) -> np.ndarray:
         self.optimizer.zero_grad(set_to_none=False)
-        loss, correct = batch_loss(self.model(x), y, self.cfg.loss, self.cfg.reduction)
+        loss, correct, counted = batch_loss(self.model(x), y, self.cfg.loss, self.cfg.reduction)
         loss.backward()
         grads = self.norms.grads()
         per_param = self.norms.per_param(grads)
@@ -198,7 +219,8 @@ class Trainer:
         if grad_stats is not None:  # weights after the update; stays on the device
             self.epoch_stats = torch.cat([self.param_stats(self.norms.params).reshape(-1), grad_stats.reshape(-1)])
         extra = self.clipper.extra() if self.clip_metrics else None
-        vec = step_vector(loss, correct.float() / len(y), total, total_clipped, coef, per_param, extra)
+        acc = correct.float() / counted.clamp_min(1) if self.has_acc else torch.full((), math.nan, device=loss.device)
+        vec = step_vector(loss, acc, total, total_clipped, coef, per_param, extra)
         return vec.cpu().numpy()  # the step's single device-to-host transfer
 
     def head(self, values: np.ndarray) -> dict[str, float]:
@@ -246,9 +268,13 @@ class Trainer:
     def _evaluate(self, record: dict[str, float]) -> None:
         step = self.step - 1  # the optimizer step just taken
         acc, loss = evaluate(self.model, self.data.dev, self.cfg.loss, self.device)
-        self.sink.log_metrics(step, {"dev/acc": acc, "dev/loss": loss})
-        if acc > self.best_score:
-            self.best_score, self.best_step = acc, step
+        dev = {"dev/acc": acc, "dev/loss": loss} if self.has_acc else {"dev/loss": loss}
+        if self.cfg.loss == "lm":
+            dev["dev/ppl"] = math.exp(min(loss, 700.0))
+        self.sink.log_metrics(step, dev)
+        score = acc if self.has_acc else -loss
+        if score > self.best_score:
+            self.best_score, self.best_step = score, step
             self.best_state = copy.deepcopy(self.model.state_dict())
             self._save("best")
         norm = f"grad_norm {record[GRAD_TOTAL]:.4g}"
@@ -262,8 +288,12 @@ class Trainer:
         if self._last_console is None or (step + 1) % self.console_every == 0 or step + 1 == self.total_steps \
                 or now - self._last_console > CONSOLE_MAX_GAP_S:
             self._last_console = now
-            log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1,
-                     self.total_steps, self.epoch, record[TRAIN_LOSS], record[TRAIN_ACC], norm, acc, self.best_score)
+            if self.has_acc:
+                log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1,
+                         self.total_steps, self.epoch, record[TRAIN_LOSS], record[TRAIN_ACC], norm, acc, self.best_score)
+            else:
+                log.info("step %d/%d  epoch %d  loss %.4g  %s  dev_loss %.4g  best %.4g", step + 1, self.total_steps,
+                         self.epoch, record[TRAIN_LOSS], norm, loss, -self.best_score)
         if self.on_eval is not None:
             self.on_eval(step, acc)
 
@@ -274,6 +304,10 @@ class Trainer:
         test_acc, test_loss = evaluate(self.model, self.data.test, self.cfg.loss, self.device)
         self.model.load_state_dict(last_state)
         last_step = self.total_steps - 1
-        self.sink.log_metrics(last_step, {"test/acc": test_acc, "test/loss": test_loss, "best/dev_acc": self.best_score})
+        final = {"test/acc": test_acc, "test/loss": test_loss, "best/dev_acc": self.best_score} if self.has_acc else \
+            {"test/loss": test_loss, "best/dev_loss": -self.best_score}
+        if self.cfg.loss == "lm":
+            final["test/ppl"] = math.exp(min(test_loss, 700.0))
+        self.sink.log_metrics(last_step, final)
         return TrainResult(self.best_score, self.best_step, last_step, test_acc, test_loss)
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 GROUPS = ("model", "data", "optimizer", "clip")
-_MODULES = ("gradsweep.train.models", "gradsweep.train.data", "gradsweep.train.optim", "gradsweep.train.clipping")
+_MODULES = ("gradsweep.train.models", "gradsweep.train.data", "gradsweep.train.optim", "gradsweep.train.clipping",
+            "gradsweep.train.user_code")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Part:
     schema: type  #: the dataclass that documents and validates the option's keys
     build: Callable[..., Any]
     data: tuple[str, ...] = ()  #: models only: the data sets the model can train on
+    #: the option takes keys its schema does not list (``+model.hidden=64``): they become its ``kwargs``
+    open_keys: bool = False
 
 
 _PARTS: dict[str, dict[str, Part]] = {g: {} for g in GROUPS}

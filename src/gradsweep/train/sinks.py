@@ -12,8 +12,8 @@ from typing import Protocol, Union
 import numpy as np
 
 Series = tuple[Union[list, np.ndarray], Union[list, np.ndarray]]
-#: NaN in these step values means "no value at this step" (an adaptive rule's warm-up)
-OPTIONAL_STEP_VALUES = ("clip/threshold", "clip/clipped_frac")
+#: NaN in these step values means "no value at this step" (an adaptive rule's warm-up; a regression's accuracy)
+OPTIONAL_STEP_VALUES = ("clip/threshold", "clip/clipped_frac", "train/acc")
 
 
 class Sink(Protocol):
