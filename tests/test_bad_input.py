@@ -9,7 +9,7 @@ from gradsweep.cli.hydra_main import run_cli
 from gradsweep.paths import CONF_DIR
 
 CASES = [
-    (["model=foo"], "model=foo: unknown option; allowed: cnn|gru|lstm|mlp|srn"),
+    (["model=foo"], "model=foo: unknown option; allowed: cnn|custom|gru|lstm|mlp|srn"),
     (["optimizer.lr=-1"], "optimizer.lr=-1.0 is invalid; allowed: a finite number > 0"),
     (["clip.max_norm=0"], "clip.max_norm=0.0 is invalid; allowed: a finite number > 0"),
     (["clip.max_norm=-3"], "clip.max_norm=-3.0 is invalid"),
@@ -85,6 +85,6 @@ def test_help_lists_the_choices_not_the_schemas(tmp_path):
     groups = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in res.stdout.splitlines()
               if ": " in line and line.split(": ")[0] in ("clip", "model", "data", "optimizer", "tracking")}
     assert {"none", "norm", "value"} <= set(groups["clip"]), res.stdout
-    assert set(groups["model"]) == {"cnn", "gru", "lstm", "mlp", "srn"}
+    assert set(groups["model"]) == {"cnn", "custom", "gru", "lstm", "mlp", "srn"}
     assert set(groups["tracking"]) == {"embedded", "server"}
     assert "_schema" not in res.stdout and "gradsweep (python src/train.py)" in res.stdout
