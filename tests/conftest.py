@@ -86,7 +86,7 @@ INTEGRATION = {"test_bad_input", "test_faults", "test_hostile_input", "test_swee
 # modules in collection order, so the long ones start at once and the short ones fill the gaps at
 # the end instead of one worker finishing a long module alone (35 s of idle worker measured).
 LONGEST_FIRST = ["test_schedule", "test_sweep_e2e", "test_faults", "test_optuna_sweeps", "test_checkpoint_resume",
-                 "test_outage", "test_report", "test_team_stack", "test_server_postgres", "test_diagnostics", "test_browser",
+                 "test_outage", "test_examples", "test_report", "test_user_code", "test_dense_history", "test_team_stack", "test_server_postgres", "test_diagnostics", "test_browser",
                  "test_studies"]
 
 

@@ -93,6 +93,7 @@ def test_sampling_keeps_every_window_min_and_max_within_the_budget(total, max_po
     assert window(total, max_points) == (1 if total <= max_points else math.ceil(total / (max_points // 2)))
 
 
+@pytest.mark.integration  # a real store and its delivery process
 def test_delivery_bounds_mlflow_and_history_returns_every_step(tmp_path, store):
     """6,000 steps of a 100-tensor model, chunked small: MLflow holds <= max_points per metric with
     the spike's exact value and step; gradsweep.history holds every step, bit for bit."""
@@ -120,6 +121,7 @@ def test_delivery_bounds_mlflow_and_history_returns_every_step(tmp_path, store):
     assert not journal.folder.exists() or not (journal.folder / STEPS).exists()  # nothing left to deliver
 
 
+@pytest.mark.integration  # a real store and its delivery process
 def test_job_history_equals_what_the_loop_computed_embedded(tmp_path, store):
     out = run_inprocess(["trainer.epochs=6", "clip=none", "tracking.max_points=20", "tracking.max_param_points=10"],
                         tmp_path, store)

@@ -35,6 +35,7 @@ def _model():
     return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
 
 
+@pytest.mark.integration  # a real store and its delivery process
 def test_a_plain_loop_is_recorded_like_a_job(store):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -57,6 +58,7 @@ def test_a_plain_loop_is_recorded_like_a_job(store):
     assert {a.path for a in client.list_artifacts(gs.run_id, "figures")} == {"figures/grad_norms.png"}
 
 
+@pytest.mark.integration  # a real store and its delivery process
 def test_an_exception_inside_the_block_ends_the_run_failed_with_the_reason(store):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
