@@ -47,7 +47,7 @@ def main() -> None:
     cells: dict[tuple[str, float], list] = defaultdict(list)
     for r in runs:
         cells[(r.data.params["clip.name"], float(r.data.params["optimizer.lr"]))].append(r)
-    print(f"{len(runs)} runs of the lm_spikes model in {args.tracking_uri}\n")
+    print(f"{len(runs)} runs of the lm_spikes model.\n")
     print("| rule | lr | seeds | loss spikes per run | diverged | final dev loss | dev perplexity |")
     print("|---|---|---|---|---|---|---|")
     stable: dict[str, float] = {}
