@@ -5,7 +5,7 @@ run's dense history), the final dev loss and perplexity as `median [min-max]`, t
 a uniform guess (ln 98 = 4.585).
 
     PYTHONPATH=examples python src/train.py -m experiment=lm_spikes
-    python examples/lm_spikes_table.py [--tracking-uri sqlite:///mlruns/mlflow.db]
+    python examples/lm_spikes_table.py [--tracking-uri sqlite:///mlruns/mlflow.db] [--figure lm_spikes.png]
 """
 from __future__ import annotations
 
@@ -35,10 +35,38 @@ def fmt(values: list[float]) -> str:
     return f"{med:.3f}" if len(values) == 1 else f"{med:.3f} [{min(values):.3f}-{max(values):.3f}]"
 
 
+def draw(curves: dict[str, list[tuple[float, list[float]]]], path: str) -> None:
+    """Final dev loss against the learning rate, per rule: the median over seeds, the min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for rule, points in curves.items():
+        points = [(lr, dev) for lr, dev in sorted(points) if dev]
+        if not points:
+            continue
+        lrs = [lr for lr, _ in points]
+        line, = ax.plot(lrs, [statistics.median(d) for _, d in points], marker="o", label=rule)
+        ax.fill_between(lrs, [min(d) for _, d in points], [max(d) for _, d in points], color=line.get_color(), alpha=0.2)
+    ax.axhline(UNIFORM, color="grey", linestyle=":", label="uniform guess (ln 98)")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (AdamW)")
+    ax.set_ylabel("final dev loss (nats per character)")
+    ax.set_title("lm_spikes: char-level GPT on stdlib sources, median and min-max over seeds", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
     ap.add_argument("--experiment", default="gradsweep")
+    ap.add_argument("--figure", help="also draw the final dev loss per rule against the learning rate here (PNG)")
     args = ap.parse_args()
     client = MlflowClient(args.tracking_uri)
     exp = client.get_experiment_by_name(args.experiment)
@@ -51,6 +79,7 @@ def main() -> None:
     print("| rule | lr | seeds | loss spikes per run | diverged | final dev loss | dev perplexity |")
     print("|---|---|---|---|---|---|---|")
     stable: dict[str, float] = {}
+    curves: dict[str, list[tuple[float, list[float]]]] = defaultdict(list)
     for rule in RULES:
         for lr in sorted({lr for (r, lr) in cells if r == rule}):
             group = cells[(rule, lr)]
@@ -62,10 +91,13 @@ def main() -> None:
                     hist = sorted(client.get_metric_history(r.info.run_id, "dev/loss"), key=lambda m: m.step)
                     dev.append(hist[-1].value)
             failed = sum(r.info.status != "FINISHED" for r in group)
+            curves[rule].append((lr, dev))
             if not failed and dev and max(dev) < UNIFORM:
                 stable[rule] = max(stable.get(rule, 0.0), lr)
             print(f"| {rule} | {lr:g} | {len(group)} | {fmt([float(c) for c in counts])} | {failed} | {fmt(dev)} | "
                   f"{fmt([math.exp(d) for d in dev])} |")
+    if args.figure:
+        draw(curves, args.figure)
     print("\n| rule | largest lr, every seed below a uniform guess |")
     print("|---|---|")
     for rule in RULES:
