@@ -38,7 +38,8 @@ def store(tmp_path_factory) -> str:
 
 
 def test_every_study_is_listed():
-    assert study_names() == sorted([*STUDIES, "adaptive_clipping", "adaptive_clipping_mlp"])  # the last two: test_clipping.py
+    # adaptive_clipping*: test_clipping.py; lm_spikes (examples/ on the path): test_examples.py
+    assert study_names() == sorted([*STUDIES, "adaptive_clipping", "adaptive_clipping_mlp", "lm_spikes"])
 
 
 @pytest.mark.parametrize("study", sorted(STUDIES))
