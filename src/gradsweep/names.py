@@ -18,6 +18,8 @@ GRAD_TOTAL_CLIPPED = "grad_norm/total_clipped"  #: global L2 norm after clipping
 CLIP_COEF = "clip/coef"  #: factor applied to the gradients (1.0 = untouched)
 CLIP_THRESHOLD = "clip/threshold"  #: adaptive clippers: the global threshold of the step
 CLIP_CLIPPED_FRAC = "clip/clipped_frac"  #: unit/tensor-wise clippers: fraction rescaled
+AMP_SCALE = "amp/scale"  #: trainer.precision=fp16: the loss scale of the step
+AMP_SKIPPED = "amp/skipped"  #: trainer.precision=fp16: 1 when the loss scaler skipped the step (inf/NaN gradients)
 HEALTH = "health/"  #: prefix of the end-of-run gradient-health metrics
 
 

@@ -209,6 +209,7 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
     if commit:
         tags[GIT_COMMIT_TAG] = commit
     same_run = resume.run_id if resume is not None else None
+    ranks = None
     run = open_run_logger(spec.tracking, name, tags, parent_run_id=ctx.parent_run_id,
                           parent_local_id=ctx.parent_local_id, run_id=same_run,
                           hooks=("run_figure",) if spec.tracking.log_figures else ())
@@ -231,10 +232,14 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
 
         history = HistorySink()
         store = CheckpointStore(ctx.output_dir / "checkpoints")
+        if spec.trainer.devices > 1:  # ranks 1..N-1 start here and end with the run, whatever ends it
+            from gradsweep.run.parallel import Ranks
+
+            ranks = Ranks(spec, device, resume.last if resume is not None else None)
         # steps the run already holds (logged after its last checkpoint, before it was killed) are not sent twice
         to_store = FromStep(run, resume.logged) if same_run else run
         trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, to_store), device, store,
-                          config_dict, on_eval)
+                          config_dict, on_eval, ranks.parallel if ranks is not None else None)
         if resume is not None:
             trainer.restore(resume.last, resume.best)
             _continue_history(history, resume, trainer)
@@ -244,6 +249,8 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         log.info("run %s on %s: %s, %d steps", name if ref == name else f"{ref} ({name})", device,
                  mask(spec.tracking.uri), trainer.total_steps)
     except BaseException as e:
+        if ranks is not None:
+            ranks.close()
         killed = isinstance(e, KeyboardInterrupt)
         if not killed:
             run.set_tags(_exception_tags(e))
@@ -269,6 +276,8 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         run.set_tags(_exception_tags(e))
         raise
     finally:
+        if ranks is not None:
+            ranks.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         health = record_health(history.history, spec.diagnostics, model, trainer.train_x, run, run.set_tags,

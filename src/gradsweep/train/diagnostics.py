@@ -22,7 +22,9 @@ model and training inputs. It returns ``health/*`` metrics and the verdict list 
   balance (seen on plateaued MLPs). Or (b) in a layered model the first layer's
   gradient is a tiny fraction of the last layer's over the first steps.
 * dead_units: a ReLU MLP whose hidden units output 0 on every training example.
-* nonfinite: a NaN/Inf loss or gradient norm was recorded.
+* nonfinite: a NaN/Inf loss or gradient norm was recorded (on a step that was not skipped).
+* skipped_steps: ``trainer.precision=fp16``'s loss scaler skipped steps whose gradients overflowed
+  (``amp/skipped``); the other verdicts are judged on the steps it did not skip.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ BIAS = re.compile(r"(^|\.)(bias|b)$|\.bias_(ih|hh)_l\d+(_reverse)?$")
 TAG = "grad_health"
 DEAD_UNIT_ROWS = 8192  # training rows fed to the model for the dead-unit count
 log = logging.getLogger("gradsweep")
-VERDICTS = ("exploding", "spikes_clipped", "vanishing", "dead_units", "nonfinite")
+VERDICTS = ("exploding", "spikes_clipped", "vanishing", "dead_units", "nonfinite", "skipped_steps")
+STEP_VALUE_PREFIXES = ("train/", "grad_norm/", "clip/", "amp/")  #: the per-step records (not evaluations)
 
 
 @dataclass
@@ -159,6 +162,28 @@ def vanished_steps(norm: np.ndarray, total: np.ndarray, cfg: DiagnosticsConfig) 
     return (norm < cfg.vanish_abs) | collapsed
 
 
+def _without_skipped_steps(history: dict[str, Series], d: Diagnosis) -> dict[str, Series]:
+    """The history without the steps an fp16 loss scaler skipped (their gradients overflowed and
+    were not applied), and the verdict ``skipped_steps`` naming them."""
+    if "amp/skipped" not in history:
+        return history
+    at, flag = (np.asarray(a) for a in history["amp/skipped"])
+    skipped = at[flag > 0]
+    if len(skipped) == 0:
+        return history
+    d.verdicts.append("skipped_steps")
+    d.metrics["health/skipped_steps"] = float(len(skipped))
+    d.notes.append(f"the fp16 loss scaler skipped {len(skipped)} of {len(at)} steps (inf/NaN gradients), "
+                   f"the first at step {int(skipped[0])}")
+    out = dict(history)
+    for name, (steps, values) in history.items():
+        if name.startswith(STEP_VALUE_PREFIXES):
+            steps = np.asarray(steps)
+            keep = ~np.isin(steps, skipped)
+            out[name] = (steps[keep], np.asarray(values)[keep])
+    return out
+
+
 def _aligned(history: dict[str, Series], names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Values of ``names`` on the steps where all of them were recorded and finite."""
     series = [(np.asarray(history[n][0], dtype=np.int64), np.asarray(history[n][1], dtype=float)) for n in names]
@@ -233,6 +258,9 @@ def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None
     """Health metrics and verdicts of one run (``history`` as recorded by the training loop)."""
     cfg = cfg or DiagnosticsConfig()
     d = Diagnosis()
+    if len(history.get("grad_norm/total", ([], []))[0]) == 0:
+        return d
+    history = _without_skipped_steps(history, d)
     if len(history.get("grad_norm/total", ([], []))[0]) == 0:
         return d
     raw_total = np.array(history["grad_norm/total"][1], dtype=float)

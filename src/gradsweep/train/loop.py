@@ -1,9 +1,12 @@
 """The training loop: forward -> loss -> backward -> gradient norms -> clip -> step -> evaluate.
 
 It emits plain records to a :class:`~gradsweep.train.sinks.Sink` and knows nothing of MLflow or Hydra.
-Per step the host receives one vector (loss, accuracy, norms, clip factor, what an adaptive clipping
-rule decided, every parameter's norm) in a single device-to-host transfer, and passes it on as one
-float32 row (``Sink.log_steps``): no dict, no Python float per value.
+Each step makes one vector on the device (loss, accuracy, norms, clip factor, what an adaptive
+clipping rule decided, every parameter's norm); the vectors reach the host in blocks, one transfer
+per ``sync_every_steps`` steps (and at evaluations, checkpoints and the end: :mod:`.transfer`), and
+go on as float32 rows (``Sink.log_steps``): no dict, no Python float per value, no host sync per
+step. A NaN/Inf loss or norm ends the run with its exact step, found when its block arrives.
+Precision (:mod:`.precision`) and data parallelism (:mod:`.parallel`) change the step, not the records.
 """
 from __future__ import annotations
 
@@ -24,9 +27,12 @@ from gradsweep.train.clipping import Clipper
 from gradsweep.train.data import DataSet, Split
 from gradsweep.checks import choice, require
 from gradsweep.errors import NonFiniteError
-from gradsweep.names import (CLIP_CLIPPED_FRAC, CLIP_COEF, CLIP_THRESHOLD, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_ACC,
-                             TRAIN_LOSS)
+from gradsweep.names import (AMP_SKIPPED, CLIP_CLIPPED_FRAC, CLIP_COEF, CLIP_THRESHOLD, GRAD_TOTAL, GRAD_TOTAL_CLIPPED,
+                             TRAIN_ACC, TRAIN_LOSS)
+from gradsweep.train.parallel import DataParallel
+from gradsweep.train.precision import MAX_CONSECUTIVE_SKIPS, PRECISIONS, Precision
 from gradsweep.train.sinks import Sink
+from gradsweep.train import transfer
 from gradsweep.train.telemetry import GradientNorms, ParamStats, epoch_stat_names, metric_names, step_vector
 
 log = logging.getLogger("gradsweep")
@@ -64,6 +70,15 @@ class TrainerConfig:
     #: at the last step of each epoch also log weight_mean/<param>, weight_std/<param> (after the
     #: update) and grad_mean/<param>, grad_std/<param> (that step's gradient, before clipping)
     epoch_stats: bool = False
+    #: step vectors stay on the device and reach the host in one transfer per this many steps (and
+    #: at every evaluation, checkpoint and the end); a NaN/Inf is still found at its exact step, at
+    #: most one block later. 1 = a transfer (a host sync) every step
+    sync_every_steps: int = 50
+    precision: str = "32"  # 32|bf16|fp16 (autocast; fp16 with a loss scaler: norms of the unscaled gradients)
+    #: processes of one data-parallel job (torch.distributed DDP: gloo on CPU, NCCL on CUDA), started
+    #: by the job itself; the global batch stays batch_size, split across them; only rank 0 records
+    devices: int = 1
+    compile: bool = False  # torch.compile the model for training (metric names unchanged)
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
@@ -77,6 +92,11 @@ class TrainerConfig:
         choice("trainer.device", self.device, DEVICES)
         require(self.cpu_threads >= 0, "trainer.cpu_threads", self.cpu_threads,
                  "an integer >= 0 (0 = torch's default)")
+        require(self.sync_every_steps >= 1, "trainer.sync_every_steps", self.sync_every_steps, "an integer >= 1")
+        self.precision = str(self.precision)
+        choice("trainer.precision", self.precision, PRECISIONS)
+        require(self.devices >= 1, "trainer.devices", self.devices, "an integer >= 1")
+        require(isinstance(self.compile, bool), "trainer.compile", self.compile, "true|false")
 
 
 @dataclass
@@ -133,15 +153,22 @@ def evaluate(model: nn.Module, split: Split, loss: str, device: torch.device) ->
 class Trainer:
     def __init__(self, model: nn.Module, data: DataSet, optimizer: torch.optim.Optimizer, clipper: Clipper,
                  cfg: TrainerConfig, sink: Sink, device: torch.device, store: Optional[CheckpointStore] = None,
-                 config_dict: Optional[dict] = None, on_eval: Optional[Callable[[int, float], None]] = None):
+                 config_dict: Optional[dict] = None, on_eval: Optional[Callable[[int, float], None]] = None,
+                 parallel: Optional[DataParallel] = None):
         self.model, self.data, self.optimizer, self.clipper = model, data, optimizer, clipper
         self.cfg, self.sink, self.device, self.store = cfg, sink, device, store
         self.config_dict = config_dict or {}
         self.on_eval = on_eval  # e.g. report to an Optuna trial; may raise to stop the run
-        self.norms = GradientNorms(model)
+        self.norms = GradientNorms(model)  # of the model itself: no DDP `module.` or compile `_orig_mod.` prefix
+        self.parallel = parallel
+        self.recording = parallel is None or parallel.rank == 0  # the other ranks only train
+        self.precision = Precision(getattr(cfg, "precision", "32"), device)
+        forward = parallel.wrap(model) if parallel is not None else model
+        self.forward = torch.compile(forward) if getattr(cfg, "compile", False) else forward
         self.has_acc = cfg.loss != "mse"  # regression: no accuracy; best checkpoint and objective by dev loss
         self.clip_metrics = tuple(getattr(clipper, "metrics", ()))
-        self.names = metric_names(self.norms.names, self.clip_metrics)
+        self.extra_metrics = self.clip_metrics + self.precision.metrics
+        self.names = metric_names(self.norms.names, self.extra_metrics)
         self.param_stats = ParamStats(self.norms.params) if getattr(cfg, "epoch_stats", False) else None
         self.stat_names = epoch_stat_names(self.norms.names)
         self.epoch_stats: Optional[torch.Tensor] = None  # set by train_step(stats=True)
@@ -171,6 +198,7 @@ class Trainer:
             "best_score": self.best_score, "best_step": self.best_step, "config": self.config_dict,
             "rng": {"data": self.gen.get_state(), "torch": torch.get_rng_state()},
             "clip": self.clipper.state_dict(),  # an adaptive rule's history, moving averages, step count
+            "amp": self.precision.state_dict(),  # fp16: the loss scale and its growth tracker
         }
 
     def restore(self, state: dict[str, Any], best: Optional[dict[str, Any]] = None) -> None:
@@ -185,6 +213,7 @@ class Trainer:
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         self._restore_clipper(state.get("clip") or {})
+        self.precision.load_state_dict(state.get("amp") or {})
         if best is not None:
             self.best_state = best["model"]
 
@@ -206,22 +235,39 @@ class Trainer:
             self.store.save(name, self.state())
 
     # -------------------------------------------------------------------------- the loop
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: bool = False) -> np.ndarray:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, stats: bool = False) -> torch.Tensor:
+        """One optimizer step on the batch (this rank's share of it); returns the step's vector on
+        the device (:func:`~gradsweep.train.telemetry.step_vector`), never syncing with the host
+        (fp16 excepted: its loss scaler decides on the host whether to skip the step)."""
         self.optimizer.zero_grad(set_to_none=False)
-        loss, correct, counted = batch_loss(self.model(x), y, self.cfg.loss, self.cfg.reduction)
-        loss.backward()
+        with self.precision.autocast():
+            logits = self.forward(x)
+            if self.parallel is None:
+                loss, correct, counted = batch_loss(logits, y, self.cfg.loss, self.cfg.reduction)
+                to_backward = loss
+            else:  # the global batch's loss and the gradients one process would have
+                loss, correct, counted, to_backward = self.parallel.global_loss(logits, y, self.cfg.loss,
+                                                                                self.cfg.reduction, batch_loss)
+        scale = self.precision.backward(to_backward, self.optimizer)  # gradients unscaled from here on
         grads = self.norms.grads()
         per_param = self.norms.per_param(grads)
         total = self.norms.total(per_param)
         grad_stats = self.param_stats(grads) if stats else None  # before clipping
-        coef, total_clipped = self.clipper(self.norms, grads, total, per_param=per_param)
-        self.optimizer.step()
+        skipped = scale is not None and not bool(torch.isfinite(total))  # fp16 only: the scaler's own sync
+        if skipped:  # the scaler skips the update: the clipping rule neither acts nor learns from it
+            coef, total_clipped = torch.ones((), device=total.device), total
+            self.precision.skipped_in_a_row += 1
+        else:
+            coef, total_clipped = self.clipper(self.norms, grads, total, per_param=per_param)
+            self.precision.skipped_in_a_row = 0
+        self.precision.step(self.optimizer)
         if grad_stats is not None:  # weights after the update; stays on the device
             self.epoch_stats = torch.cat([self.param_stats(self.norms.params).reshape(-1), grad_stats.reshape(-1)])
-        extra = self.clipper.extra() if self.clip_metrics else None
+        extra = [self.clipper.extra().float().reshape(-1)] if self.clip_metrics else []
+        if scale is not None:
+            extra.append(torch.stack([scale.float().reshape(()), torch.tensor(float(skipped), device=scale.device)]))
         acc = correct.float() / counted.clamp_min(1) if self.has_acc else torch.full((), math.nan, device=loss.device)
-        vec = step_vector(loss, acc, total, total_clipped, coef, per_param, extra)
-        return vec.cpu().numpy()  # the step's single device-to-host transfer
+        return step_vector(loss, acc, total, total_clipped, coef, per_param, torch.cat(extra) if extra else None)
 
     def head(self, values: np.ndarray) -> dict[str, float]:
         """The step's headline values by name (console, non-finite checks); a clip figure the rule
@@ -234,36 +280,58 @@ class Trainer:
 
     def run(self) -> TrainResult:
         self.model.train()
-        self.sink.define_steps(self.names, self.total_steps)
-        step_index = np.empty(1, np.int64)
+        if self.recording:
+            self.sink.define_steps(self.names, self.total_steps)
+        block = transfer.StepBlock(self.cfg.sync_every_steps if self.recording else 1, len(self.names), self.device)
         while self.step < self.total_steps:
             if self.perm is None:
                 self.perm = torch.randperm(len(self.train_y), generator=self.gen)
-            idx = self.perm[self.batch * self.batch_size:(self.batch + 1) * self.batch_size].to(self.device)
+            idx = self.perm[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
+            if self.parallel is not None:
+                idx = self.parallel.shard(idx)
+            idx = idx.to(self.device)
             end_of_epoch = self.param_stats is not None and self.batch == self.steps_per_epoch - 1
-            values = self.train_step(self.train_x[idx], self.train_y[idx], stats=end_of_epoch)
-            loss, total = float(values[0]), float(values[2])
-            finite = math.isfinite(loss) and math.isfinite(total)
-            if self.step % self.cfg.log_every_steps == 0 or not finite:
-                step_index[0] = self.step
-                self.sink.log_steps(step_index, values[None, :])
-            if end_of_epoch:  # one transfer per epoch
-                self.sink.log_metrics(self.step, dict(zip(self.stat_names, self.epoch_stats.tolist())))
-            if not math.isfinite(loss):
-                raise NonFiniteError("loss", self.step)
-            if not math.isfinite(total):
-                raise NonFiniteError("grad", self.step)
+            vector = self.train_step(self.train_x[idx], self.train_y[idx], stats=end_of_epoch)
             self.batch += 1
             if self.batch == self.steps_per_epoch:
                 self.batch, self.epoch, self.perm = 0, self.epoch + 1, None
             self.step += 1
+            if not self.recording:  # rank > 0: rank 0 records, checks and evaluates
+                continue
+            block.add(self.step - 1, vector)
             last = self.step == self.total_steps
-            if self.step % self.cfg.eval_every_steps == 0 or last:
-                self._evaluate(self.head(values))
-            if self.cfg.checkpoint_every_steps and self.step % self.cfg.checkpoint_every_steps == 0 and not last:
-                self._save("last")
+            evaluate = self.step % self.cfg.eval_every_steps == 0 or last
+            checkpoint = bool(self.cfg.checkpoint_every_steps) and self.step % self.cfg.checkpoint_every_steps == 0
+            if block.full or evaluate or checkpoint or end_of_epoch:
+                head = self._receive(block)
+                if end_of_epoch:  # one transfer per epoch
+                    self.sink.log_metrics(self.step - 1, dict(zip(self.stat_names, self.epoch_stats.tolist())))
+                if evaluate:
+                    self._evaluate(self.head(head))
+                if checkpoint and not last:
+                    self._save("last")
+        if not self.recording:
+            return TrainResult(math.nan, -1, self.total_steps - 1, math.nan, math.nan)
         self._save("last")
         return self._finish()
+
+    def _receive(self, block: transfer.StepBlock) -> np.ndarray:
+        """The block's steps on the host: logged (every ``log_every_steps``-th, and a non-finite one),
+        checked (a NaN/Inf loss or norm raises with its step), and the last step's vector returned."""
+        steps, values = block.take()
+        skipped = values[:, self.names.index(AMP_SKIPPED)] > 0 if self.precision.metrics else None
+        bad = transfer.first_nonfinite(values, (0, 2), skipped)
+        upto = len(steps) if bad is None else bad + 1
+        keep = steps[:upto] % self.cfg.log_every_steps == 0
+        if bad is not None:
+            keep[bad] = True
+        if keep.any():
+            self.sink.log_steps(steps[:upto][keep], values[:upto][keep])
+        if bad is not None:
+            raise NonFiniteError("loss" if not math.isfinite(values[bad, 0]) else "grad", int(steps[bad]))
+        if self.precision.skipped_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+            raise NonFiniteError("grad", int(steps[-1]))
+        return values[-1]
 
     def _evaluate(self, record: dict[str, float]) -> None:
         step = self.step - 1  # the optimizer step just taken

@@ -98,6 +98,19 @@ class HistorySink:
         return bool(self.rows or self.sparse)
 
 
+class NullSink:
+    """Records nothing (the ranks of a data-parallel job other than rank 0)."""
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def define_steps(self, names: list[str], total_steps: int = 0) -> None:
+        pass
+
+    def log_steps(self, steps: np.ndarray, values: np.ndarray) -> None:
+        pass
+
+
 class TeeSink:
     def __init__(self, *sinks: Sink) -> None:
         self.sinks = sinks
