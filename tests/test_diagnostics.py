@@ -7,6 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from gradsweep.errors import ConfigError
 from gradsweep.train.diagnostics import DiagnosticsConfig
 from gradsweep.train.diagnostics import diagnose, layer_weights, spikes, vanished_steps
 from gradsweep.train.diagnostics_cases import cases
@@ -159,3 +160,17 @@ def test_dead_relu_verdict(tmp_path, store):
     # every hidden layer's gradient is exactly zero on every step
     for i in range(4):
         assert set(out.history.history[f"grad_norm/layers.{i}.weight"][1]) == {0.0}
+
+
+def test_too_few_steps_give_no_exploding_or_vanishing_verdict():
+    """One recorded step (trainer.log_every_steps larger than the run) once read as "vanishing on 100%
+    of steps": too little evidence is said as such; a non-finite value is still a verdict on one step."""
+    vanished = hist(grad_norm__total=[1.0], train__loss=[0.5], grad_norm__w=[0.0])
+    d = diagnose(vanished)
+    assert d.tag == "too_few_steps" and "not enough steps for a verdict: 1 recorded" in d.summary()
+    n = DiagnosticsConfig().min_steps
+    assert diagnose(hist(grad_norm__total=[1.0] * n, train__loss=[0.5] * n, grad_norm__w=[0.0] * n)).tag == "vanishing"
+    nan = diagnose(hist(grad_norm__total=[math.nan], train__loss=[math.nan], grad_norm__w=[math.nan]))
+    assert "nonfinite" in nan.tag
+    with pytest.raises(ConfigError, match="diagnostics.min_steps"):
+        DiagnosticsConfig(min_steps=0)

@@ -25,6 +25,8 @@ model and training inputs. It returns ``health/*`` metrics and the verdict list 
 * nonfinite: a NaN/Inf loss or gradient norm was recorded (on a step that was not skipped).
 * skipped_steps: ``trainer.precision=fp16``'s loss scaler skipped steps whose gradients overflowed
   (``amp/skipped``); the other verdicts are judged on the steps it did not skip.
+* too_few_steps: fewer than ``min_steps`` steps were recorded (``trainer.log_every_steps`` larger
+  than the run): no exploding or vanishing verdict is given on so little evidence.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ BIAS = re.compile(r"(^|\.)(bias|b)$|\.bias_(ih|hh)_l\d+(_reverse)?$")
 TAG = "grad_health"
 DEAD_UNIT_ROWS = 8192  # training rows fed to the model for the dead-unit count
 log = logging.getLogger("gradsweep")
-VERDICTS = ("exploding", "spikes_clipped", "vanishing", "dead_units", "nonfinite", "skipped_steps")
+VERDICTS = ("exploding", "spikes_clipped", "vanishing", "dead_units", "nonfinite", "skipped_steps", "too_few_steps")
 STEP_VALUE_PREFIXES = ("train/", "grad_norm/", "clip/", "amp/")  #: the per-step records (not evaluations)
 
 
@@ -58,6 +60,9 @@ class DiagnosticsConfig:
     """
 
     enabled: bool = True
+    #: fewer recorded steps than this give the verdict too_few_steps instead of exploding / vanishing
+    #: (the windows below need at least level_window and ratio_steps steps to mean anything)
+    min_steps: int = 10
     #: exploding when the peak total norm (before clipping) reaches growth_factor x the first step's
     #: AND the running median over level_window steps reaches level_factor x it. Measured over 5
     #: seeds (docs/studies.md): the unclipped SRN peaks at 48-26000x and holds 20-60x at every length,
@@ -91,7 +96,7 @@ class DiagnosticsConfig:
         require(self.spike_factor > 1, "diagnostics.spike_factor", self.spike_factor, "a number > 1")
         require(self.growth_factor > 1, "diagnostics.growth_factor", self.growth_factor, "a number > 1")
         require(self.level_factor > 1, "diagnostics.level_factor", self.level_factor, "a number > 1")
-        for k in ("spike_window", "spike_min_history", "level_window", "ratio_steps"):
+        for k in ("min_steps", "spike_window", "spike_min_history", "level_window", "ratio_steps"):
             require(getattr(self, k) >= 1, f"diagnostics.{k}", getattr(self, k), "an integer >= 1")
         for k in ("vanish_abs", "vanish_rel_peak", "vanish_rel_total", "first_last_ratio_min"):
             positive(f"diagnostics.{k}", getattr(self, k), strict=False)
@@ -277,6 +282,12 @@ def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None
         d.verdicts = d.verdicts or ["nonfinite"]
         return d
     total = vals["grad_norm/total"]
+    if len(steps) < cfg.min_steps:
+        d.metrics.update({"health/peak_grad_norm": float(total.max()), "health/peak_step": float(steps[int(np.argmax(total))])})
+        d.verdicts = [v for v in VERDICTS if v in (*d.verdicts, "too_few_steps")]
+        d.notes.append(f"not enough steps for a verdict: {len(steps)} recorded, at least {cfg.min_steps} needed "
+                       "(diagnostics.min_steps); record more often with a smaller trainer.log_every_steps")
+        return d
 
     # exploding / spikes_clipped: growth from the run's own start that is held, not one step
     peak = int(np.argmax(total))
