@@ -127,3 +127,17 @@ def test_a_malformed_schedule_is_a_config_error(schedule, tmp_path, monkeypatch)
         assert "\n" not in str(e) and "sweeps/s.yaml" in str(e)
         return
     assert sched is None or (isinstance(sched.cron, str) and sched.trials_per_run >= 1)
+
+
+def test_query_string_credentials_are_masked_and_refused():
+    from gradsweep.errors import ConfigError
+    from gradsweep.track.uri import mask, refuse_password
+
+    assert mask("https://h:5000/api/?access_token=abc&region=eu") == "https://h:5000/api/?access_token=***&region=eu"
+    assert mask("https://u:pw@h/?Signature=abc") == "https://u:***@h/?Signature=***"
+    assert mask("http://h/?page=2") == "http://h/?page=2"
+    for uri in ("http://h/?token=abc", "http://h/?API_KEY=abc", "postgresql://db/x?password=abc"):
+        with pytest.raises(ConfigError, match="holds a credential in its query string") as e:
+            refuse_password("tracking.uri", uri)
+        assert "abc" not in str(e.value)
+    refuse_password("tracking.uri", "http://h/?page=2")  # an ordinary query is fine

@@ -129,9 +129,10 @@ def test_passwords_are_refused_in_uris_and_taken_from_the_environment(tmp_path, 
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and "holds a password" in lines[0], res.stderr[-2000:]
         assert "MLFLOW_TRACKING_PASSWORD" in lines[0] and secret not in res.stdout + res.stderr
-    res = run_train(["trainer.epochs=1", f"tracking.uri={uri}"], tmp_path,
-                    env={"MLFLOW_TRACKING_URI": uri})  # from the environment: refused the same way
-    assert res.returncode == 2 and "holds a password" in res.stderr and secret not in res.stderr
+    token_uri = f"{mlflow_server.uri}/?access_token={secret}"  # a credential in the query string is one too
+    res = run_train(["trainer.epochs=1"], tmp_path, env={"MLFLOW_TRACKING_URI": token_uri})
+    assert res.returncode == 2 and "holds a credential in its query string (access_token)" in res.stderr, res.stderr
+    assert secret not in res.stdout + res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not [p for p in tmp_path.iterdir() if p.name in ("outputs", "multirun", "mlruns")]
     res = run_train(["trainer.epochs=1", f"tracking.uri=http://alice@{mlflow_server.uri.split('://')[1]}"], tmp_path,
                     env={"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": secret})

@@ -4,7 +4,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gradsweep.errors import ConfigError
 
@@ -16,6 +16,17 @@ CREDENTIALS_FROM = ("MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for a
                     "PGPASSWORD or ~/.pgpass for PostgreSQL, in the environment or .env")
 
 
+#: query-string keys that carry a credential (``?access_token=...``, ``?sig=...``): a secret like a password
+SECRET_QUERY_KEYS = frozenset({"token", "access_token", "auth_token", "id_token", "refresh_token", "key", "api_key",
+                               "apikey", "secret", "client_secret", "password", "passwd", "pwd", "auth", "sig",
+                               "signature", "credential", "credentials", "x-amz-signature", "x-amz-credential",
+                               "x-amz-security-token"})
+
+
+def _secret_query_keys(query: str) -> list[str]:
+    return [k for k, _ in parse_qsl(query, keep_blank_values=True) if k.lower() in SECRET_QUERY_KEYS]
+
+
 def refuse_password(key: str, value: object) -> None:
     """A URI that carries a password would be written to the run's files (Hydra's .hydra/*.yaml and
     multirun.yaml, the run journal's header) and shown in process lists: refused, with where the
@@ -23,11 +34,14 @@ def refuse_password(key: str, value: object) -> None:
     if not isinstance(value, str) or "://" not in value:
         return
     try:
-        password = urlsplit(value).password
+        parts = urlsplit(value)
+        password = parts.password
     except ValueError:
         return
-    if password:
-        raise ConfigError(f"{key}={mask(value)!r} holds a password, which would be written to the run's files; "
+    secrets = _secret_query_keys(parts.query)
+    if password or secrets:
+        what = "a password" if password else f"a credential in its query string ({', '.join(secrets)})"
+        raise ConfigError(f"{key}={mask(value)!r} holds {what}, which would be written to the run's files; "
                           f"allowed: the URI without it, with the credentials in {CREDENTIALS_FROM}")
 
 
@@ -49,15 +63,19 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def mask(uri: str) -> str:
-    """Replace the password of a URI with ***."""
+    """Replace the password of a URI, and any credential in its query string, with ***."""
     try:
         parts = urlsplit(uri)
+        password = parts.password
     except ValueError:
         return uri
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if password is not None:
+        parts = parts._replace(netloc=f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else ""))
+    if _secret_query_keys(parts.query):
+        query = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
+                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return urlunsplit(parts)
 
 
 def mask_overrides(overrides: list[str]) -> list[str]:
