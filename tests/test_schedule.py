@@ -249,3 +249,25 @@ def test_lock_is_tied_to_the_study_not_the_working_directory(tmp_path):
     assert res.returncode != 0 and "already running" in res.stderr and f"pid {os.getpid()}" in res.stderr, res.stderr
     assert not (elsewhere / "mlruns").exists()
     assert (tmp_path / ".optuna.db.tiny.sweep.lock").exists()
+
+
+def test_a_bad_sweep_file_is_one_line_and_does_not_stop_the_others(tmp_path, monkeypatch, caplog):
+    from gradsweep.sweep.schedule import Scheduler
+
+    sweeps = write_sweep(tmp_path)
+    (sweeps / "tabbed.yaml").write_text("# @package _global_\ntrainer:\n\tepochs: 1\n")
+    (sweeps / "tagged.yaml").write_text('x: !!python/object/apply:os.system ["touch pwned"]\n')
+    res = subprocess.run([GRADSWEEP, "sweep", "run", "tagged"], cwd=tmp_path, env=env_for(tmp_path),
+                         capture_output=True, text=True, timeout=60)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "sweeps/tagged.yaml is not valid YAML" in lines[0], res.stderr
+    assert "line 1" in lines[0] and not (tmp_path / "pwned").exists()
+    monkeypatch.setenv("GRADSWEEP_SWEEPS_DIR", str(sweeps))
+    scheduler = Scheduler(state_dir=tmp_path / "mlruns")  # the good sweep is scheduled, each bad file named once
+    assert [s.sweep for s in scheduler.schedules] == ["tiny"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "tabbed.yaml is not valid YAML: found character '\\t'" in errors[0] and \
+        "line 3" in errors[0] and "tagged.yaml" in errors[1]
+    (sweeps / "tiny.yaml").unlink()
+    with pytest.raises(ConfigError, match="2 sweep files are invalid"):
+        Scheduler(state_dir=tmp_path / "mlruns")

@@ -94,7 +94,17 @@ def load_sweep(name: str) -> dict:
     path = sweeps_dir() / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"sweep={name!r} not found in {sweeps_dir()}; allowed: {'|'.join(sweep_names()) or '(none)'}")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:  # a tab, a !!python tag, an unclosed quote: the file and line, not a traceback
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"sweeps/{name}.yaml is not valid YAML: {why}{where}; allowed: plain YAML (spaces, "
+                          "not tabs; no !!python tags)") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"sweeps/{name}.yaml holds a {type(raw).__name__}; allowed: a mapping of config keys")
+    return raw or {}
 
 
 def load_schedule(name: str) -> Optional[Schedule]:
@@ -298,7 +308,20 @@ def missed_runs(sched: Schedule, last: Optional[datetime], now: datetime, limit:
 class Scheduler:
     def __init__(self, names: Optional[list[str]] = None, state_dir: Path = Path("mlruns"),
                  max_runs: Optional[int] = None, extra_overrides: Optional[list[str]] = None):
-        self.schedules = [s for s in (load_schedule(n) for n in (names or sweep_names())) if s and s.enabled]
+        self.schedules, errors = [], []
+        for name in names or sweep_names():
+            try:
+                sched = load_schedule(name)
+            except ConfigError as e:  # one bad file does not stop the others' schedules
+                errors.append(e)
+                continue
+            if sched and sched.enabled:
+                self.schedules.append(sched)
+        if errors and not self.schedules:
+            raise errors[0] if len(errors) == 1 else ConfigError(
+                f"no valid scheduled sweep: {len(errors)} sweep files are invalid, the first: {errors[0]}")
+        for e in errors:
+            log.error("%s; that sweep is not scheduled, the others are", e)
         if not self.schedules:
             raise ConfigError(f"no sweep in {sweeps_dir()} has an enabled schedule; add 'schedule: {{cron: ...}}'"
                               " to a sweep file")
