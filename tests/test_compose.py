@@ -24,16 +24,17 @@ AUTH = ROOT / "docker-compose.auth.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 SERVICES = {"postgres", "minio", "minio-init", "mlflow", "scheduler"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|_KEY\b|KEY_ID|TOKEN", re.I)
-REF = re.compile(r"^\$\{[A-Z][A-Z0-9_]*\}$")            # ${VAR}: no default, so no value in the file
-ANY_REF = re.compile(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)(:?-[^}]*)?\}")
+REQUIRED = ":?see .env.example"  # ${VAR:?...}: compose refuses to start while VAR is unset or empty
+REF = re.compile(r"^\$\{[A-Z][A-Z0-9_]*:\?see \.env\.example\}$")  # required, no default: no value in the file
+ANY_REF = re.compile(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)(:?-[^}]*|:\?[^}]*)?\}")
 URL_CREDENTIALS = re.compile(r"://([^/@\s]+):([^/@\s]+)@")
 
 # what the compose mlflow service must run: the tests' server command with the team's stores
 COMPOSE_MLFLOW = dict(
     executable="mlflow", host="0.0.0.0", port="5000", workers="${MLFLOW_WORKERS:-4}",
     # the driver spelt out: SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3, which the image lacks
-    backend_store_uri="postgresql+psycopg2://${POSTGRES_USER}:${POSTGRES_PASSWORD}@postgres:5432/mlflow",
-    artifacts_destination="s3://${MINIO_BUCKET}/", allowed_hosts="${MLFLOW_ALLOWED_HOSTS:-%s}" % ALLOWED_HOSTS)
+    backend_store_uri=f"postgresql+psycopg2://${{POSTGRES_USER{REQUIRED}}}:${{POSTGRES_PASSWORD{REQUIRED}}}@postgres:5432/mlflow",
+    artifacts_destination=f"s3://${{MINIO_BUCKET{REQUIRED}}}/", allowed_hosts="${MLFLOW_ALLOWED_HOSTS:-%s}" % ALLOWED_HOSTS)
 
 
 def load(path: Path) -> dict:
@@ -97,8 +98,8 @@ def test_services_images_and_commands(services):
     assert sched["build"]["dockerfile"] == "deploy/Dockerfile" and sched["command"] == ["gradsweep", "schedule"]
     env = env_of(sched)
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert env["GRADSWEEP_OPTUNA_STORAGE"] == "postgresql://${POSTGRES_USER}@postgres:5432/optuna"  # no password
-    assert env["PGPASSWORD"] == "${POSTGRES_PASSWORD}"  # libpq reads it; gradsweep refuses passwords in URIs
+    assert env["GRADSWEEP_OPTUNA_STORAGE"] == f"postgresql://${{POSTGRES_USER{REQUIRED}}}@postgres:5432/optuna"
+    assert env["PGPASSWORD"] == f"${{POSTGRES_PASSWORD{REQUIRED}}}"  # libpq reads it; gradsweep refuses passwords in URIs
     assert sched["init"] is True  # PID 1 that passes SIGTERM on, so the running trial can end KILLED
 
 
@@ -186,11 +187,14 @@ def test_env_example_has_only_placeholders():
             key, value = line.split("=", 1)
             values[key.strip()] = value.strip()
     secrets = {k: v for k, v in values.items() if SECRET_NAME.search(k)}
-    assert secrets and all(v.startswith("change-me") for v in secrets.values()), secrets
-    # every variable the compose files need without a default is in .env.example
-    needed = {m.group(1) for path in (COMPOSE, AUTH) for s in strings(load(path))
-              for m in ANY_REF.finditer(s) if not m.group(2)}
+    assert secrets and all(v == "" for v in secrets.values()), secrets  # empty: nothing to forget to replace
+    # every variable the compose files need without a default is in .env.example, and required (${VAR:?...}):
+    # compose refuses to start while it is unset or empty, so an unfilled .env never goes live
+    refs = [m for path in (COMPOSE, AUTH) for s in strings(load(path)) for m in ANY_REF.finditer(s)]
+    needed = {m.group(1) for m in refs if not (m.group(2) or "").startswith(":-")}
     assert needed <= set(values), needed - set(values)
+    assert all(m.group(2) == REQUIRED for m in refs if m.group(1) in needed), [m.group(0) for m in refs]
+    assert "12 characters" in ENV_EXAMPLE.read_text()  # MLflow's own minimum for the admin password
     ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
     assert ignored.returncode == 0, ".env must be git-ignored"
 

@@ -113,9 +113,10 @@ def test_tracking_server_runs_the_compose_command():
     backend, artifacts = flag(cmd, "--backend-store-uri"), flag(cmd, "--artifacts-destination")
     assert cmd == mlflow_server_command(executable="mlflow", host="0.0.0.0", port="5000",
                                         workers=flag(cmd, "--workers"), backend_store_uri=backend,
-                                        artifacts_destination=artifacts)
+                                        artifacts_destination=artifacts, app_name="basic-auth")
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["mlflow"]
-    assert flags(cmd) == flags(compose["command"])
+    auth = yaml.safe_load((ROOT / "docker-compose.auth.yml").read_text())["services"]["mlflow"]
+    assert flags(cmd) == flags(auth["command"])  # on every address of the pod: always with basic auth
     assert backend.startswith("postgresql+psycopg2://") and urlsplit(backend).password is None
     assert artifacts.startswith("s3://")
 
@@ -175,3 +176,29 @@ def test_indexed_job_workers_share_one_study(hydra_compose, monkeypatch):
     assert worker.tracking.uri == env["MLFLOW_TRACKING_URI"]
     pgpassword = [e for e in container["env"] if e["name"] == "PGPASSWORD"]
     assert pgpassword and "secretKeyRef" in pgpassword[0]["valueFrom"]
+
+
+def test_the_tracking_server_admits_only_the_projects_pods_and_signed_in_users():
+    """A server on 0.0.0.0 without auth or a NetworkPolicy was open to every pod of the cluster."""
+    deployment = the("Deployment", "mlflow")
+    (container,) = pod_spec(deployment)["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    (mount,) = container["volumeMounts"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith(mount["mountPath"] + "/")
+    ini = the("ConfigMap", "mlflow-basic-auth")["data"]["basic_auth.ini"]
+    assert "database_uri = postgresql" in ini and "admin_password" not in ini
+    refuse_password("basic_auth.ini", ini.split("database_uri = ")[1].split()[0])  # no password in it
+    policy = the("NetworkPolicy", "mlflow")["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items() and policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": int(flag(container["command"], "--port"))}]
+    (source,) = rule["from"]
+    for doc in all_documents():  # every job of the project is admitted, and signs in
+        if doc["kind"] in ("CronJob", "Job"):
+            spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+            assert source["podSelector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+            names = {e["name"] for c in pod_spec(doc)["containers"] for e in c["env"]}
+            assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= names
