@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 import gradsweep
 from conftest import run_train
+from gradsweep.track.store import Tracker
 from proxy import FaultProxy
 
 PARAMS = ["embedding.weight", "rnn.W", "rnn.U", "rnn.b", "classifier.weight", "classifier.bias"]
@@ -135,6 +136,15 @@ def test_multirun_against_real_server(tmp_path, mlflow_server):
     assert set(compare.split("runs=[")[1].split("]")[0].replace('"', "").split(",")) == \
         {r.info.run_id for r in runs} - {parent.info.run_id}
     _duplicates_closed(client, exp.experiment_id, {r.info.run_id for r in runs})
+    # MLflow's own HTTP retry re-sends a create whose answer was lost, inside one call (as in a process
+    # that creates runs itself, e.g. an Optuna sweep's): two runs, one kept, the other closed
+    with FaultProxy(mlflow_server.uri, {"runs/create": {1: 0.0}}) as proxy:
+        kept = Tracker(proxy.uri, "direct").start_run("direct", {})
+    assert proxy.seen["runs/create"] == 2
+    direct = client.get_experiment_by_name("direct").experiment_id
+    assert [r.info.run_id for r in client.search_runs([direct])] == [kept]
+    assert len(client.search_runs([direct], run_view_type=ViewType.ALL)) == 2
+    _duplicates_closed(client, direct, {kept})
     # artifacts went through the server into its artifact destination, not the client's disk
     assert list((tmp_path / "artifacts").rglob("last.pt"))
 

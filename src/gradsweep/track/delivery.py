@@ -329,7 +329,8 @@ def _deliver_locked(folder: Path) -> bool:
             state.setdefault("hooks", {})[rec.get("hook", "?")] = result
         elif op == "end":
             send_steps(final=True)  # the last chunk and the last, partial window
-            if header.get("create_key"):  # a create the store finished after its retry's answer
+            # a create the server finished after its retry's answer (an embedded store answers in-process)
+            if header.get("create_key") and not is_local_sqlite(header["uri"]):
                 send(lambda rid: drop_duplicates(client, rid, _call), what="duplicate runs")
             if state.get("rejected"):  # the run says what it lacks
                 send(client.set_tag, REJECTED_TAG, _rejection_summary(state), what="tags")
