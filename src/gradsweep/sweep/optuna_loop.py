@@ -176,8 +176,14 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
     def _fail_stale(self, study: optuna.Study, storage: Any) -> None:
         """Trials whose sweep process is gone (no heartbeat for the grace period; see
         :mod:`gradsweep.sweep.optuna_stale`) become FAIL, and their MLflow runs say so (the runs
-        themselves are closed KILLED by the sweep callback)."""
-        for number, why in fail_stale(study, storage):
+        themselves are closed KILLED by the sweep callback). Never fatal: the study goes on (or ends
+        with its own error), and the next check tries again."""
+        try:
+            failed = fail_stale(study, storage)
+        except Exception as e:
+            log.warning("could not check the study for trials left by dead sweeps: %s", _first_line(e))
+            return
+        for number, why in failed:
             self._tag_state(study.study_name, number, TrialState.FAIL, this_sweep=False)
             log.warning("trial %d was left RUNNING: now FAIL (%s)", number, why)
 
