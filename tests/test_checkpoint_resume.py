@@ -59,17 +59,39 @@ def test_resume_from_checkpoint_path_equals_uninterrupted(tmp_path, store):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_resume_from_run_id_continues_same_run(tmp_path, store):
+def test_resuming_a_finished_run_starts_a_new_run_linked_to_it(tmp_path, store, caplog):
+    """A FINISHED run's history is not rewritten (a sweep's summary describes it): the resume is a new
+    run tagged with the original's id, continuing from its last checkpoint; the original stays as it was."""
+    import logging
+
+    import gradsweep
     from jobs import run_inprocess
 
     first = run_inprocess(["trainer.epochs=2", "trainer.eval_every_steps=5"], tmp_path / "first", store)
-    again = run_inprocess(["trainer.epochs=3", f"trainer.resume_from={first.run_id}", "trainer.eval_every_steps=5"],
-                          tmp_path / "again", store)
-    assert again.run_id == first.run_id
-    client, runs = _runs(store)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(first.run_id, "grad_norm/total"))
-    assert steps == list(range(15))
+    client = MlflowClient(store)
+
+    def snapshot(run_id):
+        run = client.get_run(run_id)
+        return (run.info.status, run.info.end_time, dict(run.data.tags), dict(run.data.metrics),
+                {k: len(client.get_metric_history(run_id, k)) for k in run.data.metrics},
+                len(gradsweep.history(run_id, tracking_uri=store)))
+
+    before = snapshot(first.run_id)
+    with caplog.at_level(logging.INFO, logger="gradsweep"):
+        again = run_inprocess(["trainer.epochs=3", f"trainer.resume_from={first.run_id}",
+                               "trainer.eval_every_steps=5"], tmp_path / "again", store)
+    assert again.status == "FINISHED" and again.run_id != first.run_id
+    assert snapshot(first.run_id) == before  # status, end time, tags, every metric's length, dense history
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume:")]
+    assert said == [f"resume: run {first.run_id} is FINISHED and stays as it is; a new run "
+                    "(tag gradsweep.resumed_from) continues it from step 10"]
+    new = client.get_run(again.run_id)
+    assert new.data.tags["gradsweep.resumed_from"] == first.run_id and new.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(again.run_id, "grad_norm/total"))
+    assert steps == list(range(10, 15))  # continued after the checkpoint's step
+    assert list(gradsweep.history(again.run_id, tracking_uri=store).index) == list(range(10, 15))
+    # the verdict covers the whole history: the original's steps and the new ones
+    assert list(again.history.steps) == list(range(15))
 
 
 def test_sigterm_marks_run_killed(tmp_path, store):
@@ -194,6 +216,7 @@ def test_a_job_that_fails_after_opening_its_run_closes_it(tmp_path, store, monke
     with pytest.raises(OSError):
         run_inprocess(["trainer.epochs=2", f"trainer.resume_from={first.run_id}"], tmp_path / "again", store)
     client, runs = _runs(store)
-    assert len(runs) == 2 and [r.info.status for r in runs] == ["FAILED", "FAILED"]
-    for run in runs:
+    # resuming the FINISHED run made a new run (FAILED); the original stays FINISHED
+    assert len(runs) == 3 and [r.info.status for r in runs] == ["FINISHED", "FAILED", "FAILED"]
+    for run in runs[1:]:
         assert run.data.tags["failure"] == "exception" and "No space left" in run.data.tags["failure_reason"]

@@ -8,8 +8,10 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -235,6 +237,46 @@ def test_diverging_trial_fails_and_the_study_goes_on(tmp_path, store):
     strict = optuna.load_study(study_name="strict", storage=optuna_db(tmp_path)).trials
     assert [t.state for t in strict][-1] == TrialState.FAIL
     assert all(t.state == TrialState.COMPLETE for t in strict[:-1])
+
+
+def test_sweep_killed_while_asking_leaves_no_trial_running(tmp_path, store):
+    """SIGKILL while a sweep asks a big batch (the issue's n_jobs=5000, with no job started yet): the
+    next invocation of the study fails the dead sweep's trials by their heartbeats, with the reason,
+    and none stays RUNNING. Heartbeats, not process ids: it holds for a sweep on another machine.
+    (A trial killed before its first beat is failed by the same call: it lacks the live sweep's mark.)"""
+    args = ["-m", "+sweep=clip_only", *TINY, *LEAN, "hydra.sweeper.heartbeat_interval=1",
+            "hydra.sweeper.grace_period=2", *store]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args, "hydra.sweeper.n_trials=1000",
+                             "hydra.sweeper.n_jobs=1000"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db, asked = tmp_path / "mlruns" / "optuna.db", 0
+    deadline = time.monotonic() + 120
+    while asked < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+                asked = con.execute("select count(*) from trials").fetchone()[0]
+        except sqlite3.OperationalError:  # not created yet
+            pass
+    proc.kill()
+    proc.wait(30)
+    assert asked >= 5, "the sweep never asked its trials"
+    trials = optuna.load_study(study_name="clip_only", storage=optuna_db(tmp_path)).trials
+    dead = {t.number for t in trials if t.state == TrialState.RUNNING}
+    assert dead and len(dead) == len(trials)  # left RUNNING by the kill
+    time.sleep(3)  # past the grace period
+    from gradsweep.sweep.optuna_stale import fail_stale
+    from gradsweep.sweep.optuna_storage import make_storage, resolve_storage_url
+
+    # what the next invocation of the study does first, from any host (a whole rerun: test_schedule.py)
+    storage = make_storage(resolve_storage_url(optuna_db(tmp_path)), heartbeat_interval=1, grace_period=2)
+    study = optuna.load_study(study_name="clip_only", storage=storage)
+    failed = dict(fail_stale(study, storage))
+    assert set(failed) == dead and all("heartbeat" in why for why in failed.values())
+    trials = optuna.load_study(study_name="clip_only", storage=optuna_db(tmp_path)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * len(dead)
+    assert all("heartbeat" in t.user_attrs["gradsweep_failure"] for t in trials)  # the reason, in Optuna
 
 
 def test_two_workers_share_one_postgres_study(tmp_path, store, postgres_server):  # noqa: F811

@@ -195,7 +195,7 @@ def test_sigkilled_sweep_restarts_with_nothing_left_running(tmp_path):
     write_sweep(tmp_path)
     store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     cmd = [sys.executable, str(ROOT / "src" / "train.py"), "-m", "+sweep=tiny", "hydra.sweeper.n_trials=2",
-           f"tracking.uri={store}"]
+           "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2", f"tracking.uri={store}"]
     proc = subprocess.Popen([*cmd, "trainer.epochs=100000"], cwd=tmp_path, env=env_for(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = mlflow_client(store)
@@ -210,7 +210,7 @@ def test_sigkilled_sweep_restarts_with_nothing_left_running(tmp_path):
         pytest.fail("the trial never started")
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
-    time.sleep(1)
+    time.sleep(3)  # past the trial's heartbeat grace period
     exp_id = client.get_experiment_by_name("gradsweep").experiment_id
     assert client.search_runs([exp_id], "attributes.status = 'RUNNING'")  # left behind by the kill
     res = subprocess.run([*cmd, "trainer.epochs=1"], cwd=tmp_path, env=env_for(tmp_path), capture_output=True,
@@ -224,6 +224,8 @@ def test_sigkilled_sweep_restarts_with_nothing_left_running(tmp_path):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/optuna.db")
     states = [t.state.name for t in sorted(study.trials, key=lambda t: t.number)]
     assert states == ["FAIL", "COMPLETE", "COMPLETE"]  # the orphan failed, the restart ran its budget of 2
+    orphan = min(study.trials, key=lambda t: t.number)
+    assert "no heartbeat" in orphan.user_attrs["gradsweep_failure"]  # why, by its beats (no process id)
 
 
 def test_storage_with_a_password_is_refused(tmp_path):

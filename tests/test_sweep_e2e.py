@@ -4,10 +4,13 @@ import time
 from pathlib import Path
 
 import torch
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 import gradsweep
 from conftest import run_train
+from gradsweep.track.store import Tracker
+from proxy import FaultProxy
 
 PARAMS = ["embedding.weight", "rnn.W", "rnn.U", "rnn.b", "classifier.weight", "classifier.bias"]
 STEPS = 10  # 2 epochs x ceil(300 / 64)
@@ -85,10 +88,63 @@ def test_multirun_embedded_store(tmp_path, store):
     assert [p.name for p in spool.iterdir() if p.is_dir()] == []
 
 
-def test_multirun_against_real_server(tmp_path, mlflow_server):
-    res = run_train(["-m", "clip.max_norm=1,5,20", "trainer.epochs=2", f"tracking.uri={mlflow_server.uri}"], tmp_path)
+def _duplicates_closed(client, experiment_id: str, kept: set[str]) -> None:
+    """Every run beside ``kept`` is a duplicate a lost answer made: deleted, KILLED, naming a kept run."""
+    every = client.search_runs([experiment_id], run_view_type=ViewType.ALL, max_results=100)
+    for run in every:
+        if run.info.run_id not in kept:
+            assert run.info.lifecycle_stage == "deleted" and run.info.status == "KILLED"
+            assert run.data.tags["gradsweep.duplicate_of"] in kept
+
+
+def _single_job_through_a_slow_server(tmp_path, server):
+    """The server creates the job's run but answers past the client's timeout: one run, FINISHED,
+    every value once (in an experiment of its own, beside the sweep's)."""
+    with FaultProxy(server.uri, {"runs/create": {1: 4.0}}) as proxy:
+        res = run_train(["trainer.epochs=2", f"tracking.uri={proxy.uri}", "tracking.experiment_name=single"],
+                        tmp_path, env={"MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert proxy.lost == [("runs/create", 1)]
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name("single")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("grad_norm/total", "train/loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(STEPS))
+    assert list(gradsweep.history(run.info.run_id, tracking_uri=server.uri).index) == list(range(STEPS))
+    _duplicates_closed(client, exp.experiment_id, {run.info.run_id})
+
+
+def test_multirun_against_real_server(tmp_path, mlflow_server):
+    """Through a proxy that loses answers the server gave: the experiment's create, the sweep parent's
+    create and MLflow's own re-send of it (so the next delivery pass tries again), and the first
+    child's create: still one parent, one run per job, and every duplicate closed. A single job
+    through a slow server first, on the same server (one server start for both)."""
+    _single_job_through_a_slow_server(tmp_path, mlflow_server)
+    lose = {"experiments/create": {1: 0.0}, "runs/create": {1: 0.0, 2: 0.0, 3: 0.0}}
+    with FaultProxy(mlflow_server.uri, lose) as proxy:
+        res = run_train(["-m", "clip.max_norm=1,5,20", "trainer.epochs=2", f"tracking.uri={proxy.uri}"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(proxy.lost) == 4  # every fault happened
     check_sweep(mlflow_server.uri, tmp_path)
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("gradsweep")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.metrics["sweep/runs"] == 3
+    (compare,) = [ln.split()[-1] for ln in res.stdout.splitlines() if ln.strip().startswith("comparison:")]
+    assert set(compare.split("runs=[")[1].split("]")[0].replace('"', "").split(",")) == \
+        {r.info.run_id for r in runs} - {parent.info.run_id}
+    _duplicates_closed(client, exp.experiment_id, {r.info.run_id for r in runs})
+    # MLflow's own HTTP retry re-sends a create whose answer was lost, inside one call (as in a process
+    # that creates runs itself, e.g. an Optuna sweep's): two runs, one kept, the other closed
+    with FaultProxy(mlflow_server.uri, {"runs/create": {1: 0.0}}) as proxy:
+        kept = Tracker(proxy.uri, "direct").start_run("direct", {})
+    assert proxy.seen["runs/create"] == 2
+    direct = client.get_experiment_by_name("direct").experiment_id
+    assert [r.info.run_id for r in client.search_runs([direct])] == [kept]
+    assert len(client.search_runs([direct], run_view_type=ViewType.ALL)) == 2
+    _duplicates_closed(client, direct, {kept})
     # artifacts went through the server into its artifact destination, not the client's disk
     assert list((tmp_path / "artifacts").rglob("last.pt"))
 

@@ -33,7 +33,7 @@ from gradsweep.errors import GradsweepError
 from gradsweep.names import BEST_DEV_ACC, EMBEDDED_STORE, OVERRIDES_TAG, PARENT_TAG, ROLE_TAG, RUN_ID, TEST_ACC
 from gradsweep.paths import CONF_DIR
 from gradsweep.report.summary import UI, Config, group_runs, short_key, ui_command, ui_links, write_summary
-
+from gradsweep.track.create import create_run_once, new_key
 
 
 class ReportError(GradsweepError):
@@ -260,8 +260,8 @@ def build_report(client, target: Target, out_dir: Path, steps: int = 10) -> Repo
 def log_report(client, target: Target, rep: ReportFiles, ref: str) -> str:
     run_id = target.log_to
     if run_id is None:
-        run = client.create_run(target.experiment_id, run_name=f"report: {ref}", tags={ROLE_TAG: "report"})
-        run_id = run.info.run_id
+        run_id = create_run_once(client, target.experiment_id, new_key(), run_name=f"report: {ref}",
+                                 tags={ROLE_TAG: "report"})
         client.log_artifacts(run_id, str(rep.out_dir), "report")
         client.set_terminated(run_id, "FINISHED")
     else:

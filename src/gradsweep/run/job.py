@@ -106,11 +106,14 @@ class Resume:
     run_id: Optional[str] = None  # continue this run (resume_from was a run id)
     logged: dict[str, int] = field(default_factory=dict)  # metric -> last step the run holds (may be beyond `last`)
     history: Optional[Any] = None  # the run's dense history so far (a DataFrame), for a verdict over the whole run
+    status: Optional[str] = None  # the status of the run resumed from (resume_from was a run id)
 
 
 def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Path, last_only: bool = False,
                    spool: Optional[Path] = None) -> Resume:
-    """``trainer.resume_from``: a checkpoint path (a new run) or an MLflow run id (the same run).
+    """``trainer.resume_from``: a checkpoint path (a new run) or an MLflow run id: the same run where it
+    did not finish (KILLED, FAILED, RUNNING with its writer dead), a new run continuing it where it did
+    (FINISHED: its history is not rewritten; the sweep that summarised it still describes it).
     ``last_only``: just the checkpoint to continue from (preflight's check), not the best one nor
     the steps the run holds. ``spool``: where a killed writer of the run may have left records."""
     path = Path(ref)
@@ -128,8 +131,9 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
         last = client.download_artifacts(ref, "checkpoints/last.pt", str(dest))
     except Exception:
         raise CheckpointError(f"trainer.resume_from={ref!r}: run has no checkpoints/last.pt artifact") from None
+    finished = run.info.status == "FINISHED"
     if last_only:
-        return Resume(load_checkpoint(last), None, ref)
+        return Resume(load_checkpoint(last), None, None if finished else ref, status=run.info.status)
     try:
         best = load_checkpoint(client.download_artifacts(ref, "checkpoints/best.pt", str(dest)))
     except Exception:
@@ -138,6 +142,8 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
 
     from gradsweep.track.history import read_history
 
+    if finished:  # a new run: it holds nothing yet, and its verdict also covers the original's steps
+        return Resume(load_checkpoint(last), best, None, history=read_history(client, ref), status=run.info.status)
     if spool is not None:
         from gradsweep.track.store import hand_over
 
@@ -147,7 +153,7 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
     if dense is not None:  # the steps it holds beyond its sampled metrics' last point are not sent again
         last_dense = int(dense.index.max())
         logged.update({key: max(logged.get(key, -1), last_dense) for key in dense.columns})
-    return Resume(load_checkpoint(last), best, ref, logged, dense)
+    return Resume(load_checkpoint(last), best, ref, logged, dense, run.info.status)
 
 
 def check_inputs(spec: JobSpec) -> None:
@@ -196,6 +202,12 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
     optimizer = build("optimizer", spec.optimizer, model.parameters())
     if resume is not None:  # input validation: a refused resume creates no run, changes no run's status
         check_compatible(resume.last, model, optimizer, spec.trainer.resume_from)
+        if resume.status == "FINISHED":
+            log.info("resume: run %s is FINISHED and stays as it is; a new run (tag %s) continues it from step %d",
+                     spec.trainer.resume_from, RESUMED_FROM_TAG, resume.last["step"])
+        elif resume.status:
+            log.info("resume: run %s (%s) continues in place from step %d", spec.trainer.resume_from, resume.status,
+                     resume.last["step"])
     clipper = build("clip", spec.clip)
     config_dict = spec.public()
 
@@ -297,8 +309,9 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
 
 
 def _continue_history(history: HistorySink, resume: Resume, trainer: Trainer) -> None:
-    """A run continued in place: its steps before the checkpoint, from its dense history, so the
-    verdict and ``health/*`` cover the whole run, not only the steps after the resume."""
+    """A resumed run (in place, or a new run continuing a FINISHED one): the steps before the
+    checkpoint, from the resumed run's dense history, so the verdict and ``health/*`` cover the
+    whole run, not only the steps after the resume."""
     dense = resume.history
     if dense is None or list(dense.columns) != trainer.names:
         return

@@ -18,6 +18,7 @@ Optuna's figures.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import logging
@@ -41,14 +42,13 @@ from gradsweep.names import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
 from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.optuna_storage import make_pruner, make_storage, resolve_storage_url
 from gradsweep.sweep.optuna_trial import register_live, unregister_live
-from gradsweep.track.journal import worker_alive, worker_id
+from gradsweep.sweep.optuna_stale import FAILURE_ATTR, Heartbeat, fail_stale
+from gradsweep.track.journal import worker_id
 from gradsweep.track.uri import mask
 
 log = logging.getLogger("gradsweep")
 RUN_ID_ATTR = "mlflow_run_id"
 SWEEP_ATTR = "gradsweep_sweep_id"
-FAILURE_ATTR = "gradsweep_failure"
-WORKER_ATTR = "gradsweep_worker"  # host:pid of the process that asked for the trial
 FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "slice", "intermediate_values")
 
 
@@ -59,9 +59,10 @@ class TooManyFailedTrials(GradsweepError):
 # ----------------------------------------------------------------------------------- sweep
 class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
     def __init__(self, *args: Any, pruner: Optional[DictConfig] = None, sampler_cfg: Optional[DictConfig] = None,
-                 figures: bool = True) -> None:
+                 figures: bool = True, heartbeat_interval: int = 30, grace_period: Optional[int] = None) -> None:
         super().__init__(*args)
         self.figures = figures
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.pruner_cfg = OmegaConf.to_container(pruner, resolve=True) if pruner is not None else None
         self.sampler_cfg = OmegaConf.to_container(sampler_cfg, resolve=True) if sampler_cfg is not None else None
         self.tracker = None  # MLflow, opened lazily (a summary must not stop the study)
@@ -97,15 +98,21 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
             raise ConfigError(f"hydra.sweeper.n_trials={self.n_trials}, n_jobs={self.n_jobs} are invalid; "
                               "allowed: integers >= 1")
 
+        for key in ("heartbeat_interval", "grace_period"):
+            value = getattr(self, key)
+            if not (value is None and key == "grace_period") and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"hydra.sweeper.{key}={value} is invalid; allowed: an integer >= 1 (seconds)"
+                                  + (" or null" if key == "grace_period" else ""))
         storage_url = resolve_storage_url(self.storage)
         try:
-            study = optuna.create_study(study_name=self.study_name, storage=make_storage(storage_url),
+            storage = make_storage(storage_url, self.heartbeat_interval, self.grace_period)
+            study = optuna.create_study(study_name=self.study_name, storage=storage,
                                         sampler=self.sampler, pruner=make_pruner(self.pruner_cfg),
                                         directions=directions, load_if_exists=True)
         except (ImportError, OSError, ValueError, SQLAlchemyError) as e:  # bad URL, no driver, server down
             raise ConfigError(f"hydra.sweeper.storage={mask(str(self.storage))}: cannot open the study: "
                               f"{_first_line(e)}") from e
-        self._recover_dead_trials(study)
+        self._fail_stale(study, storage)
         before = len(study.get_trials(deepcopy=False))
         log.info("Optuna study %r in %s: %d trials so far; running %d (%d at a time), sampler %s, pruner %s",
                  study.study_name, mask(storage_url) if storage_url else "memory", before, self.n_trials,
@@ -119,15 +126,17 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         allowed = math.floor(self.max_failure_rate * self.n_trials + 1e-9)
         failures: list[str] = []
         mine: list[int] = []  # trial numbers run by this invocation
+        heartbeat = Heartbeat(storage, worker_id()).run()
         try:
             remaining = self.n_trials
             while remaining > 0:
                 batch = min(remaining, self.n_jobs)
                 trials: list[optuna.trial.Trial] = []
+                self._fail_stale(study, storage)  # another worker's, on any host
                 try:
-                    trials = [study.ask() for _ in range(batch)]
-                    for t in trials:  # who runs it: a restart recognises trials of a dead worker
-                        t.set_user_attr(WORKER_ATTR, worker_id())
+                    for _ in range(batch):  # one by one: what a signal interrupts is told FAIL below
+                        trials.append(study.ask())
+                        heartbeat.start(trials[-1])
                     mine += [t.number for t in trials]
                     overrides = []
                     for t in trials:
@@ -137,13 +146,16 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                     register_live(trials)
                     # job folders numbered by trial number: a continued study never reuses one
                     returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
-                except BaseException:  # Ctrl-C, a launcher error: no trial is left RUNNING in the storage
+                except BaseException as e:  # Ctrl-C, SIGTERM, a launcher error: no trial is left RUNNING in the storage
                     for t in trials:
+                        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed as stale
+                            t.set_user_attr(FAILURE_ATTR, f"the sweep stopped: {_first_line(e)}")
                         study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
                         self._tag_state(study.study_name, t.number, TrialState.FAIL)  # nor in MLflow's tags
                     raise
                 finally:
                     unregister_live(trials)
+                    heartbeat.end(trials)
                 for trial, ret in zip(trials, returns):
                     state, value, why = self._tell(study, trial, ret, is_grid)
                     if state == TrialState.FAIL:
@@ -157,20 +169,23 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                         f"{len(failures)} of {self.n_trials} trials failed, more than hydra.sweeper.max_failure_rate="
                         f"{self.max_failure_rate} allows ({allowed}); first: {failures[0]}")
         finally:
+            heartbeat.close()
+            self._fail_stale(study, storage)
             self._finish(study, mine, storage_url)
 
-    def _recover_dead_trials(self, study: optuna.Study) -> None:
-        """Trials left RUNNING by a worker process that no longer exists on this host (SIGKILL, a
-        crash) become FAIL (their MLflow runs are closed KILLED by the sweep callback). A worker on
-        another host may be alive as far as we can tell here, so its trials are left."""
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = t.user_attrs.get(WORKER_ATTR)
-            if not worker or worker_alive(worker):
-                continue
-            study._storage.set_trial_user_attr(t._trial_id, FAILURE_ATTR, f"worker {worker} died")
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            self._tag_state(study.study_name, t.number, TrialState.FAIL, this_sweep=False)
-            log.warning("trial %d was left RUNNING by dead worker %s: now FAIL", t.number, worker)
+    def _fail_stale(self, study: optuna.Study, storage: Any) -> None:
+        """Trials whose sweep process is gone (no heartbeat for the grace period; see
+        :mod:`gradsweep.sweep.optuna_stale`) become FAIL, and their MLflow runs say so (the runs
+        themselves are closed KILLED by the sweep callback). Never fatal: the study goes on (or ends
+        with its own error), and the next check tries again."""
+        try:
+            failed = fail_stale(study, storage)
+        except Exception as e:
+            log.warning("could not check the study for trials left by dead sweeps: %s", _first_line(e))
+            return
+        for number, why in failed:
+            self._tag_state(study.study_name, number, TrialState.FAIL, this_sweep=False)
+            log.warning("trial %d was left RUNNING: now FAIL (%s)", number, why)
 
     def _tag_state(self, study_name: str, number: int, state: TrialState, run_id: Optional[str] = None,
                    this_sweep: bool = True) -> None:
@@ -212,7 +227,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         run_id = self._child_run(study.study_name, trial.number)
         attrs = {RUN_ID_ATTR: run_id, SWEEP_ATTR: self.sweep_id, FAILURE_ATTR: why if state == TrialState.FAIL else None}
         for k, v in attrs.items():
-            if v:
+            if v or (k == FAILURE_ATTR and k in trial.user_attrs):  # the mark of a live trial: cleared
                 trial.set_user_attr(k, v)
         try:
             study.tell(trial, values=[value] if state == TrialState.COMPLETE else None, state=state)

@@ -1,6 +1,7 @@
 """Optuna storages and pruners from config values: shared by the sweeper, its jobs and the scheduler."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,24 +40,31 @@ def _postgres_driver(url: str) -> str:
     return url
 
 
-def make_storage(url: Optional[str]) -> Any:
-    """An Optuna storage for a resolved URL: None (in memory), RDB (sqlite, postgresql, mysql) or journal file."""
+def make_storage(url: Optional[str], heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None) -> Any:
+    """An Optuna storage for a resolved URL: None (in memory), RDB (sqlite, postgresql, mysql) or journal file.
+    ``heartbeat_interval``/``grace_period`` (RDB only): see :mod:`gradsweep.sweep.optuna_stale`."""
     if url is None:
         return None
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
+
+    def rdb(**extra: Any) -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, **kwargs, **extra)
+
     if is_local_sqlite(url):  # several local workers: wait for the write lock instead of failing at once
-        return create_in_turn(lambda: optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}}),
-                              sqlite_path(url))
+        return create_in_turn(lambda: rdb(engine_kwargs={"connect_args": {"timeout": 60}}), sqlite_path(url))
     try:
-        return optuna.storages.RDBStorage(url)
+        return rdb()
     except SQLAlchemyError:  # two workers creating a fresh database's tables at once: the loser retries
         import time
 
         time.sleep(1.0)
-        return optuna.storages.RDBStorage(url)
+        return rdb()
 
 
 def make_pruner(cfg: Optional[dict[str, Any]]) -> optuna.pruners.BasePruner:

@@ -74,6 +74,11 @@ class GradsweepOptunaSweeperConf(OptunaSweeperConf):
     max_failure_rate: float = 0.0  # stop once more than this fraction of n_trials has failed
     pruner: Any = MISSING  # hydra/sweeper/pruner: median | none | hyperband
     figures: bool = True  # Optuna's figures in the parent run (param importances take seconds on big studies)
+    # RDB storages: the sweep process beats for each trial it runs every heartbeat_interval seconds; a
+    # trial without a beat for grace_period seconds (null: twice the interval) is FAIL (its sweep process
+    # was killed or its machine lost), found by the next invocation of the study on any host
+    heartbeat_interval: int = 30
+    grace_period: Optional[int] = None
 
 
 def register_configs() -> None:
@@ -94,11 +99,13 @@ class GradsweepOptunaSweeper(OptunaSweeper):
 
     def __init__(self, sampler: Any, direction: Any, storage: Optional[Any], study_name: Optional[str],
                  n_trials: int, n_jobs: int, max_failure_rate: float, custom_search_space: Optional[str],
-                 params: Optional[DictConfig], pruner: Optional[DictConfig] = None, figures: bool = True) -> None:
+                 params: Optional[DictConfig], pruner: Optional[DictConfig] = None, figures: bool = True,
+                 heartbeat_interval: int = 30, grace_period: Optional[int] = None) -> None:
         super().__init__(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                          custom_search_space, params)
         from gradsweep.sweep.optuna_loop import GradsweepOptunaSweeperImpl  # Optuna + MLflow: only when sweeping
 
         self.sweeper = GradsweepOptunaSweeperImpl(self.sweeper.sampler, direction, storage, study_name, n_trials,
                                                   n_jobs, max_failure_rate, custom_search_space, params, pruner=pruner,
-                                                  sampler_cfg=sampler, figures=figures)
+                                                  sampler_cfg=sampler, figures=figures,
+                                                  heartbeat_interval=heartbeat_interval, grace_period=grace_period)

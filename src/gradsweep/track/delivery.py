@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.locks import Busy, create_in_turn, locked_file
+from gradsweep.track.create import create_run_once, drop_duplicates
 from gradsweep.track.journal import HEADER, STATE, read_json, records, write_json_atomic
 from gradsweep.track.steps import FAMILIES, STEPS, TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
@@ -224,11 +225,16 @@ def _ensure_run(folder: Path, client, header: dict[str, Any], state: dict[str, A
     if parent:
         tags["mlflow.parentRunId"] = parent
     tags["gradsweep.spooled"] = "true"
-    run = _call(client.create_run, _experiment_id(client, header), start_time=create.get("start_time"),
-                tags=tags, run_name=create.get("run_name"))
-    state.update(run_id=run.info.run_id, offset=0, done=False)
+    experiment = _experiment_id(client, header)
+    tried = bool(create.get("tried") or state.get("create_tried"))
+    if not tried:  # recorded before the request: a pass after a lost answer looks for the run first
+        state["create_tried"] = True
+        write_json_atomic(folder / STATE, state)
+    run_id = create_run_once(client, experiment, header.get("create_key") or folder.name, tried=tried, call=_call,
+                             start_time=create.get("start_time"), tags=tags, run_name=create.get("run_name"))
+    state.update(run_id=run_id, offset=0, done=False)
     write_json_atomic(folder / STATE, state)
-    return run.info.run_id
+    return run_id
 
 
 def deliver(folder: Path, wait_s: float = 0.0) -> bool:
@@ -323,6 +329,9 @@ def _deliver_locked(folder: Path) -> bool:
             state.setdefault("hooks", {})[rec.get("hook", "?")] = result
         elif op == "end":
             send_steps(final=True)  # the last chunk and the last, partial window
+            # a create the server finished after its retry's answer (an embedded store answers in-process)
+            if header.get("create_key") and not is_local_sqlite(header["uri"]):
+                send(lambda rid: drop_duplicates(client, rid, _call), what="duplicate runs")
             if state.get("rejected"):  # the run says what it lacks
                 send(client.set_tag, REJECTED_TAG, _rejection_summary(state), what="tags")
             if rec.get("status"):  # none: handed over to a process continuing the run in place
@@ -658,4 +667,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as ``python -m``, this file is ``__main__``, while the hooks import ``gradsweep.track.delivery``:
+    # two copies of the module, and a hook's Unreachable (the other copy's class) was not caught here as
+    # one, so a hook that met a lost answer failed for good instead of being tried again. One copy:
+    from gradsweep.track.delivery import main as _main
+
+    _main()

@@ -19,6 +19,7 @@ from gradsweep.errors import RecordingLost
 from gradsweep.names import FAILURE_REASON_TAG, FAILURE_TAG, PARENT_TAG, WORKER_TAG
 from gradsweep.paths import SRC
 from gradsweep.track import delivery
+from gradsweep.track.create import create_run_once, new_key
 from gradsweep.track.journal import (HEADER, STATE, RunJournal, default_spool_dir, now_ms, read_json, refused_error,
                                      worker_alive, worker_id)
 from gradsweep.track.settings import TrackingConfig
@@ -81,12 +82,13 @@ class Tracker:
     def _experiment(self, name: str, artifact_location: Optional[str]) -> str:
         return delivery.experiment_id(self.client, name, artifact_location or default_artifact_location(self.uri))
 
-    def start_run(self, run_name: str, tags: dict[str, str], parent_run_id: Optional[str] = None) -> str:
+    def start_run(self, run_name: str, tags: dict[str, str], parent_run_id: Optional[str] = None,
+                  key: Optional[str] = None) -> str:
+        """Create a run, once however often its request is sent (``key``: see :mod:`gradsweep.track.create`)."""
         tags = dict(tags)
         if parent_run_id:
             tags[PARENT_TAG] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        return run.info.run_id
+        return create_run_once(self.client, self.experiment_id, key or new_key(), run_name=run_name, tags=tags)
 
     def children(self, parent_run_id: str) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
@@ -217,13 +219,16 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
     spool = spool_of(tracking)
     tags = {**tags, WORKER_TAG: worker_id()}
     existing = run_id is not None
+    key = new_key()  # the same key wherever the run is created: this process or its delivery process
     header: dict[str, Any] = {"uri": uri, "experiment_name": experiment_name,
                               "artifact_location": artifact_location or default_artifact_location(uri),
                               "max_points": tracking.max_points, "max_param_points": tracking.max_param_points,
                               "param_groups": tracking.param_groups}
+    tried = False
     if run_id is None and parent_local_id is None and (create_now or mlflow_loaded()):
         try:
-            run_id = Tracker(uri, experiment_name, artifact_location).start_run(run_name, tags, parent_run_id)
+            tried = True  # from here on, the store may hold the run whatever the answer
+            run_id = Tracker(uri, experiment_name, artifact_location).start_run(run_name, tags, parent_run_id, key)
         except Exception as e:
             if not delivery.is_transient(e):
                 raise
@@ -233,11 +238,13 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
         header["hooks"] = list(hooks)
     if parent_run_id or parent_local_id:  # so a hook of the parent finds its children's journals
         header.update(parent_run_id=parent_run_id, parent_local_id=parent_local_id)
+    if not existing:
+        header["create_key"] = key
     if run_id:
         header["run_id"] = run_id
     else:
         header["create"] = {"run_name": run_name, "tags": tags, "parent_run_id": parent_run_id,
-                            "parent_local_id": parent_local_id, "start_time": now_ms()}
+                            "parent_local_id": parent_local_id, "start_time": now_ms(), "tried": tried}
     try:
         journal = RunJournal.create(spool, header)
     except RecordingLost as e:
