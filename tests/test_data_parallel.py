@@ -2,11 +2,18 @@
 norms it records are those of the all-reduced gradients, equal to a one-process run's with the same
 global batch; only rank 0 records; resume works."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 from mlflow.tracking import MlflowClient
 
 import gradsweep
-from conftest import fresh_store, run_train
+from conftest import TRAIN, fresh_store, run_train
 from jobs import run_inprocess
 
 MOONS = ["model=mlp", "data=moons", "trainer.batch_size=50", "tracking.log_checkpoints=false"]
@@ -48,12 +55,51 @@ def test_a_sweep_over_devices_records_equal_histories_and_resumes(tmp_path, migr
     assert_same_steps(one, two, [c for c in one.columns if c != "clip/coef"])
     assert set(by["1"].data.metrics) == set(by["2"].data.metrics)
 
-    # resume the 2-process run in place from its run id, longer: one continuous history
+    # resume the FINISHED 2-process run, longer: a new run linked to it continues its history
     run_id = by["2"].info.run_id
     res = run_train([*MOONS, "trainer.reduction=mean", "trainer.epochs=6", "trainer.devices=2",
                      f"trainer.resume_from={run_id}", f"tracking.uri={store}"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert client.get_run(run_id).info.status == "FINISHED"
-    longer = gradsweep.history(run_id, store)
-    assert list(longer.index) == list(range(len(longer))) and len(longer) == len(two) * 6 // 4
-    np.testing.assert_array_equal(longer["grad_norm/total"].to_numpy()[:len(two)], two["grad_norm/total"].to_numpy())
+    (new,) = client.search_runs([client.get_experiment_by_name("gradsweep").experiment_id],
+                                filter_string=f"tags.`gradsweep.resumed_from` = '{run_id}'")
+    assert new.info.status == "FINISHED" and len(gradsweep.history(run_id, store)) == len(two)  # original as it was
+    more = gradsweep.history(new.info.run_id, store)
+    assert list(more.index) == list(range(len(two), len(two) * 6 // 4))  # the steps after the checkpoint
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the kernel's own children lists, each thread's)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def test_a_killed_rank_fails_the_whole_job_and_leaves_no_process(tmp_path, migrated_db):
+    store = f"sqlite:///{fresh_store(tmp_path / 'mlruns', migrated_db)}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *MOONS, "trainer.epochs=100000", "trainer.devices=2",
+                             f"tracking.uri={store}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline, rank = time.monotonic() + 120, None
+    while rank is None and time.monotonic() < deadline and proc.poll() is None:
+        ranks = [p for p in descendants(proc.pid) if b"_rank_main" in Path(f"/proc/{p}/cmdline").read_bytes()
+                 or b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        client = MlflowClient(store)
+        exp = client.get_experiment_by_name("gradsweep")
+        training = exp and [r for r in client.search_runs([exp.experiment_id]) if r.data.metrics]
+        rank = ranks[0] if ranks and training else None
+        time.sleep(0.2)
+    assert rank is not None, (proc.poll(), proc.stderr.read()[-3000:] if proc.poll() is not None else "")
+    os.kill(rank, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)  # never hangs in its next all-reduce
+    assert proc.returncode not in (0, None), err[-3000:]
+    (run,) = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("gradsweep").experiment_id])
+    assert run.info.status == "FAILED", err[-3000:]
+    assert not [p for p in descendants(proc.pid)]  # nothing left running
