@@ -99,7 +99,9 @@ def test_a_killed_rank_fails_the_whole_job_and_leaves_no_process(tmp_path, migra
     assert rank is not None, (proc.poll(), proc.stderr.read()[-3000:] if proc.poll() is not None else "")
     os.kill(rank, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)  # never hangs in its next all-reduce
-    assert proc.returncode not in (0, None), err[-3000:]
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert "error: trainer.devices=2: rank 1 killed by signal 9 while training; the run is FAILED" in \
+        err.strip().splitlines()[-1], err[-3000:]
     (run,) = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("gradsweep").experiment_id])
-    assert run.info.status == "FAILED", err[-3000:]
+    assert run.info.status == "FAILED" and "rank 1 killed by signal 9" in run.data.tags["failure_reason"], err[-3000:]
     assert not [p for p in descendants(proc.pid)]  # nothing left running

@@ -37,6 +37,11 @@ class NonFiniteError(GradsweepError):
         return f"nonfinite_{self.what}"
 
 
+class RankLost(Exception):
+    """A rank of a ``trainer.devices=N`` job died while training (killed, out of memory): the job's
+    run is FAILED with the rank and how it ended, in one line; the command exits 1."""
+
+
 class StopRun(Exception):
     """Not an error: raised by a training loop's ``on_eval`` hook to stop a run on purpose (an Optuna
     pruner). The job closes the run KILLED with tags ``gradsweep.stopped=<reason>`` and

@@ -19,7 +19,7 @@ from typing import Callable, NoReturn
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
-from gradsweep.errors import GradsweepError, JobLost, NonFiniteError, RecordingLost
+from gradsweep.errors import GradsweepError, JobLost, NonFiniteError, RankLost, RecordingLost
 from gradsweep.run.job import main_thread, raise_terminated
 from gradsweep.sweep.hydra_adapter import preflight
 
@@ -117,7 +117,7 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
     except NonFiniteError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
-    except (RecordingLost, JobLost) as e:
+    except (RecordingLost, JobLost, RankLost) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     except (GradsweepError, HydraException, MissingConfigException, OmegaConfBaseException) as e:

@@ -284,8 +284,10 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         status = "KILLED"
         raise
     except Exception as e:
-        failure, error = "exception", e
-        run.set_tags(_exception_tags(e))
+        failure, error = "exception", ranks.lost(e) if ranks is not None else e
+        run.set_tags(_exception_tags(error))
+        if error is not e:
+            raise error from e
         raise
     finally:
         if ranks is not None:

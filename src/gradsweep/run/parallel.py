@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gradsweep.errors import GradsweepError
+from gradsweep.errors import GradsweepError, RankLost
 from gradsweep.train.parallel import DataParallel
 
 if TYPE_CHECKING:
@@ -84,6 +84,22 @@ class Ranks:
                 raise GradsweepError(f"trainer.devices={self.world}: the other ranks were not ready after "
                                      f"{READY_TIMEOUT_S:.0f} s")
             time.sleep(0.05)
+
+    def lost(self, error: BaseException) -> BaseException:
+        """``error`` (what rank 0's collective raised) as :class:`RankLost` naming the rank that died,
+        or unchanged when every rank is alive (then it is rank 0's own error)."""
+        for _ in range(50):  # the peer's socket closes a moment before its exit status is known
+            dead = [(rank, p.exitcode) for rank, p in enumerate(self.context.processes, start=1)
+                    if p.exitcode is not None]
+            if dead:
+                break
+            time.sleep(0.1)
+        else:
+            return error
+        rank, code = dead[0]
+        how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        return RankLost(f"trainer.devices={self.world}: rank {rank} {how} while training; the run is FAILED "
+                        f"({type(error).__name__} on rank 0: {str(error).splitlines()[0][:200] if str(error) else ''})")
 
     def close(self) -> None:
         """Stop every rank still running (rank 0 ended: finished, failed, pruned or interrupted)."""

@@ -145,7 +145,7 @@ def evaluate(model: nn.Module, split: Split, loss: str, device: torch.device) ->
         correct += c
         counted += n
     model.train(was_training)
-    acc, lsum, n = torch.stack([correct.float(), total_loss, counted.float()]).tolist()
+    acc, lsum, n = transfer.to_host(torch.stack([correct.float(), total_loss, counted.float()])).tolist()
     per = n if loss == "lm" else len(split)
     return (acc / n if n else math.nan), lsum / max(per, 1)
 
