@@ -64,6 +64,14 @@ def run_name(overrides: list[str], constant_keys: tuple[str, ...] = ()) -> str:
     return " ".join(keep) or "default"
 
 
+def called(name: str, ref: str) -> str:
+    """How the console names a run, from its first line to its last: its name, and the first 8
+    characters of its id once the store has it (``clip.max_norm=5 (0aab2449)``)."""
+    if RUN_ID.match(ref):
+        return f"{name} ({ref[:8]})"
+    return name if ref == name else f"{name} {ref}"
+
+
 @dataclass
 class JobOutcome:
     run_id: str
@@ -245,9 +253,8 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
             _continue_history(history, resume, trainer)
         if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
             store.on_save = lambda path: run.log_artifact(path, "checkpoints")
-        ref = run.run_ref
-        log.info("run %s on %s: %s, %d steps", name if ref == name else f"{ref} ({name})", device,
-                 mask(spec.tracking.uri), trainer.total_steps)
+        log.info("run %s on %s: %s, %d steps", called(name, run.run_ref), device, mask(spec.tracking.uri),
+                 trainer.total_steps)
     except BaseException as e:
         if ranks is not None:
             ranks.close()
@@ -281,17 +288,17 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         health = record_health(history.history, spec.diagnostics, model, trainer.train_x, run, run.set_tags,
-                               run.run_ref)
+                               called(name, run.run_ref))
         _close_run(run, history, store, spec, status, name)
+    who = called(name, run.run_ref)
     if error is not None:
-        log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", run.run_ref, status,
-                error)
+        log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", who, status, error)
         return JobOutcome(run.run_ref, status, math.nan, None, failure, history, error, health, run)
     if spec.trainer.loss == "mse":
-        log.info("run %s FINISHED: best dev loss %.4g (step %d), test loss %.4g", run.run_ref, -result.best_dev_acc,
+        log.info("run %s FINISHED: best dev loss %.4g (step %d), test loss %.4g", who, -result.best_dev_acc,
                  result.best_step, result.test_loss)
     else:
-        log.info("run %s FINISHED: best dev acc %.4f (step %d), test acc %.4f", run.run_ref, result.best_dev_acc,
+        log.info("run %s FINISHED: best dev acc %.4f (step %d), test acc %.4f", who, result.best_dev_acc,
                  result.best_step, result.test_acc)
     return JobOutcome(run.run_ref, status, result.best_dev_acc, result, None, history, health=health, run=run)
 
