@@ -127,12 +127,26 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_INPUT)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted_text(), file=sys.stderr)
         sys.exit(130)
     finally:
         sys.stdout, sys.stderr = stdout, stderr
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_text() -> str:
+    """What Ctrl-C/SIGTERM left: each run that ended KILLED, where, and the command that resumes it."""
+    from gradsweep.run.job import KILLED, called
+
+    if not KILLED:
+        return "interrupted (no run was training)"
+    lines = ["interrupted:"]
+    for k in KILLED:
+        how = "resume it from its last checkpoint" if k.resumable else "it has no checkpoint on the store: run it again"
+        lines += [f"  run {called(k.name, k.ref)} ended KILLED at step {k.step} of {k.total_steps}; {how}:",
+                  f"    {k.command()}"]
+    return "\n".join(lines)
 
 
 def _exit_if_not_recorded() -> None:
