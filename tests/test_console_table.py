@@ -32,3 +32,12 @@ def test_a_large_sweep_shows_its_best_and_says_where_the_rest_are():
     shown = [line.split()[0] for line in lines[3:-1]]
     assert shown == [f"optimizer.lr={lr:.3g}" for lr in lrs[::-1][:CONSOLE_BEST]]  # best dev acc first
     assert max(len(line) for line in lines) < 120
+
+
+def test_a_configuration_swept_over_seeds_alone_is_not_named_by_one_seed():
+    runs = [run(0.1, s, 0.5) for s in range(3)]
+    for r in runs:
+        r.data.params = {"trainer.seed": r.data.params["trainer.seed"]}
+        r.data.tags["gradsweep.overrides"] = f"clip=none trainer.seed={r.data.params['trainer.seed']}"
+    (config,) = group_runs(runs)
+    assert config.label == "clip=none" and len(config.runs) == 3

@@ -91,7 +91,8 @@ def group_runs(runs, varied: Optional[list[str]] = None) -> list[Config]:
         values = {k: r.data.params.get(k, "-") for k in keys}
         key = tuple(values.values())
         if key not in groups:
-            label = " ".join(f"{short_key(k)}={v}" for k, v in values.items()) or child_label(r)
+            label = " ".join(f"{short_key(k)}={v}" for k, v in values.items()) or \
+                " ".join(o for o in child_label(r).split() if not o.startswith(f"{SEED}=")) or child_label(r)
             groups[key] = Config(label, values)
         groups[key].runs.append(r)
     return list(groups.values())
