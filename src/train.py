@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout 
 from gradsweep.cli.plan import print_plan, start_delivery  # noqa: E402  (light: no torch, no MLflow)
 
 if __name__ == "__main__":  # not when a test imports this module for `main`
-    print_plan(sys.argv[1:])  # within a second; PyTorch and MLflow take several to load
+    print_plan(sys.argv[1:])  # before PyTorch and MLflow load (seconds): README, "How long you wait"
     start_delivery(sys.argv[1:])  # its MLflow import overlaps ours of PyTorch
 
 import hydra  # noqa: E402

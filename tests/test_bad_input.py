@@ -65,6 +65,7 @@ def test_bad_input_as_a_process(tmp_path, args, message):
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert res.stdout == ""  # one line in all: no plan before the error
     assert not store_dir.exists()
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 

@@ -1,4 +1,5 @@
 """Checkpoints load with weights_only=True and resuming continues a run exactly (CPU, fixed seed)."""
+import re
 import signal
 import subprocess
 import sys
@@ -102,11 +103,22 @@ def test_sigterm_marks_run_killed(tmp_path, store):
         if "dev_acc" in line or time.monotonic() > deadline:
             break
     proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
     proc.wait(60)
     assert proc.returncode != 0
     client, (run,) = _runs(store)
     assert run.info.status == "KILLED"
     assert len(client.get_metric_history(run.info.run_id, "grad_norm/total")) > 0  # flushed before closing
+    # the console names the run and the command that resumes it; the run holds the checkpoint it needs
+    said = re.search(rf"run trainer.epochs=100000 \({run.info.run_id[:8]}\) ended KILLED at step (\d+) of 500000; "
+                     rf"resume it from its last checkpoint:\n    python src/train.py trainer.resume_from={run.info.run_id} "
+                     rf"trainer.epochs=100000 tracking.uri={store}\n", rest)
+    assert said, rest[-2000:]
+    last = torch.load(client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path)), weights_only=True)
+    assert last["step"] == int(said.group(1)) > 0  # stopped between two steps, all of them recorded
+    import gradsweep
+
+    assert gradsweep.history(run.info.run_id, tracking_uri=store).index.max() == last["step"] - 1
 
 
 def test_sigkill_then_resume_into_same_run_equals_uninterrupted(tmp_path, store):

@@ -123,7 +123,7 @@ def test_unknown_reference_is_one_line(sweep, tmp_path, capsys, ref, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     if ref == "no_such_thing":  # names what is allowed
-        assert "circles_activations|clip_value_vs_norm|dead_relu" in err[0] and "an experiment (Default|gradsweep)" in err[0]
+        assert "circles_activations|clip_rescue|clip_value_vs_norm|dead_relu" in err[0] and "an experiment (Default|gradsweep)" in err[0]
     assert not (tmp_path / "x").exists()
 
 

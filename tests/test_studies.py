@@ -39,7 +39,31 @@ def store(tmp_path_factory) -> str:
 
 def test_every_study_is_listed():
     # adaptive_clipping*: test_clipping.py; lm_spikes (examples/ on the path): test_examples.py
-    assert study_names() == sorted([*STUDIES, "adaptive_clipping", "adaptive_clipping_mlp", "lm_spikes"])
+    # clip_rescue: a demo (below)
+    assert study_names() == sorted([*STUDIES, "adaptive_clipping", "adaptive_clipping_mlp", "lm_spikes", "clip_rescue"])
+
+
+def _rescue(seeds_threads, tmp_path) -> None:
+    """experiment=clip_rescue: unclipped, every run diverges (FAILED, nonfinite); clipped, it learns."""
+    variants = study_variants("clip_rescue")
+    assert sorted(v[-1] for v in variants) == ["clip=none", "clip=norm"]
+    for seed, threads in seeds_threads:
+        for variant in variants:
+            out = run_inprocess([*variant, f"trainer.seed={seed}", f"trainer.cpu_threads={threads}"],
+                                tmp_path / f"{seed}-{threads}-{variant[-1]}", "memory")
+            if variant[-1] == "clip=none":
+                assert out.status == "FAILED" and out.failure.startswith("nonfinite"), (seed, threads, out.status)
+            else:
+                assert out.status == "FINISHED" and out.result.test_acc >= 0.9, (seed, threads, out.result)
+
+
+def test_clip_rescue_diverges_unclipped_and_learns_clipped(tmp_path):
+    _rescue([(0, 1), (1, 2)], tmp_path)
+
+
+@pytest.mark.slow
+def test_clip_rescue_over_seeds_and_threads(tmp_path):
+    _rescue([(seed, threads) for seed in range(10) for threads in (1, 2)], tmp_path)
 
 
 @pytest.mark.parametrize("study", sorted(STUDIES))

@@ -1,5 +1,6 @@
 """A real `-m` sweep in a subprocess, read back with MlflowClient (embedded store and real server)."""
 import csv
+import re
 import time
 from pathlib import Path
 
@@ -224,3 +225,19 @@ def test_seeds_are_grouped_into_configurations(tmp_path, store):
         assert float(row["test_acc_median"]) == accs[1]
     md = Path(client.download_artifacts(parent.info.run_id, "sweep/summary.md", str(tmp_path))).read_text()
     assert "| clip.max_norm=1.0 | 3 | 3 |" in md and "median [min-max]" in md
+    # the sweep ends with the same numbers on the console: one row per configuration
+    lines = res.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("Sweep summary (2 configurations, median"))
+    table = {line.split()[0]: line for line in lines[head + 3:head + 5]}
+    assert set(table) == {"clip.max_norm=1", "clip.max_norm=20"}, lines[head:head + 6]  # as the user typed them
+    for row in rows:
+        line = table[f"clip.max_norm={float(row['clip.max_norm']):.3g}"]
+        cells = [c for c in line.split("  ") if c.strip()]
+        assert cells[1].strip() == "3/3" and f"{float(row['test_acc_median']):.4g} [" in cells[-1], line
+    # a run is called by its name from its first console line to its last, with its short id once it has one
+    log = res.stdout + res.stderr
+    assert not re.search(r"- run [0-9a-f]{32}", log)
+    ends = re.findall(r"- run (clip\.max_norm=\S+ trainer\.seed=\d) \(([0-9a-f]{8})\) FINISHED: best dev acc", log)
+    starts = re.findall(r"- run (clip\.max_norm=\S+ trainer\.seed=\d) on cpu", log)
+    assert len(ends) == 6 and sorted(name for name, _ in ends) == sorted(starts), log[-3000:]
+    assert {short for _, short in ends} == {r["run_id"][:8] for r in runs}

@@ -19,6 +19,7 @@ from typing import Callable, NoReturn
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
+from gradsweep.cli.plan import confirm_plan, withdraw_plan
 from gradsweep.errors import GradsweepError, JobLost, NonFiniteError, RankLost, RecordingLost
 from gradsweep.run.job import main_thread, raise_terminated
 from gradsweep.sweep.hydra_adapter import preflight
@@ -102,8 +103,10 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
     try:
         preflight(config_dir, config_name, sys.argv[1:])
     except Exception as e:  # preflight only parses and composes the command line: any error is the input's
+        withdraw_plan()  # bad input is one line: the error, not the plan before it
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_INPUT)
+    confirm_plan()
     # SIGTERM stops the whole command like Ctrl-C, wherever it arrives (also between the jobs of a
     # sweep, or while a job is still opening its run): runs end KILLED, Optuna trials FAIL
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread() else None
@@ -124,12 +127,26 @@ def _run_reporting_errors(main: Callable[[], object], config_dir: str, config_na
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_INPUT)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted_text(), file=sys.stderr)
         sys.exit(130)
     finally:
         sys.stdout, sys.stderr = stdout, stderr
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_text() -> str:
+    """What Ctrl-C/SIGTERM left: each run that ended KILLED, where, and the command that resumes it."""
+    from gradsweep.run.job import KILLED, called
+
+    if not KILLED:
+        return "interrupted (no run was training)"
+    lines = ["interrupted:"]
+    for k in KILLED:
+        how = "resume it from its last checkpoint" if k.resumable else "it has no checkpoint on the store: run it again"
+        lines += [f"  run {called(k.name, k.ref)} ended KILLED at step {k.step} of {k.total_steps}; {how}:",
+                  f"    {k.command()}"]
+    return "\n".join(lines)
 
 
 def _exit_if_not_recorded() -> None:

@@ -1,13 +1,22 @@
 """The plan, printed before PyTorch and MLflow load (seconds on a small machine): what will run
-and where it is recorded, from the command line alone. The full check of every job follows
-(preflight); a command line it cannot read gets no plan and preflight's one-line error."""
+and where it is recorded, from the command line and the config files it names. The full check of
+every job follows (preflight); a command line it cannot read, or that names a config option or sweep
+that does not exist, gets no plan, only preflight's one-line error.
+
+Bad input must print one line: on a terminal the plan shows at once and is erased when preflight
+rejects the command line (:func:`withdraw_plan`); elsewhere (a pipe, a log file) it is held back
+until preflight accepts it (:func:`confirm_plan`)."""
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
 from gradsweep.names import EMBEDDED_STORE
+from gradsweep.paths import CONF_DIR, SWEEPS_DIR
 from gradsweep.sweep.overrides import job_combinations
 from gradsweep.track.uri import mask
 
@@ -16,17 +25,49 @@ NO_PLAN = ("-h", "--help", "-hh", "--hydra-help", "-i", "--info", "-c", "--cfg",
 SERVER = "http://127.0.0.1:5000"  # conf/tracking/server.yaml
 
 
+def _option_file(group: str, option: str) -> Optional[Path]:
+    """The YAML file of a config-group choice of ours (``conf/<group>/``, ``sweeps/``); None for keys
+    that are no such group (plain values, Hydra's own groups)."""
+    if group == "sweep":
+        folder = Path(os.environ["GRADSWEEP_SWEEPS_DIR"]) if os.environ.get("GRADSWEEP_SWEEPS_DIR") else SWEEPS_DIR
+    elif group and not group.startswith("hydra") and (CONF_DIR / group).is_dir():
+        folder = CONF_DIR / group
+    else:
+        return None
+    return folder / f"{option}.yaml"
+
+
+def _preset_params(combo: list[str]) -> list[str]:
+    """The discrete ``hydra.sweeper.params`` of the ``experiment=`` preset a job names that its
+    command line does not set (what preflight's expansion adds: gradsweep.sweep.hydra_adapter._jobs)."""
+    chosen = dict(o.lstrip("+~").split("=", 1) for o in combo if "=" in o)
+    path = _option_file("experiment", chosen.get("experiment", "null"))
+    if path is None or not path.is_file():
+        return []
+    import yaml  # light, and already loaded by Hydra's parser (through OmegaConf)
+
+    params = ((yaml.safe_load(path.read_text()) or {}).get("hydra") or {}).get("sweeper", {}).get("params") or {}
+    return [f"{k}={v}" for k, v in params.items() if k not in chosen]
+
+
 def _given(argv: list[str]) -> Optional[tuple[bool, list, dict[str, str]]]:
     """(multirun, the discrete job combinations, key -> value given) or None (no plan)."""
     if any(a.split("=")[0] in NO_PLAN for a in argv):
         return None
     overrides = [a for a in argv if not a.startswith("-")]
+    multirun = "-m" in argv or "--multirun" in argv
     try:
         combos = job_combinations(overrides)
+        for key, value in (o.lstrip("+~").split("=", 1) for combo in combos for o in combo if "=" in o):
+            path = _option_file(key, value)
+            if path is not None and value != "null" and not path.is_file():
+                return None  # an unknown option: preflight names it and the allowed ones
+        if multirun:
+            combos = [c + extra for c in combos for extra in job_combinations(_preset_params(c))]
     except Exception:  # preflight says what is wrong, in one line
         return None
     given = {k: v.replace("\\", "") for k, v in (o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)}
-    return "-m" in argv or "--multirun" in argv, combos, given
+    return multirun, combos, given
 
 
 def _store(given: dict[str, str]) -> Optional[str]:
@@ -59,10 +100,38 @@ def plan(argv: list[str]) -> Optional[str]:
     return f"[gradsweep] {jobs}, {recorded}, files under {files}; loading {loading}..."
 
 
+_shown: Optional[str] = None  #: the plan on a terminal, until preflight accepts the command line
+_held: Optional[str] = None  #: the plan held back (not a terminal), until preflight accepts it
+
+
 def print_plan(argv: list[str]) -> None:
+    global _shown, _held
     text = plan(argv)
-    if text:
+    if not text:
+        return
+    if sys.stdout.isatty():
         print(text, flush=True)
+        _shown = text
+    else:  # printed by confirm_plan, when PyTorch is loaded already
+        _held = text.rsplit("; loading", 1)[0]
+
+
+def confirm_plan() -> None:
+    """Preflight accepted the command line: the plan stays (or is printed now)."""
+    global _shown, _held
+    if _held:
+        print(_held, flush=True)
+    _shown = _held = None
+
+
+def withdraw_plan() -> None:
+    """Preflight rejected the command line: its one-line error is all that is left to read."""
+    global _shown, _held
+    if _shown:  # cursor up over the plan's rows (long lines wrap), then clear to the end of the screen
+        rows = max(1, math.ceil(len(_shown) / max(1, shutil.get_terminal_size().columns)))
+        sys.stdout.write(f"\x1b[{rows}F\x1b[J")
+        sys.stdout.flush()
+    _shown = _held = None
 
 
 def start_delivery(argv: list[str]) -> None:

@@ -52,6 +52,8 @@ RULE_ORDER = ("none", "norm", "autoclip", "agc", "zclip", "adagc")
 #: studies of the examples/ package (a user's own code, on PYTHONPATH as a user has it): the preset and
 #: the script that prints its table from the store (it reads each run's dense history)
 EXAMPLE_STUDIES = {"lm_spikes": "examples/lm_spikes_table.py"}
+#: presets that demonstrate, not study: nothing of the literature to compare with (tests/test_studies.py checks them)
+DEMOS = ("clip_rescue",)
 
 
 def classic_studies() -> list[str]:
@@ -59,7 +61,7 @@ def classic_studies() -> list[str]:
     from gradsweep.report.build import study_names
 
     inside = {p for c in COMPARISONS.values() for p in c.presets}
-    return [n for n in study_names() if n not in inside]
+    return [n for n in study_names() if n not in inside and n not in DEMOS]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -91,7 +91,8 @@ def group_runs(runs, varied: Optional[list[str]] = None) -> list[Config]:
         values = {k: r.data.params.get(k, "-") for k in keys}
         key = tuple(values.values())
         if key not in groups:
-            label = " ".join(f"{short_key(k)}={v}" for k, v in values.items()) or child_label(r)
+            label = " ".join(f"{short_key(k)}={v}" for k, v in values.items()) or \
+                " ".join(o for o in child_label(r).split() if not o.startswith(f"{SEED}=")) or child_label(r)
             groups[key] = Config(label, values)
         groups[key].runs.append(r)
     return list(groups.values())
@@ -143,6 +144,55 @@ def write_runs_csv(runs, varied: list[str], path: Path) -> Path:
     return path
 
 
+def summary_rows(configs: list[Config]) -> list[list[str]]:
+    """The cells of summary.md, one row per configuration: label, runs, finished, grad_health, then
+    ``median [min-max]`` of test accuracy, best dev accuracy and peak norm (the console table's too)."""
+    return [[c.label, str(len(c.runs)), str(sum(r.info.status == "FINISHED" for r in c.runs)),
+             verdict_text(c.verdicts(), len(c.runs)), *(fmt_spread(c.metric(m)) for m in SPREAD.values())]
+            for c in configs]
+
+
+CONSOLE_ROWS = 15  #: a sweep of more configurations shows its best CONSOLE_BEST on the console
+CONSOLE_BEST = 10
+CONSOLE_LABEL = 60  #: characters of a configuration's label on the console
+
+
+def _short_label(label: str) -> str:
+    """Floats of a label to 3 significant digits (Optuna draws 16), then at most CONSOLE_LABEL characters."""
+    def short(item: str) -> str:
+        key, sep, value = item.partition("=")
+        try:
+            return f"{key}={float(value):.3g}" if sep and "." in value else item
+        except ValueError:
+            return item
+
+    text = " ".join(short(i) for i in label.split(" "))
+    return text if len(text) <= CONSOLE_LABEL else text[:CONSOLE_LABEL - 3] + "..."
+
+
+def console_table(configs: list[Config], csv_path: Path) -> str:
+    """summary.md's numbers as the lines a sweep ends with: per configuration its peak norm before
+    clipping, verdict, best dev accuracy and test accuracy (``median [min-max]`` over seeds), and how
+    many of its runs finished. Beyond CONSOLE_ROWS configurations, the best CONSOLE_BEST by median best
+    dev accuracy, and how many more are in ``csv_path``."""
+    rows = summary_rows(configs)
+    shown = list(range(len(rows)))
+    if len(rows) > CONSOLE_ROWS:
+        score = [spread(c.metric(BEST_DEV_ACC))[0] for c in configs]
+        shown = sorted(shown, key=lambda i: -score[i] if math.isfinite(score[i]) else math.inf)[:CONSOLE_BEST]
+    table = [["configuration", "finished", "peak grad norm", "grad_health", "best dev acc", "test acc"]]
+    table += [[_short_label(rows[i][0]), f"{rows[i][2]}/{rows[i][1]}", rows[i][6], rows[i][3], rows[i][5], rows[i][4]]
+              for i in shown]
+    widths = [max(len(r[k]) for r in table) for k in range(len(table[0]))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  " + "  ".join("-" * w for w in widths))
+    many = any(len(c.runs) > 1 for c in configs)
+    head = f"Sweep summary ({len(configs)} configuration{'s' if len(configs) != 1 else ''}" + \
+        (", median [min-max] over seeds" if many else "") + "; peak grad norm: before clipping):"
+    tail = [f"  ... and {len(rows) - len(shown)} more configurations: {csv_path}"] if len(shown) < len(rows) else []
+    return "\n".join([head, *lines, *tail])
+
+
 def write_summary_tables(configs: list[Config], out_dir: Path) -> tuple[Path, Path]:
     keys = list(configs[0].values) if configs else []
     csv_path = out_dir / "summary.csv"
@@ -157,10 +207,7 @@ def write_summary_tables(configs: list[Config], out_dir: Path) -> tuple[Path, Pa
                         *(x for metric in SPREAD.values() for x in spread(c.metric(metric)))])
     md = ["| configuration | runs | finished | grad_health | test acc | best dev acc | peak grad norm |",
           "|---|---|---|---|---|---|---|"]
-    for c in configs:
-        md.append("| " + " | ".join([
-            c.label, str(len(c.runs)), str(sum(r.info.status == "FINISHED" for r in c.runs)),
-            verdict_text(c.verdicts(), len(c.runs)), *(fmt_spread(c.metric(m)) for m in SPREAD.values())]) + " |")
+    md += ["| " + " | ".join(row) + " |" for row in summary_rows(configs)]
     md.append("")
     md.append("Values are `median [min-max]` over the configuration's finished runs (seeds).")
     md_path = out_dir / "summary.md"
@@ -184,6 +231,11 @@ def band(series: list[Series]) -> tuple[list[int], list[float], list[float], lis
 def write_summary(runs, out_dir: Path, history: Callable[[str, str], Series], title: str = "") -> dict[str, Path]:
     """Every file of the summary (see the module docstring) for ``runs``; ``history(run_id, key)``
     reads a metric's history. Returns name -> path."""
+    return _write_summary(runs, out_dir, history, title)[0]
+
+
+def _write_summary(runs, out_dir: Path, history: Callable[[str, str], Series],
+                   title: str = "") -> tuple[dict[str, Path], list[Config]]:
     from gradsweep.report.figures import plot_bands
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,16 +248,16 @@ def write_summary(runs, out_dir: Path, history: Callable[[str, str], Series], ti
                                               else ""), "global gradient L2 norm")}
     files["summary_md"], files["summary_csv"] = write_summary_tables(configs, out_dir)
     files["runs_csv"] = write_runs_csv(runs, varied, out_dir / "runs.csv")
-    return files
+    return files, configs
 
 
-def summarize_sweep(tracker, runs: list, out_dir: Path, writer) -> dict[str, Path] | None:
+def summarize_sweep(tracker, runs: list, out_dir: Path, writer) -> Optional[str]:
     """End of a sweep: the summary of its child ``runs`` (histories read through ``tracker``),
     written to the parent run (``writer``, a run logger) under ``sweep/``, with counts and the best
-    score as metrics."""
+    score as metrics. Returns its :func:`console_table`."""
     if not runs:
         return None
-    files = write_summary(runs, out_dir, tracker.history)
+    files, configs = _write_summary(runs, out_dir, tracker.history)
     for path in files.values():
         writer.log_artifact(path, "sweep")
     scores = [r.data.metrics[BEST_DEV_ACC] for r in runs
@@ -215,21 +267,21 @@ def summarize_sweep(tracker, runs: list, out_dir: Path, writer) -> dict[str, Pat
     if scores:
         summary[BEST_DEV_ACC] = max(scores)
     writer.log_metrics(0, summary)
-    return files
+    return console_table(configs, files["summary_csv"])
 
 
 def sweep_summary_hook(header: dict[str, Any], run_id: str, folder: Path, out_dir: str, **_: Any) -> dict[str, Any]:
     """The delivery hook a sweep's parent journal ends with: once every child is on the store, the
     summary (:func:`summarize_sweep`) goes to the parent run. It runs in whichever process delivers
     the parent (the sweep's delivery process; ``gradsweep sync`` after an outage), so the sweep
-    process itself never loads MLflow. Returns what the sweep prints links from."""
+    process itself never loads MLflow. Returns what the sweep prints: the table and links."""
     from gradsweep.track.store import StoreRun, Tracker, deliver_children
 
     deliver_children(folder, run_id)
     tracker = Tracker(header["uri"], header["experiment_name"], header.get("artifact_location"))
     runs = tracker.children(run_id)
-    summarize_sweep(tracker, runs, Path(out_dir), StoreRun(tracker.client, run_id))
-    return {"experiment_id": tracker.experiment_id, "children": [r.info.run_id for r in runs]}
+    table = summarize_sweep(tracker, runs, Path(out_dir), StoreRun(tracker.client, run_id))
+    return {"experiment_id": tracker.experiment_id, "children": [r.info.run_id for r in runs], "table": table}
 
 
 # ------------------------------------------------------------------------------ the UI

@@ -64,6 +64,14 @@ def run_name(overrides: list[str], constant_keys: tuple[str, ...] = ()) -> str:
     return " ".join(keep) or "default"
 
 
+def called(name: str, ref: str) -> str:
+    """How the console names a run, from its first line to its last: its name, and the first 8
+    characters of its id once the store has it (``clip.max_norm=5 (0aab2449)``)."""
+    if RUN_ID.match(ref):
+        return f"{name} ({ref[:8]})"
+    return name if ref == name else f"{name} {ref}"
+
+
 @dataclass
 class JobOutcome:
     run_id: str
@@ -83,6 +91,42 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum, frame):
     raise Terminated()
+
+
+@dataclass
+class Killed:
+    """A run this process ended KILLED on Ctrl-C or SIGTERM, and how to go on with it."""
+
+    name: str
+    ref: str  # its id once the store has it
+    step: int
+    total_steps: int
+    overrides: list[str]  # the job's command line (a sweep's job: its own overrides)
+    resumable: bool  # a last checkpoint is in the run
+
+    def command(self) -> str:
+        """The command that resumes the run (in place, from its last checkpoint), else re-runs it."""
+        import shlex
+
+        keep = [o for o in self.overrides if not o.lstrip("+~").startswith(("hydra.", "trainer.resume_from"))]
+        resume = [f"trainer.resume_from={self.ref}"] if self.resumable else []
+        return shlex.join(["python", "src/train.py", *resume, *keep])
+
+
+#: the runs this process ended KILLED, for the command's last lines (gradsweep.cli.hydra_main)
+KILLED: list[Killed] = []
+
+
+def _stop_between_steps(trainer: Trainer) -> Callable[[int, Any], None]:
+    """A Ctrl-C/SIGTERM handler for the training loop: the first signal stops the loop after its
+    step (so the run keeps a whole ``last`` checkpoint to resume from), a second one at once."""
+    def handler(signum, frame):
+        stop = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if trainer.stop is not None:
+            raise stop
+        trainer.stop = stop
+
+    return handler
 
 
 def device_for(name: str) -> torch.device:
@@ -257,9 +301,8 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
             _continue_history(history, resume, trainer)
         if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
             store.on_save = lambda path: run.log_artifact(path, "checkpoints")
-        ref = run.run_ref
-        log.info("run %s on %s: %s, %d steps", name if ref == name else f"{ref} ({name})", device,
-                 mask(spec.tracking.uri), trainer.total_steps)
+        log.info("run %s on %s: %s, %d steps", called(name, run.run_ref), device, mask(spec.tracking.uri),
+                 trainer.total_steps)
     except BaseException as e:
         if ranks is not None:
             ranks.close()
@@ -269,8 +312,9 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         run.finish("KILLED" if killed else "FAILED")
         raise
 
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread() else None
-    status, failure, result, error = "FAILED", None, None, None
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(sig, _stop_between_steps(trainer)) for sig in signals] if main_thread() else None
+    status, failure, result, error, interrupted = "FAILED", None, None, None, False
     try:
         result = trainer.run()
         status = "FINISHED"
@@ -281,7 +325,7 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         status, error = "KILLED", e
         run.set_tags({STOPPED_TAG: e.reason, STOPPED_STEP_TAG: e.step})
     except KeyboardInterrupt:
-        status = "KILLED"
+        status, interrupted = "KILLED", True
         raise
     except Exception as e:
         failure, error = "exception", ranks.lost(e) if ranks is not None else e
@@ -293,19 +337,24 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
         if ranks is not None:
             ranks.close()
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in zip(signals, previous):
+                signal.signal(sig, handler)
         health = record_health(history.history, spec.diagnostics, model, trainer.train_x, run, run.set_tags,
-                               run.run_ref)
+                               called(name, run.run_ref))
         _close_run(run, history, store, spec, status, name)
+        if interrupted:
+            KILLED.append(Killed(name, run.run_ref, trainer.step, trainer.total_steps, overrides,
+                                 bool(RUN_ID.match(run.run_ref)) and spec.tracking.log_checkpoints
+                                 and store.path("last").is_file()))
+    who = called(name, run.run_ref)
     if error is not None:
-        log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", run.run_ref, status,
-                error)
+        log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", who, status, error)
         return JobOutcome(run.run_ref, status, math.nan, None, failure, history, error, health, run)
     if spec.trainer.loss == "mse":
-        log.info("run %s FINISHED: best dev loss %.4g (step %d), test loss %.4g", run.run_ref, -result.best_dev_acc,
+        log.info("run %s FINISHED: best dev loss %.4g (step %d), test loss %.4g", who, -result.best_dev_acc,
                  result.best_step, result.test_loss)
     else:
-        log.info("run %s FINISHED: best dev acc %.4f (step %d), test acc %.4f", run.run_ref, result.best_dev_acc,
+        log.info("run %s FINISHED: best dev acc %.4f (step %d), test acc %.4f", who, result.best_dev_acc,
                  result.best_step, result.test_acc)
     return JobOutcome(run.run_ref, status, result.best_dev_acc, result, None, history, health=health, run=run)
 

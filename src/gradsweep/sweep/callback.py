@@ -83,6 +83,8 @@ class GradsweepCallback(Callback):
         summary = self.journal.hook_result("sweep_summary") or {}
         if summary.get("error"):
             log.error("sweep summary failed: %s", summary["error"])
+        if summary.get("table"):  # what each configuration did, before where to look at it
+            print("\n" + summary["table"], flush=True)
         from gradsweep.track.uri import absolute_sqlite
 
         print_ui_hint(absolute_sqlite(self.tracking.uri), run_id, summary.get("experiment_id"),

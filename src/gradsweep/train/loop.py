@@ -159,6 +159,9 @@ class Trainer:
         self.cfg, self.sink, self.device, self.store = cfg, sink, device, store
         self.config_dict = config_dict or {}
         self.on_eval = on_eval  # e.g. report to an Optuna trial; may raise to stop the run
+        #: set by the caller (a signal handler) to the exception to stop with: the loop stops between two
+        #: steps, where the state is whole, records the steps taken, saves ``last`` and raises it
+        self.stop: Optional[BaseException] = None
         self.norms = GradientNorms(model)  # of the model itself: no DDP `module.` or compile `_orig_mod.` prefix
         self.parallel = parallel
         self.recording = parallel is None or parallel.rank == 0  # the other ranks only train
@@ -310,10 +313,19 @@ class Trainer:
                     self._evaluate(self.head(head))
                 if checkpoint and not last:
                     self._save("last")
+            if self.stop is not None:
+                self._stop(block)
         if not self.recording:
             return TrainResult(math.nan, -1, self.total_steps - 1, math.nan, math.nan)
         self._save("last")
         return self._finish()
+
+    def _stop(self, block: transfer.StepBlock) -> None:
+        """Stop as :attr:`stop` asked: a run that can be resumed from its ``last`` checkpoint."""
+        if block.n:
+            self._receive(block)
+        self._save("last")
+        raise self.stop
 
     def _receive(self, block: transfer.StepBlock) -> np.ndarray:
         """The block's steps on the host: logged (every ``log_every_steps``-th, and a non-finite one),
