@@ -190,10 +190,11 @@ def write_summary(runs, out_dir: Path, history: Callable[[str, str], Series], ti
     varied = varied_params(runs)
     configs = group_runs(runs, varied)
     curves = {c.label: band([history(r.info.run_id, GRAD_TOTAL) for r in c.runs]) for c in configs}
+    scores = {c.label: spread(c.metric(BEST_DEV_ACC))[0] for c in configs}  # many configurations: coloured by it
     files = {"grad_norm_total": plot_bands(curves, out_dir / "grad_norm_total.png",
                                            f"{title + ': ' if title else ''}grad_norm/total (before clipping)"
                                            + (", median and min-max over seeds" if any(len(c.runs) > 1 for c in configs)
-                                              else ""), "global gradient L2 norm")}
+                                              else ""), "global gradient L2 norm", scores)}
     files["summary_md"], files["summary_csv"] = write_summary_tables(configs, out_dir)
     files["runs_csv"] = write_runs_csv(runs, varied, out_dir / "runs.csv")
     return files
