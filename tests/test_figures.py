@@ -33,8 +33,8 @@ def assert_legible(fig, image, renderer, entries_max=10):
     assert legends, "a legend names the best configurations"
     for legend in legends:
         box = legend.get_window_extent(renderer)
-        assert image.x0 - 1 <= box.x0 and box.x1 <= image.x1 + 1 and image.y0 - 1 <= box.y0 and box.y1 <= image.y1 + 1, \
-            (box, image)
+        inside = image.x0 - 1 <= box.x0 and box.x1 <= image.x1 + 1 and image.y0 - 1 <= box.y0 and box.y1 <= image.y1 + 1
+        assert inside, (box, image)
         assert len(legend.get_texts()) <= entries_max
         for text in legend.get_texts():  # labels with short values: no 16-digit floats
             assert max(len(w) for w in text.get_text().split()) <= 24, text.get_text()

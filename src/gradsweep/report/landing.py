@@ -62,11 +62,12 @@ def parent_note(experiment_id: str, run_ids: list[str], sweep_id: Optional[str] 
     filtered to the sweep instead."""
     n = len(run_ids)
     table = runs_route(experiment_id, f"tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else None)
-    tail = ["", f"This sweep ran {n} run{'s' if n != 1 else ''}. Its summary is in the Artifacts tab: `sweep/summary.md` "
-            "(one row per configuration), `sweep/grad_norm_total.png`, `sweep/runs.csv`."]
+    tail = ["", f"This sweep ran {n} run{'s' if n != 1 else ''}. Its summary is in the Artifacts tab: "
+            "`sweep/summary.md` (one row per configuration), `sweep/grad_norm_total.png`, `sweep/runs.csv`."]
     links = [f"- [grad_norm/total of every run]({metric_route(experiment_id, run_ids, GRAD_TOTAL, log=True)}) "
              "(before clipping, log scale)"]
-    links += [f"- [The {n} runs compared]({compare_route(experiment_id, run_ids)}): params, metrics, charts"] if n > 1 else []
+    if n > 1:
+        links.append(f"- [The {n} runs compared]({compare_route(experiment_id, run_ids)}): params, metrics, charts")
     links += [f"- [{DEV_ACC} of every run]({metric_route(experiment_id, run_ids, DEV_ACC)})",
               f"- [The runs table]({table})" + (" of this sweep" if sweep_id else "")]
     note = "\n".join(links + tail) + "\n"

@@ -21,7 +21,8 @@ import yaml
 
 from gradsweep.errors import CheckpointError, NonFiniteError, StopRun
 from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GIT_COMMIT_TAG, OVERRIDES_TAG,
-                             RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, RUN_NAME_TAG, STOPPED_STEP_TAG, STOPPED_TAG, SWEEP_TAG)
+                             RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, RUN_NAME_TAG, STOPPED_STEP_TAG, STOPPED_TAG,
+                             SWEEP_TAG)
 from gradsweep.run.spec import JobSpec
 from gradsweep.train.checkpoints import CheckpointStore, check_compatible, load_checkpoint
 from gradsweep.train.data import read_digit_sum
