@@ -8,7 +8,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "src" / "gradsweep"
 SHARED = {"gradsweep", "gradsweep.errors", "gradsweep.names", "gradsweep.checks", "gradsweep.paths",
-          "gradsweep.locks"}
+          "gradsweep.locks", "gradsweep.labels"}
 THIRD_PARTY = ("mlflow", "hydra", "hydra_plugins", "omegaconf", "optuna", "torch", "matplotlib", "sqlalchemy")
 
 # layer -> (gradsweep layers it may import, third-party packages it must never import)

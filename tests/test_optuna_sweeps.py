@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import TRAIN, run_train
+from gradsweep.labels import trial_label
 from postgres import postgres_server  # noqa: F401  (fixture)
 
 FIGURES = {"optimization_history", "param_importances", "parallel_coordinate", "slice"}
@@ -201,15 +203,26 @@ def test_pruning_stops_hopeless_trials(tmp_path, store):
     by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
     full = len(client.get_metric_history(by_number[complete[0].number].info.run_id, "dev/acc"))
     assert full == 10
-    for t in pruned:
+    for t in pruned:  # FINISHED (MLflow draws KILLED as a failure), named and tagged as pruned
         run = by_number[t.number]
-        assert run.info.status == "KILLED"
+        assert run.info.status == "FINISHED" and run.info.run_name == f"{trial_label(t.number, t.params)} (pruned)"
         assert run.data.tags["optuna.state"] == "PRUNED" and run.data.tags["gradsweep.stopped"] == "pruned"
         evals = client.get_metric_history(run.info.run_id, "dev/acc")
         assert len(evals) == len(t.intermediate_values) < full
         assert int(run.data.tags["gradsweep.stopped_step"]) == max(t.intermediate_values)
         assert "best/dev_acc" not in run.data.metrics  # it never finished
     assert "Error executing job" not in res.stderr  # pruning is not reported as a job error
+    for t in complete:
+        assert by_number[t.number].info.run_name == trial_label(t.number, t.params)
+    names = [c.info.run_name for c in children]
+    assert len(set(names)) == 6 and max(map(len, names)) <= 40  # short, and no two alike
+    # the console: one short line per trial, none with the job's sweep context (base64) or all its overrides
+    console = (res.stdout + res.stderr).splitlines()
+    announced = [line.split("] ", 1)[-1] for line in console if re.search(r"\] trial \d+: ", line)]
+    assert announced == [trial_label(t.number, t.params) for t in study.trials]
+    assert all(len(line) <= 60 for line in announced)
+    assert not [line for line in console if "GRADSWEEP_SWEEP" in line or re.search(r"[A-Za-z0-9_-]{60}", line)]
+    assert not [line for line in console if re.search(r"#\d+ : |Launching \d+ jobs", line)]
 
 
 def test_diverging_trial_fails_and_the_study_goes_on(tmp_path, store):

@@ -1,8 +1,10 @@
 """A real `-m` sweep in a subprocess, read back with MlflowClient (embedded store and real server)."""
 import csv
+import json
 import re
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import torch
 from mlflow.entities import ViewType
@@ -77,8 +79,12 @@ def test_multirun_embedded_store(tmp_path, store):
     (runs_link,) = [ln.split()[-1] for ln in res.stdout.splitlines() if ln.strip().startswith("runs:")]
     (compare,) = [ln.split()[-1] for ln in res.stdout.splitlines() if ln.strip().startswith("comparison:")]
     assert runs_link == f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
-    ids = compare.split("runs=[")[1].split("]")[0].replace('"', "").split(",")
+    ids = json.loads(unquote(compare.split("runs=")[1].split("&")[0]))
     assert set(ids) == children and compare.endswith("workflowType=machine_learning")
+    # the parent's description links the same comparison and the charts of its children
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    note = parent.data.tags["mlflow.note.content"]
+    assert compare.removeprefix("http://127.0.0.1:5000/") in note and "grad_norm/total of every run" in note
     for c in children:  # every step of each child in its dense history
         assert list(gradsweep.history(c, tracking_uri=store).index) == list(range(STEPS))
     # the delivered runs leave nothing in the spool once the sweep's delivery process has ended

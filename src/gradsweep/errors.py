@@ -44,8 +44,8 @@ class RankLost(Exception):
 
 class StopRun(Exception):
     """Not an error: raised by a training loop's ``on_eval`` hook to stop a run on purpose (an Optuna
-    pruner). The job closes the run KILLED with tags ``gradsweep.stopped=<reason>`` and
-    ``gradsweep.stopped_step``, not FAILED, and returns the exception in its outcome."""
+    pruner). The job closes the run FINISHED (not FAILED or KILLED) with tags ``gradsweep.stopped=<reason>``
+    and ``gradsweep.stopped_step`` and `` (<reason>)`` after its name, and returns the exception in its outcome."""
 
     reason = "stopped"
     step = -1

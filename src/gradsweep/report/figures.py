@@ -1,12 +1,15 @@
 """Figures (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 from typing import Optional
 
 import matplotlib
 import numpy as np
+
+from gradsweep.labels import shorten
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,8 +37,6 @@ def _geometric_mean(values: list[float], window: int) -> list[float]:
     """Non-overlapping windows of ``window`` values -> their geometric mean."""
     if window <= 1:
         return values
-    import math
-
     out = []
     for i in range(0, len(values) - window + 1, window):
         chunk = values[i:i + window]
@@ -45,16 +46,26 @@ def _geometric_mean(values: list[float], window: int) -> list[float]:
 
 
 def plot_bands(curves: dict[str, tuple[list[int], list[float], list[float], list[float]]], path: str | Path,
-               title: str, ylabel: str) -> Path:
+               title: str, ylabel: str, scores: Optional[dict[str, float]] = None) -> Path:
+    """:func:`draw_bands`, saved to ``path``."""
+    return _save(draw_bands(curves, title, ylabel, scores), path)
+
+
+def draw_bands(curves: dict[str, tuple[list[int], list[float], list[float], list[float]]], title: str, ylabel: str,
+               scores: Optional[dict[str, float]] = None):
     """Per configuration: the median line and a shaded min-max band (steps, median, low, high).
+    More than ``LEGEND_MAX`` configurations: coloured by ``scores`` (the objective), the best few
+    bold and named (see :func:`by_objective`), no band for the rest.
     Drawn at the end of every sweep: fixed margins, as :func:`plot_param_norms`."""
     title = textwrap.fill(title, 90)
     fig, ax = plt.subplots(figsize=(9, 5))
-    fig.subplots_adjust(left=0.09, right=0.97, bottom=0.11, top=0.93 - 0.035 * title.count("\n"))
-    if len(curves) > 10:  # the default cycle repeats after 10 colours
-        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
+    many = len(curves) > LEGEND_MAX
+    fig.subplots_adjust(left=0.09, right=0.92 if many else 0.97, bottom=0.11,  # many: room for the colorbar's label
+                        top=0.93 - 0.035 * title.count("\n"))
+    top = set(best_of(scores or {}, HIGHLIGHT)) if many else set(curves)
     longest = max((len(c[0]) for c in curves.values()), default=0)
     window = longest // SMOOTH_POINTS if longest > 2 * SMOOTH_POINTS else 1  # minibatch noise hides the trend
+    lines = {}
     for label, (steps, med, lo, hi) in curves.items():
         pts = [(s, m, a, b) for s, m, a, b in zip(steps, med, lo, hi) if a > 0]  # log axis
         if not pts:
@@ -63,16 +74,66 @@ def plot_bands(curves: dict[str, tuple[list[int], list[float], list[float], list
         s = [sum(s[i:i + window]) / window for i in range(0, len(s) - window + 1, window)]
         m, a, b = (_geometric_mean(x, window) for x in (m, a, b))
         line, = ax.plot(s, m, label=label, linewidth=1.4)
-        if any(x != y for x, y in zip(a, b)):
-            ax.fill_between(s, a, b, color=line.get_color(), alpha=0.18, linewidth=0)
+        lines[label] = [line]
+        if label in top and any(x != y for x, y in zip(a, b)):
+            lines[label].append(ax.fill_between(s, a, b, color=line.get_color(), alpha=0.18, linewidth=0))
     ax.set_yscale("log")
     ax.set_xlabel("step" + (f" (each point: geometric mean over {window} steps)" if window > 1 else ""))
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    if curves:
-        _legend(ax, fontsize=8, ncol=2 if len(curves) > 8 else 1)
-    return _save(fig, path)
+    if many:
+        by_objective(ax, lines, scores or {})
+    elif curves:
+        _legend(ax, fontsize=8)
+    return fig
+
+
+LEGEND_MAX = 8  #: up to this many lines, each has a colour and a legend entry of its own
+HIGHLIGHT = 5  #: beyond that, this many best lines are drawn bold and named; the others faint
+
+
+def best_of(scores: dict[str, float], n: int) -> list[str]:
+    """The ``n`` labels with the highest finite score, best first."""
+    finite = {k: v for k, v in scores.items() if v is not None and math.isfinite(v)}
+    return sorted(finite, key=lambda k: -finite[k])[:n]
+
+
+def by_objective(ax, lines: dict[str, list], scores: dict[str, float], what: str = "best dev acc") -> None:
+    """Many lines made readable at any count: each coloured by its score on one colour scale (a
+    colorbar says which), the ``HIGHLIGHT`` best bold and named in a legend inside the axes with
+    their rank and score, the others thin and faint (grey when they have no score: pruned, failed).
+    The legend never has more than ``HIGHLIGHT + 1`` entries."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+
+    ranked = best_of({k: v for k, v in scores.items() if k in lines}, HIGHLIGHT)
+    finite = [scores[k] for k in lines if scores.get(k) is not None and math.isfinite(scores[k])]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    norm, cmap = Normalize(lo, hi if hi > lo else lo + 1e-9), plt.get_cmap("viridis")
+    for label, artists in lines.items():
+        score = scores.get(label)
+        colour = cmap(norm(score)) if score is not None and math.isfinite(score) else "0.6"
+        on_top = label in ranked
+        for artist in artists:
+            artist.set_color(colour)
+            artist.set_zorder(3 if on_top else 1)
+            artist.set_label("_nolegend_")
+            if isinstance(artist, Line2D):
+                artist.set_linewidth(2.0 if on_top else 0.8)
+                artist.set_alpha(1.0 if on_top else 0.3)
+                artist.set_markersize(4 if on_top else 2)
+    handles = [lines[k][0] for k in ranked]
+    texts = [textwrap.fill(f"{i + 1}. {shorten(k)}: {scores[k]:.3g}", 2 * LEGEND_WIDTH) for i, k in enumerate(ranked)]
+    rest = len(lines) - len(ranked)
+    if rest:
+        handles.append(Line2D([], [], color="0.6", linewidth=0.8, alpha=0.6))
+        texts.append(f"{rest} others (faint)")
+    ax.legend(handles, texts, fontsize=7, loc="best", framealpha=0.85, title=f"best {len(ranked)} by {what}",
+              title_fontsize=7)
+    if finite:
+        ax.figure.colorbar(ScalarMappable(norm, cmap), ax=ax, label=what, pad=0.01, fraction=0.04)
 
 
 def plot_param_norms(history: dict[str, Series], path: str | Path, title: str = "") -> Path:

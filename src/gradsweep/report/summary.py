@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from gradsweep.names import (BEST_DEV_ACC, FAILURE_TAG, GRAD_TOTAL, HEALTH_TAG, OVERRIDES_TAG, TEST_ACC, TEST_LOSS)
+from gradsweep.names import (BEST_DEV_ACC, FAILURE_TAG, GRAD_TOTAL, HEALTH_TAG, NOTE_TAG, OVERRIDES_TAG, SWEEP_TAG,
+                             TEST_ACC, TEST_LOSS)
 
 SEED = "trainer.seed"
 IGNORED_PARAMS = ("tracking.", "trainer.resume_from", "trainer.device", "trainer.cpu_threads", "schedule")
@@ -242,10 +243,11 @@ def _write_summary(runs, out_dir: Path, history: Callable[[str, str], Series],
     varied = varied_params(runs)
     configs = group_runs(runs, varied)
     curves = {c.label: band([history(r.info.run_id, GRAD_TOTAL) for r in c.runs]) for c in configs}
+    scores = {c.label: spread(c.metric(BEST_DEV_ACC))[0] for c in configs}  # many configurations: coloured by it
     files = {"grad_norm_total": plot_bands(curves, out_dir / "grad_norm_total.png",
                                            f"{title + ': ' if title else ''}grad_norm/total (before clipping)"
                                            + (", median and min-max over seeds" if any(len(c.runs) > 1 for c in configs)
-                                              else ""), "global gradient L2 norm")}
+                                              else ""), "global gradient L2 norm", scores)}
     files["summary_md"], files["summary_csv"] = write_summary_tables(configs, out_dir)
     files["runs_csv"] = write_runs_csv(runs, varied, out_dir / "runs.csv")
     return files, configs
@@ -281,6 +283,11 @@ def sweep_summary_hook(header: dict[str, Any], run_id: str, folder: Path, out_di
     tracker = Tracker(header["uri"], header["experiment_name"], header.get("artifact_location"))
     runs = tracker.children(run_id)
     table = summarize_sweep(tracker, runs, Path(out_dir), StoreRun(tracker.client, run_id))
+    if runs:  # the parent's page links its children's comparison and charts (landing.parent_note)
+        from gradsweep.report.landing import parent_note
+
+        tracker.client.set_tag(run_id, NOTE_TAG, parent_note(tracker.experiment_id, [r.info.run_id for r in runs],
+                                                             runs[0].data.tags.get(SWEEP_TAG)))
     return {"experiment_id": tracker.experiment_id, "children": [r.info.run_id for r in runs], "table": table}
 
 
@@ -290,23 +297,12 @@ UI = "http://127.0.0.1:5000"  #: where `mlflow ui` serves by default
 
 def ui_links(tracking_uri: str, experiment_id: str, run_ids: list[str]) -> dict[str, str]:
     """Links into the MLflow UI (3.x) of the store at ``tracking_uri`` (an embedded store: where
-    ``mlflow ui`` serves) that open the runs view, not its GenAI landing view: it takes the view
-    from ``workflowType`` in the URL before the browser's stored choice."""
+    ``mlflow ui`` serves), each in its model-training view (:mod:`gradsweep.report.landing`)."""
+    from gradsweep.report.landing import routes
     from gradsweep.track.uri import is_local_sqlite, mask
 
     base = UI if is_local_sqlite(tracking_uri) else mask(tracking_uri).rstrip("/")
-    links = {"runs": f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"}
-    if len(run_ids) > 1:
-        runs = ",".join(f'"{r}"' for r in run_ids)
-        links["comparison"] = (f"{base}/#/compare-runs?runs=[{runs}]&experiments=[\"{experiment_id}\"]"
-                               "&workflowType=machine_learning")
-    if run_ids:  # the metric page the comparison's metric names link to, on a log axis
-        runs = ",".join(f'"{r}"' for r in run_ids)
-        links["grad norm"] = (f"{base}/#/metric?runs=[{runs}]&metric=%22grad_norm%2Ftotal%22"
-                              f"&experiments=[\"{experiment_id}\"]&plot_metric_keys=%5B%22grad_norm%2Ftotal%22%5D"
-                              "&plot_layout={}&x_axis=step&y_axis_scale=log&line_smoothness=1&show_point=false"
-                              "&deselected_curves=[]&last_linear_y_axis_range=[]")
-    return links
+    return {name: f"{base}/{route}" for name, route in routes(experiment_id, run_ids).items()}
 
 
 def ui_command(uri: str) -> str:

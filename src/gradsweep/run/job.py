@@ -21,7 +21,8 @@ import yaml
 
 from gradsweep.errors import CheckpointError, NonFiniteError, StopRun
 from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GIT_COMMIT_TAG, OVERRIDES_TAG,
-                             RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, STOPPED_STEP_TAG, STOPPED_TAG, SWEEP_TAG)
+                             RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, RUN_NAME_TAG, STOPPED_STEP_TAG, STOPPED_TAG,
+                             SWEEP_TAG)
 from gradsweep.run.spec import JobSpec
 from gradsweep.train.checkpoints import CheckpointStore, check_compatible, load_checkpoint
 from gradsweep.train.data import read_digit_sum
@@ -52,6 +53,7 @@ class JobContext:
     #: keys the whole sweep sets alike (e.g. trainer.epochs in `-m clip.max_norm=1,5 trainer.epochs=2`):
     #: left out of the run's name, which then says only what this run varies
     constant_keys: tuple[str, ...] = ()
+    name: Optional[str] = None  #: the run's name when the launcher chose one (an Optuna trial's); else from overrides
 
 
 NAME_NOISE = ("tracking.", "trainer.resume_from", "hydra.")  # never part of a run's name
@@ -256,7 +258,7 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
     config_dict = spec.public()
 
     overrides = mask_overrides(ctx.overrides)
-    name = run_name(overrides, ctx.constant_keys)
+    name = ctx.name or run_name(overrides, ctx.constant_keys)
     tags = {OVERRIDES_TAG: " ".join(overrides), "model": spec.model.name, "data": spec.data.name,
             "clip": spec.clip.name, **ctx.extra_tags}
     if ctx.sweep_id:
@@ -321,9 +323,11 @@ def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, flo
     except NonFiniteError as e:
         failure, error = e.tag, e
         run.set_tags({FAILURE_TAG: e.tag, FAILURE_STEP_TAG: e.step, FAILURE_REASON_TAG: str(e)})
-    except StopRun as e:  # on_eval stopped the run on purpose (an Optuna pruner): KILLED, not FAILED
-        status, error = "KILLED", e
-        run.set_tags({STOPPED_TAG: e.reason, STOPPED_STEP_TAG: e.step})
+    except StopRun as e:  # on_eval stopped the run on purpose (an Optuna pruner): not FAILED, not KILLED
+        # (the MLflow UI draws both as a red cross); FINISHED, named and tagged as stopped. MLflow has no
+        # "pruned" status, and what the run recorded up to its stop is complete.
+        status, error = "FINISHED", e
+        run.set_tags({STOPPED_TAG: e.reason, STOPPED_STEP_TAG: e.step, RUN_NAME_TAG: f"{name} ({e.reason})"})
     except KeyboardInterrupt:
         status, interrupted = "KILLED", True
         raise

@@ -6,7 +6,7 @@ Written in three places and read in one:
   (the schedule's name and time) in the environment of that process;
 * the sweep callback (:mod:`gradsweep.sweep.callback`) opens the sweep's parent run and adds
   ``sweep_id`` and the parent's ids, for every job of the sweep;
-* gradsweep's Optuna sweeper adds the ``study`` and each job's ``trial_id``.
+* gradsweep's Optuna sweeper adds the ``study`` and each job's ``trial_id`` and ``run_name``.
 
 The channel is one environment variable, ``GRADSWEEP_SWEEP`` (JSON). Jobs in the sweeping process
 read it directly, and so do a launcher's worker processes started from it (they inherit the
@@ -35,6 +35,7 @@ class SweepContext:
     constant_keys: tuple[str, ...] = ()  #: command-line keys every job of the sweep sets alike
     study_name: Optional[str] = None  #: set by gradsweep's Optuna sweeper
     trial_id: Optional[int] = None  #: the job's Optuna trial
+    run_name: Optional[str] = None  #: the job's MLflow run name (``trial 7: lr=0.0404 ...``), else from its overrides
 
     @classmethod
     def current(cls) -> Optional["SweepContext"]:

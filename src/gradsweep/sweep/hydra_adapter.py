@@ -244,6 +244,7 @@ def context_from_hydra(extra_tags: Optional[dict[str, str]] = None) -> JobContex
         sweep_id=sweep.sweep_id if sweep else None,
         extra_tags=extra_tags or {},
         constant_keys=sweep.constant_keys if sweep else (),
+        name=sweep.run_name if sweep else None,
     )
 
 

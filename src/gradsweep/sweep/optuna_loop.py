@@ -4,13 +4,13 @@ Per batch of ``n_jobs`` trials: ask Optuna, launch one Hydra job per trial throu
 launcher (each job finds its trial through :mod:`gradsweep.sweep.optuna_trial`), then tell Optuna how
 each ended:
 
-======================================  ==========  ======================================
+======================================  ==========  =================================================================
 job                                     Optuna      MLflow child run
-======================================  ==========  ======================================
+======================================  ==========  =================================================================
 returned a finite best dev accuracy     COMPLETE    FINISHED
-pruned (raised ``TrialPruned``)         PRUNED      KILLED, tag ``gradsweep.stopped=pruned``
+pruned (raised ``TrialPruned``)         PRUNED      FINISHED, name ``... (pruned)``, tag ``gradsweep.stopped=pruned``
 diverged (returned NaN) or raised       FAIL        FAILED, tag ``failure``
-======================================  ==========  ======================================
+======================================  ==========  =================================================================
 
 and tag the child run ``optuna.state``. At the end (also after an error or Ctrl-C) the MLflow
 parent run of the invocation gets the study's best params and value, ``optuna/trials.csv`` and
@@ -38,10 +38,12 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from gradsweep.errors import ConfigError, GradsweepError
+from gradsweep.labels import params_text, trial_label
 from gradsweep.names import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
 from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.optuna_storage import make_pruner, make_storage, resolve_storage_url
 from gradsweep.sweep.optuna_trial import register_live, unregister_live
+from gradsweep.sweep.trial_lines import trial_lines
 from gradsweep.sweep.optuna_stale import FAILURE_ATTR, Heartbeat, fail_stale
 from gradsweep.track.journal import worker_id
 from gradsweep.track.uri import mask
@@ -68,9 +70,10 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         self.tracker = None  # MLflow, opened lazily (a summary must not stop the study)
 
     def _configure_trials(self, trials: list[optuna.trial.Trial], *args: Any) -> Sequence[Sequence[str]]:
-        """The plugin's overrides plus the job's sweep context (study and trial id)."""
+        """The plugin's overrides plus the job's sweep context (study, trial id and the run's short name)."""
         overrides = super()._configure_trials(trials, *args)
-        return [tuple(ov) + (self.context.with_(trial_id=t._trial_id).job_override(),)
+        return [tuple(ov) + (self.context.with_(trial_id=t._trial_id, run_name=trial_label(t.number, t.params)
+                                                ).job_override(),)
                 for t, ov in zip(trials, overrides)]
 
     # The plugin's sweep() is one method that creates the study without a pruner, tells COMPLETE for
@@ -145,7 +148,8 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                         overrides += self._configure_trials([t], space, fixed_params, fixed_overrides)
                     register_live(trials)
                     # job folders numbered by trial number: a continued study never reuses one
-                    returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
+                    with trial_lines({t.number: trial_label(t.number, t.params) for t in trials}, self.launcher):
+                        returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
                 except BaseException as e:  # Ctrl-C, SIGTERM, a launcher error: no trial is left RUNNING in the storage
                     for t in trials:
                         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed as stale
@@ -281,7 +285,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                    "best_trial": best.number if best else None}
         OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
         if best:
-            log.info("Best trial %d: value %.4f, params %s", best.number, best.value, best.params)
+            log.info("Best trial %d: value %.4f, %s", best.number, best.value, params_text(best.params))
         out = sweep_dir / "optuna"
         out.mkdir(exist_ok=True)
         table = write_trials_csv(trials, out / "trials.csv")
@@ -347,7 +351,6 @@ def save_figures(study: optuna.Study, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
 
     saved: list[Path] = []
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
@@ -360,12 +363,7 @@ def save_figures(study: optuna.Study, out: Path) -> list[Path]:
     mpl_log.setLevel(logging.WARNING)  # not "Using categorical units ..." for choice() params
     for name in FIGURES:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = getattr(ovm, f"plot_{name}")(study)
-            first = axes.flat[0] if hasattr(axes, "flat") else axes
-            fig = first.figure
-            fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
+            fig = optuna_figure(study, name)
             path = out / f"{name}.png"
             fig.savefig(path, dpi=100, bbox_inches="tight")
             saved.append(path)
@@ -376,6 +374,32 @@ def save_figures(study: optuna.Study, out: Path) -> list[Path]:
     optuna.logging.set_verbosity(verbosity)
     mpl_log.setLevel(mpl_level)
     return saved
+
+
+def optuna_figure(study: optuna.Study, name: str):
+    """Optuna's matplotlib figure ``name`` (one of ``FIGURES``), at least 8 x 5 inches. Its
+    intermediate values have one legend entry per trial, beside the axes: with 30 trials it was
+    taller than the plot and squashed it; here the trials are coloured by objective and only the
+    best few named (:func:`gradsweep.report.figures.by_objective`)."""
+    from optuna.visualization import matplotlib as ovm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        axes = getattr(ovm, f"plot_{name}")(study)
+    first = axes.flat[0] if hasattr(axes, "flat") else axes
+    fig = first.figure
+    fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
+    if name == "intermediate_values":
+        from gradsweep.report.figures import LEGEND_MAX, by_objective
+
+        trials = {f"Trial{t.number}": t for t in study.get_trials(deepcopy=False)}  # Optuna's line labels
+        lines = {trial_label(t.number, t.params): [line] for line in first.get_lines()
+                 if (t := trials.get(line.get_label())) is not None}
+        if len(lines) > LEGEND_MAX:
+            first.get_legend().remove()
+            by_objective(first, lines, {trial_label(t.number, t.params): t.value for t in trials.values()
+                                        if t.state == TrialState.COMPLETE}, what="objective")
+    return fig
 
 
 def _first_line(e: BaseException) -> str:

@@ -10,8 +10,8 @@ The job (:func:`gradsweep.sweep.hydra_adapter.job_from_hydra`) calls :func:`job_
   pruner and opens the trial by id.
 
 Each evaluation's dev accuracy is reported with ``trial.report(acc, step)`` (step = optimizer
-step); when the pruner says so, :class:`TrialPruned` stops the run (the job closes it KILLED with
-tag ``gradsweep.stopped=pruned``) and reaches the sweeper, which tells Optuna PRUNED.
+step); when the pruner says so, :class:`TrialPruned` stops the run (the job closes it FINISHED with
+tag ``gradsweep.stopped=pruned``, its name ending ``(pruned)``) and reaches the sweeper, which tells Optuna PRUNED.
 The training loop never sees Optuna: it only calls ``on_eval``.
 """
 from __future__ import annotations
