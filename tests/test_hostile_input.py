@@ -141,3 +141,6 @@ def test_query_string_credentials_are_masked_and_refused():
             refuse_password("tracking.uri", uri)
         assert "abc" not in str(e.value)
     refuse_password("tracking.uri", "http://h/?page=2")  # an ordinary query is fine
+    assert mask("sqlite:////abs/mlflow.db?token=abc") == "sqlite:////abs/mlflow.db?token=***"
+    for uri in ("sqlite:///mlruns/mlflow.db", "sqlite:////abs/mlflow.db", "http://h:5000"):
+        assert mask(uri) == uri  # nothing to mask: the URI exactly as given

@@ -69,13 +69,16 @@ def mask(uri: str) -> str:
         password = parts.password
     except ValueError:
         return uri
+    if _secret_query_keys(parts.query):  # by string: urlunsplit would drop the empty netloc of sqlite:///path
+        head, _, tail = uri.partition("?")
+        query, hash_, fragment = tail.partition("#")
+        masked = urlencode([(k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
+                            for k, v in parse_qsl(query, keep_blank_values=True)], safe="*")
+        uri = f"{head}?{masked}{hash_}{fragment}"
     if password is not None:
-        parts = parts._replace(netloc=f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else ""))
-    if _secret_query_keys(parts.query):
-        query = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v)
-                 for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-        parts = parts._replace(query=urlencode(query, safe="*"))
-    return urlunsplit(parts)
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        uri = urlunsplit(urlsplit(uri)._replace(netloc=netloc))
+    return uri
 
 
 def mask_overrides(overrides: list[str]) -> list[str]:
