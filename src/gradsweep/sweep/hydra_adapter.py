@@ -227,7 +227,7 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
         refuse_password(key.lstrip("+~"), value)
     checked = 0
     for job, cfg in _jobs(config_dir, args.overrides, name, args.multirun):
-        check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)))
+        check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)), claim=not args.multirun)
         checked += 1
     return checked
 
