@@ -123,22 +123,24 @@ def test_sigkill_then_resume_into_same_run_equals_uninterrupted(tmp_path, store)
     resume = [f"trainer.resume_from={killed_run}", *common]
     resumed = subprocess.Popen([sys.executable, str(TRAIN), *resume, "hydra.run.dir=resumed"], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # while it runs (stopped: alive, writing nothing), a second resume of the run and a job given its
-    # folder are refused in one line each, exit 2, before writing anything
+    # while it runs (stopped: alive, writing nothing), a second resume of the run, a job and a sweep given
+    # its folder are refused in one line each, exit 2, before writing anything
     _stopped_once_writing(resumed, tmp_path / "mlruns" / "spool")
     try:
         second = [subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
-                  for args in ([*resume, "hydra.run.dir=again"], [*common, "clip.max_norm=7", "hydra.run.dir=resumed"])]
+                  for args in ([*resume, "hydra.run.dir=again"], [*common, "clip.max_norm=7", "hydra.run.dir=resumed"],
+                               ["-m", *common, "clip.max_norm=5,7", "hydra.sweep.dir=resumed"])]
         refusals = [p.communicate(timeout=180)[1] for p in second]
     finally:
         resumed.send_signal(signal.SIGCONT)
-    for proc, err, what in zip(second, refusals, (f"trainer.resume_from={killed_run}: the run is being written "
-                                                  "by a live process", f"hydra.run.dir={tmp_path / 'resumed'}: "
-                                                  "the folder is in use by another running job")):
+    in_use = "the folder is in use by another running job or sweep"
+    for proc, err, what in zip(second, refusals, (
+            f"trainer.resume_from={killed_run}: the run is being written by a live process",
+            f"hydra.run.dir={tmp_path / 'resumed'}: {in_use}", f"hydra.sweep.dir={tmp_path / 'resumed'}: {in_use}")):
         lines = err.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {what}"), err[-3000:]
-        assert f":{resumed.pid} " in lines[0]  # who holds it
+        assert f"(pid {resumed.pid} on " in lines[0]  # who holds it
     assert not (tmp_path / "again" / "config.yaml").exists() and len(_runs(store)[1]) == 2  # no run made
     assert resumed.wait(180) == 0, resumed.stderr.read()[-2000:]
     assert "max_norm: 7" not in (tmp_path / "resumed" / "config.yaml").read_text()

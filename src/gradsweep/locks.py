@@ -75,7 +75,7 @@ def hold(path: Path, holder: str = "") -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise Busy(holder_of(path) or "another process") from None
+        raise Busy(describe(holder_of(path)) or "another process") from None
     os.ftruncate(fd, 0)
     os.write(fd, (holder or process_id()).encode())
     return fd
@@ -133,6 +133,12 @@ def start_ticks(pid: int | str = "self") -> Optional[int]:
 def process_id() -> str:
     """This process as its owner records it: ``host:pid boot=<boot id> start=<ticks>``."""
     return f"{socket.gethostname()}:{os.getpid()} boot={boot_id()} start={start_ticks()}"
+
+
+def describe(owner: str) -> str:
+    """An owner string (:func:`process_id`) for people: ``pid 123 on host``."""
+    host, _, pid = (owner.split() or [""])[0].rpartition(":")
+    return f"pid {pid} on {host}" if host and pid else owner
 
 
 def process_state(owner: str) -> Optional[bool]:

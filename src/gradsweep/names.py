@@ -41,7 +41,7 @@ OVERRIDES_TAG = "gradsweep.overrides"  #: the run's command-line overrides (pass
 SWEEP_TAG = "gradsweep.sweep_id"  #: every run of one sweep invocation, parent and children
 ROLE_TAG = "gradsweep.role"  #: "sweep" on a sweep's parent run
 SWEEPER_TAG = "gradsweep.sweeper"
-WORKER_TAG = "gradsweep.worker"  #: host:pid of the process writing the run
+WORKER_TAG = "gradsweep.worker"  #: "host:pid boot=<boot id> start=<ticks>" of the process writing the run
 SPOOLED_TAG = "gradsweep.spooled"  #: the run was created late, from its journal
 STOPPED_TAG, STOPPED_STEP_TAG = "gradsweep.stopped", "gradsweep.stopped_step"  #: pruned (KILLED on purpose)
 RESUMED_FROM_TAG, RESUMED_AT_TAG = "gradsweep.resumed_from", "gradsweep.resumed_at_step"

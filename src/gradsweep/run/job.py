@@ -195,20 +195,26 @@ def data_and_model(spec: JobSpec) -> tuple:
     return data, model
 
 
-FOLDER_LOCK = ".gradsweep.lock"  #: held by the job writing a folder (hydra.run.dir, a sweep's job folder)
+FOLDER_LOCK = ".gradsweep.lock"  #: held by the job or sweep writing a folder (hydra.run.dir, hydra.sweep.dir)
+
+
+def hold_folder(folder: Path, key: str) -> Optional[int]:
+    """Claim ``folder`` for this job or sweep until :func:`release` or this process ends: a second
+    one given the same folder (two sweeps with one ``hydra.sweep.dir``) is refused with ConfigError
+    before it writes anything. None where the folder cannot be written (the first write says so)."""
+    try:
+        return hold(folder / FOLDER_LOCK)
+    except Busy as e:
+        raise ConfigError(f"{key}={folder}: the folder is in use by another running job or sweep ({e}); allowed: "
+                          "a folder no running job writes (e.g. the default, time-stamped one)") from None
+    except OSError:
+        return None
 
 
 @contextmanager
 def claim_folder(folder: Path, key: str) -> Iterator[None]:
-    """A job's folder (its config.yaml, checkpoints/) is its own while it runs: a second job given the
-    same folder (two sweeps with one ``hydra.sweep.dir``) is refused before it writes anything."""
-    try:
-        fd = hold(folder / FOLDER_LOCK)
-    except Busy as e:
-        raise ConfigError(f"{key}={folder}: the folder is in use by another running job ({e}); allowed: a "
-                          "folder no running job writes (e.g. the default, time-stamped one)") from None
-    except OSError:  # a folder we cannot write: the job's first write says so, with the key
-        fd = None
+    """A job's folder (its config.yaml, checkpoints/) is its own while it runs (:func:`hold_folder`)."""
+    fd = hold_folder(folder, key)
     try:
         yield
     finally:

@@ -330,17 +330,17 @@ def refuse_live_writer(spool: Path, run: Any) -> None:
     """ConfigError while a process that did not claim the run (:func:`claim_run`) still writes it:
     a writer whose journal is in ``spool``, or the writer the store names (``gradsweep.worker``)
     where this host can tell it is alive."""
-    from gradsweep.locks import process_state
+    from gradsweep.locks import describe, process_state
     from gradsweep.track.journal import writer_alive
 
     run_id = run.info.run_id
     for folder in delivery.pending(spool):
         header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
         if run_id in (header.get("run_id"), state.get("run_id")) and writer_alive(folder, header):
-            raise _refuse_writer(run_id, header.get("worker") or "its journal's writer")
+            raise _refuse_writer(run_id, describe(header.get("worker") or "") or "its journal's writer")
     worker = run.data.tags.get(WORKER_TAG)
     if run.info.status == "RUNNING" and worker and worker != worker_id() and process_state(worker):
-        raise _refuse_writer(run_id, worker)
+        raise _refuse_writer(run_id, describe(worker))
 
 
 def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0, wait: bool = True) -> bool:
