@@ -159,10 +159,11 @@ def process_state(owner: str) -> Optional[bool]:
         return True
     # the PID is another process's now, or it was seen from inside a PID namespace (a container
     # records its own numbering): look for a process that started then and has that PID in its namespace
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and start_ticks(entry.name) == int(start) and _ns_pid(entry.name) == pid:
-            return True
-    return False
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:  # no procfs: the PID is all there is
+        return pid_alive(int(pid))
+    return any(e.name.isdigit() and start_ticks(e.name) == int(start) and _ns_pid(e.name) == pid for e in entries)
 
 
 def _ns_pid(pid: str) -> Optional[str]:
