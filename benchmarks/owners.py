@@ -26,8 +26,7 @@ from reliability import ROOT, TRAIN, job  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
+from gradsweep.track.delivery import mlflow_client as MlflowClient  # noqa: E402  (takes turns creating a new store)
 from gradsweep.track.delivery import pending  # noqa: E402
 from gradsweep.track.journal import has_artifact  # noqa: E402
 from gradsweep.track.server import MlflowServer  # noqa: E402
