@@ -227,7 +227,8 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
         refuse_password(key.lstrip("+~"), value)
     jobs = _jobs(config_dir, args.overrides, name, args.multirun)
     for job, cfg in jobs:
-        check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)), claim=not args.multirun)
+        check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)),
+                     claim=not args.multirun)  # a sweep's resume is claimed by the process running its job
     sweep_dir = [v for k, _, v in (o.partition("=") for o in args.overrides) if k.lstrip("+~") == "hydra.sweep.dir"]
     if args.multirun and sweep_dir and "${" not in sweep_dir[-1]:  # a folder given, not Hydra's time-stamped one:
         # given to two sweeps at once, the second is refused before it starts (else each of its jobs would be)
