@@ -81,7 +81,7 @@ def mlflow_server(tmp_path, migrated_db):
 # about a minute. The default run is both, in parallel (pytest-xdist, see pyproject.toml).
 INTEGRATION = {"test_bad_input", "test_faults", "test_hostile_input", "test_sweep_e2e", "test_outage",
                "test_checkpoint_resume", "test_optuna_sweeps", "test_schedule", "test_server_postgres", "test_report",
-               "test_cpu_threads", "test_browser", "test_team_stack", "test_slurm", "test_delivery_hooks",
+               "test_cpu_threads", "test_browser", "test_team_stack", "test_slurm", "test_delivery_hooks", "test_owners",
                "test_data_parallel"}
 # Longest modules first (seconds on a 2-core machine, --durations): pytest-xdist hands out whole
 # modules in collection order, so the long ones start at once and the short ones fill the gaps at

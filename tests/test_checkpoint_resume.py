@@ -24,6 +24,17 @@ def kill_after_first_checkpoint(proc, spool, deadline) -> bool:
     return False
 
 
+def _stopped_once_writing(proc, spool, timeout=180):
+    """SIGSTOP ``proc`` once it has opened its run's journal: a live writer that writes nothing meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if pending(spool, owner_pid=proc.pid):
+            proc.send_signal(signal.SIGSTOP)
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"no journal of {proc.pid} in {spool}: {proc.communicate()}")
+
+
 def _runs(store):
     client = MlflowClient(store)
     exp = client.get_experiment_by_name("gradsweep")
@@ -143,8 +154,30 @@ def test_sigkill_then_resume_into_same_run_equals_uninterrupted(tmp_path, store)
         time.sleep(0.1)
     assert killed_run is not None, "the killed run's checkpoint reached the store"
     assert client.get_run(killed_run).info.status == "RUNNING"
-    resumed = run_train([f"trainer.resume_from={killed_run}", *common, "hydra.run.dir=resumed"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resume = [f"trainer.resume_from={killed_run}", *common]
+    resumed = subprocess.Popen([sys.executable, str(TRAIN), *resume, "hydra.run.dir=resumed"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # while it runs (stopped: alive, writing nothing), a second resume of the run, a job and a sweep given
+    # its folder are refused in one line each, exit 2, before writing anything
+    _stopped_once_writing(resumed, tmp_path / "mlruns" / "spool")
+    try:
+        second = [subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+                  for args in ([*resume, "hydra.run.dir=again"], [*common, "clip.max_norm=7", "hydra.run.dir=resumed"],
+                               ["-m", *common, "clip.max_norm=5,7", "hydra.sweep.dir=resumed"])]
+        refusals = [p.communicate(timeout=180)[1] for p in second]
+    finally:
+        resumed.send_signal(signal.SIGCONT)
+    in_use = "the folder is in use by another running job or sweep"
+    for proc, err, what in zip(second, refusals, (
+            f"trainer.resume_from={killed_run}: the run is being written by a live process",
+            f"hydra.run.dir={tmp_path / 'resumed'}: {in_use}", f"hydra.sweep.dir={tmp_path / 'resumed'}: {in_use}")):
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {what}"), err[-3000:]
+        assert f"(pid {resumed.pid} on " in lines[0]  # who holds it
+    assert not (tmp_path / "again" / "config.yaml").exists() and len(_runs(store)[1]) == 2  # no run made
+    assert resumed.wait(180) == 0, resumed.stderr.read()[-2000:]
+    assert "max_norm: 7" not in (tmp_path / "resumed" / "config.yaml").read_text()
     run = client.get_run(killed_run)
     assert run.info.status == "FINISHED" and int(run.data.tags["gradsweep.resumed_at_step"]) % 50 == 0
     full_id = [r for r in _runs(store)[1] if r.info.run_id != killed_run][0].info.run_id

@@ -156,3 +156,49 @@ def test_the_deliverer_loads_what_announced_hooks_need_before_they_run(tmp_path)
                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["none True False", "figure True ['gradsweep.report.figures']"]
+
+
+SPOOLED_SWEEP = """
+import sys
+from gradsweep.names import WORKER_TAG
+from gradsweep.track.journal import RunJournal, now_ms, worker_id
+
+uri, spool, artifacts = sys.argv[1:]
+
+def journal(name, parent=None):
+    create = {"run_name": name, "tags": {WORKER_TAG: worker_id()}, "parent_run_id": None,
+              "parent_local_id": parent.local_id if parent else None, "start_time": now_ms()}
+    return RunJournal.create(spool, {"uri": uri, "experiment_name": "spooled sweep", "artifact_location": artifacts,
+                                     "create": create, "parent_local_id": parent.local_id if parent else None})
+
+parent = journal("sweep")
+parent.after_delivery("close_dead_runs")
+for clip in (1, 5):
+    kid = journal(f"clip.max_norm={clip}", parent)
+    kid.log_metrics(0, {"grad_norm/total": 10.0 * clip})
+    kid.end("FINISHED")
+parent.end("FINISHED")
+"""
+
+
+def test_a_sweep_spooled_by_a_process_that_ended_is_delivered_without_closing_its_own_parent(store, tmp_path,
+                                                                                             capsys):
+    """A sweep journaled during an outage by a process that has ended, delivered by `gradsweep sync`:
+    the parent's dead-run hook leaves the parent it is delivered with, and its children, to their
+    journals (which end them FINISHED), and closes nothing."""
+    import subprocess
+    import sys
+
+    from gradsweep.cli.main import main
+
+    uri, _ = store
+    spool = tmp_path / "spool"
+    subprocess.run([sys.executable, "-c", SPOOLED_SWEEP, uri, str(spool), default_artifact_location(uri)], check=True)
+    assert main(["sync", "--spool", str(spool)]) == 0
+    out = capsys.readouterr().out
+    assert "delivered 3 of 3 spooled runs" in out and "ends KILLED" not in out, out
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("spooled sweep").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["clip.max_norm=1", "clip.max_norm=5", "sweep"]
+    for run in runs:
+        assert run.info.status == "FINISHED" and "failure" not in run.data.tags, (run.info.run_name, run.data.tags)

@@ -29,12 +29,13 @@ def _only_run(store):
     return client, run
 
 
-def _journal_of(proc, spool, min_bytes=20_000, timeout=120, created=False):
+def _journal_of(proc, spool, min_bytes=20_000, timeout=120, created=False, owner_pid=True):
     """The job's journal folder once it holds at least ``min_bytes`` of step records (and, if ``created``,
-    once its delivery process has created the run on the store)."""
+    once its delivery process has created the run on the store). ``owner_pid=False``: any journal of
+    the spool (a job in a PID namespace records its own numbering)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        for folder in pending(spool, owner_pid=proc.pid):
+        for folder in pending(spool, owner_pid=proc.pid if owner_pid else None):
             try:
                 if (folder / "steps.bin").stat().st_size >= min_bytes and \
                         (not created or "run_id" in (json.loads((folder / "state.json").read_text())) or {}):
@@ -141,18 +142,29 @@ def test_a_deleted_experiment_is_one_line(tmp_path, store):
     assert "tracking.experiment_name='gone': that experiment is deleted" in lines[0] and "restore" in lines[0]
 
 
+def _can_unshare_pid() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode == 0
+
+
 def test_a_job_killed_while_spooled_ends_killed_at_sync(tmp_path, migrated_db):
     """The store is down, the job is SIGKILLed mid-run: `gradsweep sync` delivers what it journaled
-    and closes the run KILLED (failure=worker_died) instead of repeating "1 still spooled"."""
+    and closes the run KILLED (failure=worker_died) instead of repeating "1 still spooled". The job
+    runs in its own PID namespace where it can (as in any container): it records PID 1, which is
+    alive on this host (init) after the job is gone; its writer lock says it is gone."""
     from conftest import MlflowServer, fresh_store
 
     fresh_store(tmp_path, migrated_db, "server.db")
     server = MlflowServer(tmp_path)  # not started yet: the job spools
-    proc = _job([f"trainer.epochs={EPOCHS}", f"tracking.uri={server.uri}"], tmp_path)
+    namespace = _can_unshare_pid()
+    prefix = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"] if namespace else []
+    proc = _job([f"trainer.epochs={EPOCHS}", f"tracking.uri={server.uri}"], tmp_path, prefix)
     spool = tmp_path / "mlruns" / "spool"
-    folder = _journal_of(proc, spool, min_bytes=20_000)  # ~330 steps of 60 bytes
-    proc.kill()
+    folder = _journal_of(proc, spool, min_bytes=20_000, owner_pid=not namespace)  # ~330 steps of 60 bytes
+    proc.kill()  # unshare --kill-child: the job dies with it, and every process of its namespace
     proc.communicate(timeout=60)
+    if namespace:
+        assert json.loads((folder / "header.json").read_text())["owner_pid"] == 1  # a PID this host has too
     from gradsweep.track.steps import StepSchema, read_records
 
     journaled = len(read_records(folder, StepSchema.load(folder), 0))  # complete step records

@@ -41,7 +41,7 @@ OVERRIDES_TAG = "gradsweep.overrides"  #: the run's command-line overrides (pass
 SWEEP_TAG = "gradsweep.sweep_id"  #: every run of one sweep invocation, parent and children
 ROLE_TAG = "gradsweep.role"  #: "sweep" on a sweep's parent run
 SWEEPER_TAG = "gradsweep.sweeper"
-WORKER_TAG = "gradsweep.worker"  #: host:pid of the process writing the run
+WORKER_TAG = "gradsweep.worker"  #: "host:pid boot=<boot id> start=<ticks>" of the process writing the run
 SPOOLED_TAG = "gradsweep.spooled"  #: the run was created late, from its journal
 CREATE_KEY_TAG = "gradsweep.create_key"  #: the client's key of the run's create request (track/create.py)
 DUPLICATE_OF_TAG = "gradsweep.duplicate_of"  #: a run a retried create made twice: the run kept

@@ -11,15 +11,17 @@ import os
 import signal
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import yaml
 
-from gradsweep.errors import CheckpointError, NonFiniteError, StopRun
+from gradsweep.errors import CheckpointError, ConfigError, NonFiniteError, StopRun
+from gradsweep.locks import Busy, hold, release
 from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GIT_COMMIT_TAG, OVERRIDES_TAG,
                              RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, RUN_NAME_TAG, STOPPED_STEP_TAG, STOPPED_TAG,
                              SWEEP_TAG)
@@ -172,6 +174,11 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
         run = client.get_run(ref)
     except Exception:
         raise CheckpointError(f"trainer.resume_from={ref!r}: neither a checkpoint file nor a run in the tracking store") from None
+    if spool is not None:  # continuing it: this process is its only writer from here (refused if not)
+        from gradsweep.track.store import claim_run, refuse_live_writer
+
+        claim_run(spool, ref)
+        refuse_live_writer(spool, run)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         last = client.download_artifacts(ref, "checkpoints/last.pt", str(dest))
@@ -202,15 +209,20 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
     return Resume(load_checkpoint(last), best, ref, logged, dense, run.info.status)
 
 
-def check_inputs(spec: JobSpec) -> None:
+def check_inputs(spec: JobSpec, claim: bool = True) -> None:
     """Files named by the config: the data folder, the embedded store and spool (writable), and the
-    checkpoint to resume from (a file, or a run's last checkpoint) and whether it fits the model."""
+    checkpoint to resume from (a file, or a run's last checkpoint) and whether it fits the model.
+    ``claim``: this process is the one that will continue a run given by id (not a sweep's launcher)."""
     path = getattr(spec.data, "path", None)
     if path:
         read_digit_sum(path)
     if spec.tracking.backend == "mlflow":
         check_local_store(spec.tracking.uri, spec.tracking.spool_dir)
     ref = spec.trainer.resume_from
+    if claim and ref and RUN_ID.match(ref) and not Path(ref).exists() and spec.tracking.backend == "mlflow":
+        from gradsweep.track.store import claim_run
+
+        claim_run(_spool(spec), ref)  # before reading the store: a run another live process resumes is not ours
     if not ref:
         if "custom" in (spec.model.name, spec.data.name):  # the user's code: imported and tried on two examples
             data_and_model(spec)
@@ -235,7 +247,38 @@ def data_and_model(spec: JobSpec) -> tuple:
     return data, model
 
 
+FOLDER_LOCK = ".gradsweep.lock"  #: held by the job or sweep writing a folder (hydra.run.dir, hydra.sweep.dir)
+
+
+def hold_folder(folder: Path, key: str) -> Optional[int]:
+    """Claim ``folder`` for this job or sweep until :func:`release` or this process ends: a second
+    one given the same folder (two sweeps with one ``hydra.sweep.dir``) is refused with ConfigError
+    before it writes anything. None where the folder cannot be written (the first write says so)."""
+    try:
+        return hold(folder / FOLDER_LOCK)
+    except Busy as e:
+        raise ConfigError(f"{key}={folder}: the folder is in use by another running job or sweep ({e}); allowed: "
+                          "a folder no running job writes (e.g. the default, time-stamped one)") from None
+    except OSError:
+        return None
+
+
+@contextmanager
+def claim_folder(folder: Path, key: str) -> Iterator[None]:
+    """A job's folder (its config.yaml, checkpoints/) is its own while it runs (:func:`hold_folder`)."""
+    fd = hold_folder(folder, key)
+    try:
+        yield
+    finally:
+        release(fd)
+
+
 def run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, float], None]] = None) -> JobOutcome:
+    with claim_folder(ctx.output_dir, "hydra.sweep.dir" if ctx.sweep_id else "hydra.run.dir"):
+        return _run_job(spec, ctx, on_eval)
+
+
+def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, float], None]] = None) -> JobOutcome:
     if spec.trainer.cpu_threads:
         torch.set_num_threads(spec.trainer.cpu_threads)
     torch.manual_seed(spec.trainer.seed)

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gradsweep.checks import choice
 from gradsweep.errors import ConfigError, NonFiniteError, StopRun
-from gradsweep.run.job import JobContext, JobOutcome, check_inputs, run_job
+from gradsweep.run.job import JobContext, JobOutcome, check_inputs, hold_folder, run_job
 from gradsweep.run.spec import JobSpec
 from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.overrides import job_combinations
@@ -225,11 +225,15 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
     for override in args.overrides:  # any URI on the command line lands in .hydra/overrides.yaml
         key, _, value = override.partition("=")
         refuse_password(key.lstrip("+~"), value)
-    checked = 0
-    for job, cfg in _jobs(config_dir, args.overrides, name, args.multirun):
-        check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)))
-        checked += 1
-    return checked
+    jobs = _jobs(config_dir, args.overrides, name, args.multirun)
+    for job, cfg in jobs:
+        check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)),
+                     claim=not args.multirun)  # a sweep's resume is claimed by the process running its job
+    sweep_dir = [v for k, _, v in (o.partition("=") for o in args.overrides) if k.lstrip("+~") == "hydra.sweep.dir"]
+    if args.multirun and sweep_dir and "${" not in sweep_dir[-1]:  # a folder given, not Hydra's time-stamped one:
+        # given to two sweeps at once, the second is refused before it starts (else each of its jobs would be)
+        hold_folder(Path(sweep_dir[-1].strip("'\"")).absolute(), "hydra.sweep.dir")
+    return len(jobs)
 
 
 # ------------------------------------------------------------------------------ the job

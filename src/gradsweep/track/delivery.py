@@ -429,7 +429,7 @@ def remove_delivered(spool: Path, owner_pid: Optional[int] = None) -> int:
     """Remove what delivered runs left in ``spool`` (their state.json) once their owner process has
     ended (of ``owner_pid``, or of any owner that is gone) and no journal still pending names them as
     its parent. A run the store refused stays, with why (``gradsweep sync`` says it). Returns how many."""
-    from gradsweep.track.journal import pid_alive
+    from gradsweep.track.journal import writer_alive
 
     if not spool.is_dir():
         return 0
@@ -443,7 +443,7 @@ def remove_delivered(spool: Path, owner_pid: Optional[int] = None) -> int:
         if not state or not state.get("done") or state.get("refused") or folder.name in parents:
             continue
         owner = state.get("owner_pid")
-        if (owner_pid is not None and owner != owner_pid) or (owner_pid is None and owner and pid_alive(owner)):
+        if (owner_pid is not None and owner != owner_pid) or (owner_pid is None and owner and writer_alive(folder)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         _seen_done.discard(folder)

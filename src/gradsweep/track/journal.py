@@ -26,6 +26,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from gradsweep.errors import ConfigError, RecordingLost
+from gradsweep.locks import hold, is_held, process_id, process_state, release, temporary_name
 from gradsweep.names import FAILURE_TAG
 from gradsweep.track.steps import HEAD, STEPS, StepSchema, record_dtype
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
@@ -36,6 +37,7 @@ FLUSH_EVERY_S = 0.25  # metric records are flushed to the file at least this oft
 JOURNAL = "journal.jsonl"
 STATE = "state.json"
 HEADER = "header.json"
+WRITER = "writer.lock"  #: flock held by the journal's writer from its creation to its end
 
 
 def default_spool_dir(uri: str) -> Path:
@@ -46,26 +48,24 @@ def default_spool_dir(uri: str) -> Path:
 
 
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Who writes a run (tag ``gradsweep.worker``): host, PID, boot id and the process's start time,
+    so a PID that was reused, or that a PID namespace numbered, is not taken for the writer."""
+    return process_id()
 
 
 def worker_alive(worker: str) -> bool:
-    """False only when the worker ran on this host and its process is gone."""
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    return pid_alive(int(pid))
+    """False only when this host can tell that the worker's process is gone."""
+    return process_state(worker) is not False
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this host has ``pid`` (one of another user's counts as alive)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def writer_alive(folder: Path, header: Optional[dict[str, Any]] = None) -> bool:
+    """Whether the process writing journal ``folder`` is alive: the lock it holds for its whole life
+    (:data:`WRITER`) answers where it can be seen; else its recorded identity (:func:`worker_alive`)."""
+    held = is_held(folder / WRITER)
+    if held is not None:
+        return held
+    header = header if header is not None else read_json(folder / HEADER) or {}
+    return worker_alive(header.get("worker") or f"{socket.gethostname()}:{header.get('owner_pid')}")
 
 
 def now_ms() -> int:
@@ -73,7 +73,7 @@ def now_ms() -> int:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
 
@@ -121,7 +121,7 @@ def close_orphan(folder: Path, handover: bool = False) -> bool:
     from gradsweep.locks import Busy, locked_file
 
     header = read_json(folder / HEADER)
-    if header is None or worker_alive(header.get("worker") or f"{socket.gethostname()}:{header.get('owner_pid')}"):
+    if header is None or writer_alive(folder, header):
         return False
     try:
         with locked_file(folder / "lock", wait_s=5.0):  # not while a deliverer reads it
@@ -162,6 +162,7 @@ class RunJournal:
         self._refusal_seen = False
         self.dropped = 0  # records not written since
         self.last_step = -1  # the last step whose metrics were written
+        self._writer: Optional[int] = None  # the WRITER lock's descriptor, held until close
 
     @classmethod
     def create(cls, spool: Path, header: dict[str, Any]) -> "RunJournal":
@@ -169,14 +170,19 @@ class RunJournal:
         or ``create`` (run_name, tags, parent_run_id | parent_local_id, start_time)."""
         folder = Path(spool) / uuid.uuid4().hex
         header = {**header, "owner_pid": os.getpid(), "worker": worker_id()}
+        writer = None
         try:
             folder.mkdir(parents=True)
+            writer = hold(folder / WRITER)  # before the header: a listed journal's writer is known
             if header.get("run_id"):  # before the header: a journal is listed (pending) once it has one
                 write_json_atomic(folder / STATE, {"run_id": header["run_id"], "offset": 0, "done": False})
             write_json_atomic(folder / HEADER, header)
-            return cls(folder, header.get("run_id"), header)
+            journal = cls(folder, header.get("run_id"), header)
         except OSError as e:
+            release(writer)
             raise RecordingLost(f"cannot write a run journal in {spool}: {e.strerror or e}") from None
+        journal._writer = writer
+        return journal
 
     @property
     def run_id(self) -> Optional[str]:
@@ -313,6 +319,8 @@ class RunJournal:
 
     def close(self) -> None:
         if self._file.closed:
+            release(self._writer)
+            self._writer = None
             return
         try:
             if self._steps is not None and not self._steps.closed:
@@ -324,3 +332,6 @@ class RunJournal:
             self._file.close()
         except OSError as e:
             self._lose(e)
+        finally:
+            release(self._writer)
+            self._writer = None

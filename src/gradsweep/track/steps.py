@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 
+from gradsweep.locks import temporary_name
 from gradsweep.names import CLIP_CLIPPED_FRAC, CLIP_THRESHOLD, GRAD_NORM, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_ACC
 
 SCHEMA = "steps.json"
@@ -83,7 +84,7 @@ class StepSchema:
 
     def save(self, folder: Path) -> None:
         data = {k: v for k, v in asdict(self).items() if k != "windows"}
-        tmp = folder / (SCHEMA + ".tmp")
+        tmp = temporary_name(folder / SCHEMA)
         tmp.write_text(json.dumps(data))
         tmp.replace(folder / SCHEMA)
 
@@ -250,7 +251,7 @@ def write_chunk(records: np.ndarray, schema: StepSchema, path: Path) -> Path:
     for j, name in enumerate(schema.names):
         columns[name] = pa.array(values[:, j])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     pq.write_table(pa.table(columns), tmp, compression="zstd")
     tmp.replace(path)
     return path

@@ -36,27 +36,51 @@ def resolve_uri(uri: str) -> str:
     return absolute_sqlite(uri, create=True)
 
 
-def close_dead_runs(tracker: "Tracker") -> list[str]:
-    """Runs left RUNNING by a process of this host that no longer exists (SIGKILL, a crash):
-    closed KILLED with tag ``failure=worker_died``, so a restarted sweep leaves nothing RUNNING."""
+def close_dead_runs(tracker: "Tracker", spool: Optional[Path] = None, delivering: Optional[Path] = None) -> list[str]:
+    """Runs left RUNNING by a process that no longer exists (SIGKILL, a crash): closed KILLED with tag
+    ``failure=worker_died``, so a restarted sweep leaves nothing RUNNING. A run with a journal still
+    in ``spool`` is its journal's to end: the journal being delivered (``delivering``: the one that
+    asked), a journal whose writer is alive or that holds its own ending are left alone; the journal
+    of a dead writer gets its ending and is delivered."""
+    from gradsweep.track.journal import close_orphan
+
+    journals = {}
+    for folder in delivery.pending(spool) if spool is not None else ():
+        header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
+        for run_id in {header.get("run_id"), state.get("run_id")} - {None}:
+            journals[run_id] = folder
     closed = []
     runs = tracker.client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                       max_results=1000)
     for run in runs:
-        worker = run.data.tags.get(WORKER_TAG)
-        if worker and not worker_alive(worker):
+        folder = journals.get(run.info.run_id)
+        if folder is not None:
+            if folder == delivering or not close_orphan(folder):
+                continue
+        else:
+            worker = run.data.tags.get(WORKER_TAG)
+            if not worker or worker_alive(worker):
+                continue
+        if folder is None or not _delivered(folder):  # else its journal said it, with all its records
             tracker.client.set_tag(run.info.run_id, FAILURE_TAG, "worker_died")
             tracker.client.set_terminated(run.info.run_id, "KILLED")
-            closed.append(run.info.run_id)
+        closed.append(run.info.run_id)
     if closed:
         log.warning("closed %d run(s) left RUNNING by dead processes as KILLED", len(closed))
     return closed
 
 
-def close_dead_runs_hook(header: dict[str, Any], **_: Any) -> dict[str, Any]:
+def _delivered(folder: Path) -> bool:
+    try:
+        return delivery.deliver(folder)
+    except (delivery.Busy, delivery.Unreachable):
+        return False
+
+
+def close_dead_runs_hook(header: dict[str, Any], folder: Optional[Path] = None, **_: Any) -> dict[str, Any]:
     """:func:`close_dead_runs` as a delivery hook (a sweep's parent journal asks for it)."""
     tracker = Tracker(header["uri"], header["experiment_name"], header.get("artifact_location"))
-    return {"closed": close_dead_runs(tracker)}
+    return {"closed": close_dead_runs(tracker, folder.parent if folder else None, folder)}
 
 
 def default_artifact_location(uri: str) -> Optional[str]:
@@ -280,6 +304,50 @@ def hand_over(spool: Path, run_id: str) -> int:
     if settled:
         delivery.remove_delivered(spool)  # what the dead writers left: their processes are gone
     return settled
+
+
+#: runs this process continues in place (``trainer.resume_from=<run id>``): claim file -> descriptor
+_claims: dict[Path, int] = {}
+
+
+def _refuse_writer(run_id: str, who: str) -> Exception:
+    from gradsweep.errors import ConfigError
+
+    return ConfigError(f"trainer.resume_from={run_id}: the run is being written by a live process ({who}); "
+                       "allowed: a run no live process writes (wait for it to end or stop it, then resume)")
+
+
+def claim_run(spool: Path, run_id: str) -> None:
+    """A run continued in place has one writer: claimed by a lock in ``spool`` held for this process's
+    life, before the store is read; ConfigError if another live process has claimed it."""
+    from gradsweep.locks import Busy, hold
+
+    path = (spool / ".runs" / f"{run_id}.lock").resolve()
+    if path in _claims:
+        return
+    try:
+        _claims[path] = hold(path)
+    except Busy as e:
+        raise _refuse_writer(run_id, str(e)) from None
+    except OSError:  # a spool we cannot write: the journal's creation says so
+        pass
+
+
+def refuse_live_writer(spool: Path, run: Any) -> None:
+    """ConfigError while a process that did not claim the run (:func:`claim_run`) still writes it:
+    a writer whose journal is in ``spool``, or the writer the store names (``gradsweep.worker``)
+    where this host can tell it is alive."""
+    from gradsweep.locks import describe, process_state
+    from gradsweep.track.journal import writer_alive
+
+    run_id = run.info.run_id
+    for folder in delivery.pending(spool):
+        header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
+        if run_id in (header.get("run_id"), state.get("run_id")) and writer_alive(folder, header):
+            raise _refuse_writer(run_id, describe(header.get("worker") or "") or "its journal's writer")
+    worker = run.data.tags.get(WORKER_TAG)
+    if run.info.status == "RUNNING" and worker and worker != worker_id() and process_state(worker):
+        raise _refuse_writer(run_id, describe(worker))
 
 
 def close_run(journal: RunJournal, status: str, timeout_s: float = 60.0, wait: bool = True) -> bool:

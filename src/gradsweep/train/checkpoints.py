@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from gradsweep.errors import CheckpointError
+from gradsweep.locks import temporary_name
 
 REQUIRED = ("model", "optimizer", "step", "best_score", "config")
 
@@ -29,7 +30,7 @@ class CheckpointStore:
     def save(self, name: str, state: dict[str, Any]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.path(name)
-        tmp = final.with_suffix(".pt.tmp")
+        tmp = temporary_name(final)  # of this process alone: another writer never renames it away
         torch.save(state, tmp)
         os.replace(tmp, final)
         if self.on_save is not None:
