@@ -29,6 +29,13 @@ CASES = [
      "tracking.backend='memory' is invalid; allowed: mlflow to resume from the run id"),
     (["tracking.backend=sql"], "tracking.backend='sql' is invalid; allowed: mlflow|memory"),
     (["tracking.uri=file:///tmp/x"], "MLflow's file store is retired"),
+    # resource bombs: refused from the config's estimate, before the data or the model is allocated
+    (["data.train_copies=100000000"], "data (length=20, train_copies=100000000, dev_copies=1, test_copies=1): "
+                                      "its data needs about 3.13e+03 GB, past the limit of"),
+    (["model.hidden_size=100000000"], "model (num_layers=1, input_size=32, hidden_size=100000000): training it"),
+    (["trainer.memory_limit_gb=0.0001"], "past the limit of 0.0001 GB; allowed: a smaller data config, or a larger "
+                                         "trainer.memory_limit_gb (now 0.0001)"),
+    (["optimizer.lr=1e308"], "optimizer.lr=1e+308 is invalid; allowed: a finite number > 0 that fits float32"),
     ([f"tracking.experiment_name={'x' * 5000}"],
      "tracking.experiment_name='xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (5000 characters)' is invalid; "
      "allowed: a printable name of 1-256 characters"),

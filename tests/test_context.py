@@ -37,7 +37,7 @@ def test_context_has_no_place_for_a_storage_url():
     context (which Hydra's launchers print with every job's overrides) never carries it."""
     fields = {f.name for f in dataclasses.fields(SweepContext)}
     assert fields == {"parent_tags", "sweep_id", "parent_run_id", "parent_local_id", "constant_keys", "study_name",
-                      "trial_id"}
+                      "trial_id", "run_name"}
 
 
 def test_run_names_say_only_what_the_run_varies():

@@ -139,7 +139,7 @@ def test_multirun_against_real_server(tmp_path, mlflow_server):
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["sweep/runs"] == 3
-    (compare,) = [ln.split()[-1] for ln in res.stdout.splitlines() if ln.strip().startswith("comparison:")]
+    (compare,) = [unquote(ln.split()[-1]) for ln in res.stdout.splitlines() if ln.strip().startswith("comparison:")]
     assert set(compare.split("runs=[")[1].split("]")[0].replace('"', "").split(",")) == \
         {r.info.run_id for r in runs} - {parent.info.run_id}
     _duplicates_closed(client, exp.experiment_id, {r.info.run_id for r in runs})
@@ -243,7 +243,9 @@ def test_seeds_are_grouped_into_configurations(tmp_path, store):
     # a run is called by its name from its first console line to its last, with its short id once it has one
     log = res.stdout + res.stderr
     assert not re.search(r"- run [0-9a-f]{32}", log)
-    ends = re.findall(r"- run (clip\.max_norm=\S+ trainer\.seed=\d) \(([0-9a-f]{8})\) FINISHED: best dev acc", log)
-    starts = re.findall(r"- run (clip\.max_norm=\S+ trainer\.seed=\d) on cpu", log)
+    # (the id once the store has the run: its create goes through the delivery process, which a loaded
+    # machine can delay past a 5-step run's end)
+    ends = re.findall(r"- run (clip\.max_norm=\S+ trainer\.seed=\d)(?: \(([0-9a-f]{8})\))? FINISHED: best dev acc", log)
+    starts = re.findall(r"- run (clip\.max_norm=\S+ trainer\.seed=\d)(?: \([0-9a-f]{8}\))? on cpu", log)
     assert len(ends) == 6 and sorted(name for name, _ in ends) == sorted(starts), log[-3000:]
-    assert {short for _, short in ends} == {r["run_id"][:8] for r in runs}
+    assert {short for _, short in ends if short} <= {r["run_id"][:8] for r in runs}

@@ -52,17 +52,20 @@ CHILD_ARTIFACTS = ("checkpoints/best.pt", "checkpoints/last.pt", "figures/grad_n
 PARENT_ARTIFACTS = ("sweep/grad_norm_total.png",)
 SWEEP_TIMEOUT_S = 120  # ~25 s here; a sweep that hangs on exit fails in this time, not in 300 s
 
-_VAR = re.compile(r"\$\$|\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\$|\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*)|:\?([^}]*))?\}")
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
-    """Compose's variable syntax as the compose files use it: ``${VAR}``, ``${VAR:-default}``, ``$$``."""
+    """Compose's variable syntax as the compose files use it: ``${VAR}``, ``${VAR:-default}``,
+    ``${VAR:?message}`` (required: compose refuses to start while it is unset or empty), ``$$``."""
     def one(m: re.Match) -> str:
         if m.group(0) == "$$":
             return "$"
-        name, default = m.group(1), m.group(2)
+        name, default, required = m.group(1), m.group(2), m.group(3)
         if env.get(name):
             return env[name]
+        if required is not None:
+            raise KeyError(f"required variable {name} is missing a value: {required}")
         if default is None:
             raise KeyError(f"${{{name}}} is not set and has no default")
         return default
@@ -277,3 +280,12 @@ def test_checkpoints_and_figures_land_in_the_bucket_and_download_through_the_ser
         if run is not sweep.parent:  # the checkpoint is this run's: its config carries the run's max_norm
             state = torch.load(downloaded["checkpoints/best.pt"], weights_only=True)
             assert state["config"]["clip"]["max_norm"] == float(run.data.params["clip.max_norm"])
+
+
+def test_an_env_copied_from_the_example_and_not_filled_in_is_refused():
+    """`cp .env.example .env` without filling it in: compose (${VAR:?...}) refuses to start, so no
+    placeholder secret can go live."""
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if line.strip() and not line.startswith("#"))
+    with pytest.raises(KeyError, match="required variable POSTGRES_PASSWORD is missing a value: see .env.example"):
+        compose_mlflow(example, {})

@@ -16,7 +16,11 @@ def choice(key: str, value: Any, allowed: tuple) -> None:
     require(value in allowed, key, value, "|".join(str(a) for a in allowed))
 
 
+FLOAT32_MAX = 3.4028234663852886e38  #: values past it become inf in the float32 tensors they enter
+
+
 def positive(key: str, value: float, strict: bool = True) -> None:
     ok = value > 0 if strict else value >= 0
-    require(ok and math.isfinite(value), key, value, "a finite number " + ("> 0" if strict else ">= 0"))
+    require(ok and math.isfinite(value) and value <= FLOAT32_MAX, key, value,
+            "a finite number " + ("> 0" if strict else ">= 0") + " that fits float32 (<= 3.4e38)")
 

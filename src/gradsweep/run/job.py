@@ -26,6 +26,7 @@ from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, 
                              RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, RUN_NAME_TAG, STOPPED_STEP_TAG, STOPPED_TAG,
                              SWEEP_TAG)
 from gradsweep.run.spec import JobSpec
+from gradsweep.train import budget
 from gradsweep.train.checkpoints import CheckpointStore, check_compatible, load_checkpoint
 from gradsweep.train.data import read_digit_sum
 from gradsweep.train.diagnostics import Diagnosis, record_health
@@ -214,6 +215,7 @@ def check_inputs(spec: JobSpec, claim: bool = True) -> None:
     checkpoint to resume from (a file, or a run's last checkpoint) and whether it fits the model.
     ``claim``: this process is the one that will continue a run given by id (not a sweep's launcher)."""
     path = getattr(spec.data, "path", None)
+    budget.check_data(spec.data, spec.trainer.memory_limit_gb)  # before reading a 3 GB file
     if path:
         read_digit_sum(path)
     if spec.tracking.backend == "mlflow":
@@ -226,6 +228,8 @@ def check_inputs(spec: JobSpec, claim: bool = True) -> None:
     if not ref:
         if "custom" in (spec.model.name, spec.data.name):  # the user's code: imported and tried on two examples
             data_and_model(spec)
+        else:  # the model's memory, estimated on the meta device: a bomb is refused before any folder exists
+            check_model_budget(spec, _preflight_data(spec))
         return
     with tempfile.TemporaryDirectory(prefix="gradsweep-resume-") as tmp:
         state = resolve_resume(ref, lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name,
@@ -235,11 +239,33 @@ def check_inputs(spec: JobSpec, claim: bool = True) -> None:
     check_compatible(state, model, build("optimizer", spec.optimizer, model.parameters()), ref)
 
 
+_DATA_SEEN: dict[str, object] = {}  # preflight: each distinct data config is built once per command
+
+
+def _preflight_data(spec: JobSpec):
+    key = repr(spec.data)
+    if key not in _DATA_SEEN:
+        _DATA_SEEN[key] = build("data", spec.data)
+    return _DATA_SEEN[key]
+
+
+def _model_maker(spec: JobSpec, data) -> Callable[[], object]:
+    return lambda: build("model", spec.model, data, 1 if spec.trainer.loss == "bce" else data.num_classes)
+
+
+def check_model_budget(spec: JobSpec, data) -> None:
+    budget.check_model(_model_maker(spec, data), spec.model, data.train.x, spec.trainer.batch_size or len(data.train),
+                       getattr(spec.optimizer, "name", ""), spec.trainer.memory_limit_gb)
+
+
 def data_and_model(spec: JobSpec) -> tuple:
     """The job's data and model; a model or data of the user's own is checked on two examples
-    (its outputs must fit ``trainer.loss``) before anything is recorded."""
+    (its outputs must fit ``trainer.loss``) before anything is recorded. Neither is made when the
+    config's estimate is past ``trainer.memory_limit_gb`` (:mod:`gradsweep.train.budget`)."""
+    budget.check_data(spec.data, spec.trainer.memory_limit_gb)
     data = build("data", spec.data)
-    model = build("model", spec.model, data, 1 if spec.trainer.loss == "bce" else data.num_classes)
+    check_model_budget(spec, data)
+    model = _model_maker(spec, data)()
     if "custom" in (spec.model.name, spec.data.name):
         key = "model._target_" if spec.model.name == "custom" else "data._target_"
         check_task(model, data, spec.trainer.loss, key, getattr(spec.model if spec.model.name == "custom"

@@ -282,13 +282,22 @@ def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None
         d.verdicts = d.verdicts or ["nonfinite"]
         return d
     total = vals["grad_norm/total"]
-    if len(steps) < cfg.min_steps:
+    if len(steps) < cfg.min_steps:  # the facts, no exploding / vanishing verdict on so little evidence
         d.metrics.update({"health/peak_grad_norm": float(total.max()), "health/peak_step": float(steps[int(np.argmax(total))])})
-        d.verdicts = [v for v in VERDICTS if v in (*d.verdicts, "too_few_steps")]
+        d.verdicts.append("too_few_steps")
         d.notes.append(f"not enough steps for a verdict: {len(steps)} recorded, at least {cfg.min_steps} needed "
                        "(diagnostics.min_steps); record more often with a smaller trainer.log_every_steps")
-        return d
+    else:
+        _judge_norms(d, history, steps, vals, total, cfg)
+    _judge_units(d, model, train_x, cfg)
+    d.verdicts = [v for v in VERDICTS if v in d.verdicts]
+    return d
 
+
+def _judge_norms(d: Diagnosis, history: dict[str, Series], steps: np.ndarray, vals: dict, total: np.ndarray,
+                 cfg: DiagnosticsConfig) -> None:
+    """exploding / spikes_clipped and vanishing, from the recorded norms."""
+    params = [k.removeprefix("grad_norm/") for k in vals if k != "grad_norm/total"]
     # exploding / spikes_clipped: growth from the run's own start that is held, not one step
     peak = int(np.argmax(total))
     start = float(total[0])
@@ -348,7 +357,10 @@ def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None
         d.verdicts.append("vanishing")
         d.notes.extend(vanishing)
 
-    # dead units (ReLU MLPs), symmetry (MLPs)
+
+
+def _judge_units(d: Diagnosis, model, train_x, cfg: DiagnosticsConfig) -> None:
+    """dead units (ReLU MLPs), symmetry (MLPs): from the trained model."""
     if model is not None and train_x is not None:
         frac = dead_relu_fraction(model, train_x)
         if frac is not None:
@@ -360,8 +372,6 @@ def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None
         spread = hidden_unit_spread(model)
         if spread is not None:
             d.metrics["health/hidden_unit_spread"] = spread
-    d.verdicts = [v for v in VERDICTS if v in d.verdicts]
-    return d
 
 
 def record_health(history: dict[str, Series], cfg: DiagnosticsConfig, model, train_x, sink,

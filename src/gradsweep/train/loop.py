@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from gradsweep.train.checkpoints import CheckpointStore
 from gradsweep.train.clipping import Clipper
 from gradsweep.train.data import DataSet, Split
-from gradsweep.checks import choice, require
+from gradsweep.checks import choice, positive, require
 from gradsweep.errors import NonFiniteError
 from gradsweep.names import (AMP_SKIPPED, CLIP_CLIPPED_FRAC, CLIP_COEF, CLIP_THRESHOLD, GRAD_TOTAL, GRAD_TOTAL_CLIPPED,
                              TRAIN_ACC, TRAIN_LOSS)
@@ -79,6 +79,10 @@ class TrainerConfig:
     #: by the job itself; the global batch stays batch_size, split across them; only rank 0 records
     devices: int = 1
     compile: bool = False  # torch.compile the model for training (metric names unchanged)
+    #: a job whose data, model, gradients, optimizer state and one batch's activations need more
+    #: memory than this (estimated before allocating: gradsweep.train.budget) is refused in one line.
+    #: 0 = 80% of this machine's memory (or of its container's limit)
+    memory_limit_gb: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
@@ -92,6 +96,7 @@ class TrainerConfig:
         choice("trainer.device", self.device, DEVICES)
         require(self.cpu_threads >= 0, "trainer.cpu_threads", self.cpu_threads,
                  "an integer >= 0 (0 = torch's default)")
+        positive("trainer.memory_limit_gb", self.memory_limit_gb, strict=False)
         require(self.sync_every_steps >= 1, "trainer.sync_every_steps", self.sync_every_steps, "an integer >= 1")
         self.precision = str(self.precision)
         choice("trainer.precision", self.precision, PRECISIONS)
