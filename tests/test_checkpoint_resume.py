@@ -216,9 +216,28 @@ def _cli(args, cwd, capsys, monkeypatch):
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
+def _set(key, value):
+    return lambda state: state.__setitem__(key, value)
+
+
+CORRUPTIONS = [  # (name, how the checkpoint is spoiled, what the one line says)
+    ("nan_weight", lambda s: s["model"]["rnn.W"].view(-1).__setitem__(3, float("nan")),
+     "rnn.W holds non-finite values (NaN or Inf); allowed: "),
+    ("config_list", _set("config", [1, 2]), "the checkpoint's config is a list; allowed: a mapping"),
+    ("rng_type", lambda s: s["rng"].__setitem__("data", [1, 2, 3]),
+     "the checkpoint's rng state 'data' does not fit this run (expected a torch.ByteTensor"),
+    ("rng_size", lambda s: s["rng"].__setitem__("torch", torch.zeros(10, dtype=torch.uint8)),
+     "the checkpoint's rng state 'torch' does not fit this run (Expected a CPUGeneratorImplState of size"),
+    ("perm", _set("perm", torch.arange(7)), "the checkpoint's data order (perm, torch.int64 [7]) does not fit"),
+    ("step_negative", _set("step", -5), "the checkpoint's step is -5; allowed: an integer from 0 to 10"),
+    ("step_past", _set("step", 11), "the checkpoint's step is 11; allowed: an integer from 0 to 10"),
+]
+
+
 def test_resume_into_another_model_is_refused_before_any_run(tmp_path, store, capsys, monkeypatch):
     """A checkpoint of another model (a file, or a run id with a different hidden size) is an input
-    error: one line, exit 2, no run created, and the run named keeps its status."""
+    error: one line, exit 2, no run created, and the run named keeps its status. So is a checkpoint
+    of this model whose content is wrong (:data:`CORRUPTIONS`, a NaN in a run's best checkpoint)."""
     from jobs import run_inprocess
 
     mlp = run_inprocess(["model=mlp", "data=moons", "trainer.epochs=1"], tmp_path / "mlp", store)
@@ -230,6 +249,30 @@ def test_resume_into_another_model_is_refused_before_any_run(tmp_path, store, ca
         code, lines = _cli([*args, "trainer.epochs=2", f"tracking.uri={store}"], tmp_path, capsys, monkeypatch)
         assert code == 2 and len(lines) == 1, lines
         assert "the checkpoint is of another model (model=mlp, data=moons): it lacks embedding.weight" in lines[0]
+    # a checkpoint of this model whose content is wrong: one field spoiled each (NaN weights, a config
+    # that is no mapping, RNG states and a data order that do not fit, a step outside the run)
+    srn_ckpt = tmp_path / "srn" / "checkpoints" / "last.pt"
+    for name, spoil, message in CORRUPTIONS:
+        bad = tmp_path / name / "last.pt"
+        bad.parent.mkdir()
+        state = torch.load(srn_ckpt, weights_only=True)
+        spoil(state)
+        torch.save(state, bad)
+        code, lines = _cli([f"trainer.resume_from={bad}", "trainer.epochs=2", f"tracking.uri={store}"], tmp_path,
+                           capsys, monkeypatch)
+        assert code == 2 and len(lines) == 1, (name, lines)
+        assert lines[0].startswith(f"error: trainer.resume_from='{bad}': ") and message in lines[0], lines
+    # a run whose best checkpoint holds NaN (downloaded from the store at preflight), by its id
+    nan_best = tmp_path / "nan_best" / "best.pt"
+    nan_best.parent.mkdir()
+    state = torch.load(tmp_path / "mlp" / "checkpoints" / "best.pt", weights_only=True)
+    next(iter(state["model"].values())).view(-1)[0] = float("nan")
+    torch.save(state, nan_best)
+    MlflowClient(store).log_artifact(mlp.run_id, str(nan_best), "checkpoints")
+    code, lines = _cli([f"trainer.resume_from={mlp.run_id}", "model=mlp", "data=moons", "trainer.epochs=2",
+                        f"tracking.uri={store}"], tmp_path, capsys, monkeypatch)
+    assert code == 2 and len(lines) == 1, lines
+    assert "(its best.pt): the checkpoint's" in lines[0] and "holds non-finite values" in lines[0]
     # a run id is checked once its checkpoint is downloaded, still before the run is touched
     res = run_train([f"trainer.resume_from={srn.run_id}", "model.hidden_size=64", f"tracking.uri={store}"], tmp_path)
     lines = res.stderr.strip().splitlines()

@@ -30,7 +30,7 @@ from gradsweep.train import budget
 from gradsweep.train.checkpoints import CheckpointStore, check_compatible, load_checkpoint
 from gradsweep.train.data import read_digit_sum
 from gradsweep.train.diagnostics import Diagnosis, record_health
-from gradsweep.train.loop import Trainer, TrainResult
+from gradsweep.train.loop import Trainer, TrainResult, run_length
 from gradsweep.train.registry import build
 from gradsweep.train.user_code import check_task
 from gradsweep.train.sinks import FromStep, HistorySink, TeeSink
@@ -163,12 +163,12 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
     """``trainer.resume_from``: a checkpoint path (a new run) or an MLflow run id: the same run where it
     did not finish (KILLED, FAILED, RUNNING with its writer dead), a new run continuing it where it did
     (FINISHED: its history is not rewritten; the sweep that summarised it still describes it).
-    ``last_only``: just the checkpoint to continue from (preflight's check), not the best one nor
-    the steps the run holds. ``spool``: where a killed writer of the run may have left records."""
+    ``last_only``: the checkpoints (preflight's check), not the steps the run holds.
+    ``spool``: where a killed writer of the run may have left records."""
     path = Path(ref)
     if path.exists() or not RUN_ID.match(ref):
         best_path = path.with_name("best.pt")
-        best = load_checkpoint(best_path) if best_path.is_file() and best_path != path and not last_only else None
+        best = load_checkpoint(best_path) if best_path.is_file() and best_path != path else None
         return Resume(load_checkpoint(path), best)
     client = tracker_factory().client
     try:
@@ -186,12 +186,14 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
     except Exception:
         raise CheckpointError(f"trainer.resume_from={ref!r}: run has no checkpoints/last.pt artifact") from None
     finished = run.info.status == "FINISHED"
-    if last_only:
-        return Resume(load_checkpoint(last), None, None if finished else ref, status=run.info.status)
     try:
-        best = load_checkpoint(client.download_artifacts(ref, "checkpoints/best.pt", str(dest)))
+        best_file = client.download_artifacts(ref, "checkpoints/best.pt", str(dest))
     except Exception:
         best = None
+    else:  # there but unreadable: refused like the last checkpoint
+        best = load_checkpoint(best_file)
+    if last_only:
+        return Resume(load_checkpoint(last), best, None if finished else ref, status=run.info.status)
     from gradsweep.track.store import metric_history
 
     from gradsweep.track.history import read_history
@@ -232,11 +234,17 @@ def check_inputs(spec: JobSpec, claim: bool = True) -> None:
             check_model_budget(spec, _preflight_data(spec))
         return
     with tempfile.TemporaryDirectory(prefix="gradsweep-resume-") as tmp:
-        state = resolve_resume(ref, lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name,
-                                                     spec.tracking.artifact_location), Path(tmp),
-                               last_only=True).last
-    _, model = data_and_model(spec)
-    check_compatible(state, model, build("optimizer", spec.optimizer, model.parameters()), ref)
+        resume = resolve_resume(ref, lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name,
+                                                      spec.tracking.artifact_location), Path(tmp), last_only=True)
+    check_resume(spec, resume, *data_and_model(spec))
+
+
+def check_resume(spec: JobSpec, resume: Resume, data, model: torch.nn.Module) -> None:
+    """The checkpoints' whole content against this job (:func:`check_compatible`), with a throwaway
+    optimizer and clipper to try their states on."""
+    check_compatible(resume.last, model, build("optimizer", spec.optimizer, model.parameters()),
+                     spec.trainer.resume_from, run_length(len(data.train), spec.trainer), build("clip", spec.clip),
+                     resume.best)
 
 
 _DATA_SEEN: dict[str, object] = {}  # preflight: each distinct data config is built once per command
@@ -314,9 +322,10 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
     make_tracker = lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name, spec.tracking.artifact_location)  # noqa: E731
     resume = resolve_resume(spec.trainer.resume_from, make_tracker, ctx.output_dir / "resume",
                             spool=_spool(spec)) if spec.trainer.resume_from else None
-    optimizer = build("optimizer", spec.optimizer, model.parameters())
     if resume is not None:  # input validation: a refused resume creates no run, changes no run's status
-        check_compatible(resume.last, model, optimizer, spec.trainer.resume_from)
+        check_resume(spec, resume, data, model)
+    optimizer = build("optimizer", spec.optimizer, model.parameters())
+    if resume is not None:
         if resume.status == "FINISHED":
             log.info("resume: run %s is FINISHED and stays as it is; a new run (tag %s) continues it from step %d",
                      spec.trainer.resume_from, RESUMED_FROM_TAG, resume.last["step"])

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradsweep.train.checkpoints import CheckpointStore
+from gradsweep.train.checkpoints import CheckpointStore, RunLength
 from gradsweep.train.clipping import Clipper
 from gradsweep.train.data import DataSet, Split
 from gradsweep.checks import choice, positive, require
@@ -155,6 +155,12 @@ def evaluate(model: nn.Module, split: Split, loss: str, device: torch.device) ->
     return (acc / n if n else math.nan), lsum / max(per, 1)
 
 
+def run_length(examples: int, cfg: TrainerConfig) -> RunLength:
+    """How long a run of ``examples`` training examples is: what a checkpoint resumed into it must fit."""
+    steps_per_epoch = math.ceil(examples / (cfg.batch_size or examples))
+    return RunLength(examples, steps_per_epoch, cfg.epochs * steps_per_epoch)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, data: DataSet, optimizer: torch.optim.Optimizer, clipper: Clipper,
                  cfg: TrainerConfig, sink: Sink, device: torch.device, store: Optional[CheckpointStore] = None,
@@ -180,10 +186,9 @@ class Trainer:
         self.param_stats = ParamStats(self.norms.params) if getattr(cfg, "epoch_stats", False) else None
         self.stat_names = epoch_stat_names(self.norms.names)
         self.epoch_stats: Optional[torch.Tensor] = None  # set by train_step(stats=True)
-        n = len(data.train)
-        self.batch_size = cfg.batch_size or n
-        self.steps_per_epoch = math.ceil(n / self.batch_size)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.batch_size = cfg.batch_size or len(data.train)
+        length = run_length(len(data.train), cfg)
+        self.steps_per_epoch, self.total_steps = length.steps_per_epoch, length.total_steps
         # a console line at about CONSOLE_LINES evaluations of the run, whatever its length (every
         # evaluation is logged as a metric): progress without a wall of text
         every = cfg.eval_every_steps
