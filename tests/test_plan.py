@@ -27,6 +27,11 @@ def test_plan_names_jobs_store_and_folder(monkeypatch):
     assert "1 job," in plan(["experiment=mlp_vanishing"])  # without -m the preset's sweep does not run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team:5000")
     assert "recorded in http://team:5000" in plan([])
+    # the folder given, where the files really go (each mode reads its own key)
+    assert "files under /data/runs/a/;" in plan(["hydra.run.dir=/data/runs/a", "hydra.sweep.dir=/data/s"])
+    assert "files under /data/s/;" in plan(["-m", "clip.max_norm=1,5", "hydra.run.dir=/data/runs/a",
+                                            "hydra.sweep.dir=/data/s/"])
+    assert "files under runs/${now:%H}/;" in plan(["hydra.run.dir=runs/${now:%H}"])
 
 
 def test_no_plan_for_help_or_an_unreadable_command_line():

@@ -17,7 +17,7 @@ from typing import Optional
 
 from gradsweep.names import EMBEDDED_STORE
 from gradsweep.paths import CONF_DIR, SWEEPS_DIR
-from gradsweep.sweep.overrides import job_combinations
+from gradsweep.sweep.overrides import job_combinations, output_folder
 from gradsweep.track.uri import mask
 
 NO_PLAN = ("-h", "--help", "-hh", "--hydra-help", "-i", "--info", "-c", "--cfg", "-sc", "--shell-completion",
@@ -50,8 +50,8 @@ def _preset_params(combo: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in params.items() if k not in chosen]
 
 
-def _given(argv: list[str]) -> Optional[tuple[bool, list, dict[str, str]]]:
-    """(multirun, the discrete job combinations, key -> value given) or None (no plan)."""
+def _given(argv: list[str]) -> Optional[tuple[bool, list, dict[str, str], Optional[str]]]:
+    """(multirun, the discrete job combinations, key -> value given, the output folder given) or None (no plan)."""
     if any(a.split("=")[0] in NO_PLAN for a in argv):
         return None
     overrides = [a for a in argv if not a.startswith("-")]
@@ -67,7 +67,7 @@ def _given(argv: list[str]) -> Optional[tuple[bool, list, dict[str, str]]]:
     except Exception:  # preflight says what is wrong, in one line
         return None
     given = {k: v.replace("\\", "") for k, v in (o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)}
-    return multirun, combos, given
+    return multirun, combos, given, output_folder(overrides, multirun)
 
 
 def _store(given: dict[str, str]) -> Optional[str]:
@@ -81,7 +81,7 @@ def plan(argv: list[str]) -> Optional[str]:
     parsed = _given(argv)
     if parsed is None:
         return None
-    multirun, combos, given = parsed
+    multirun, combos, given, folder = parsed
     loading = "PyTorch and MLflow" if multirun else "PyTorch"  # a single job's MLflow lives in its delivery process
     uri = _store(given)
     if uri is None:
@@ -97,6 +97,8 @@ def plan(argv: list[str]) -> Optional[str]:
         jobs = f"{n} job{'s' if n != 1 else ''}" + (f" of experiment={given['experiment']}'s sweep"
                                                     if "experiment" in given else "")
         files = "multirun/"
+    if folder is not None:  # hydra.run.dir / hydra.sweep.dir: where the files really go
+        files = folder.rstrip("/") + "/"
     return f"[gradsweep] {jobs}, {recorded}, files under {files}; loading {loading}..."
 
 

@@ -32,12 +32,12 @@ from gradsweep.errors import ConfigError, NonFiniteError, StopRun
 from gradsweep.run.job import JobContext, JobOutcome, check_inputs, hold_folder, run_job
 from gradsweep.run.spec import JobSpec
 from gradsweep.sweep.context import SweepContext
-from gradsweep.sweep.overrides import job_combinations
+from gradsweep.sweep.overrides import job_combinations, output_folder
 from gradsweep.train.diagnostics import DiagnosticsConfig
 from gradsweep.train.loop import TrainerConfig
 from gradsweep.train.registry import GROUPS, parts
 from gradsweep.track.settings import TrackingConfig
-from gradsweep.track.uri import refuse_password
+from gradsweep.track.uri import check_writable, refuse_password
 
 SINGLE_GROUPS = {"trainer": TrainerConfig, "tracking": TrackingConfig, "diagnostics": DiagnosticsConfig}
 
@@ -225,14 +225,18 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
     for override in args.overrides:  # any URI on the command line lands in .hydra/overrides.yaml
         key, _, value = override.partition("=")
         refuse_password(key.lstrip("+~"), value)
+    folder_key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    folder = output_folder(args.overrides, args.multirun)
+    if folder is not None:  # Hydra creates it (a traceback where it cannot) once the job starts
+        check_writable(folder_key, folder, Path(folder.split("${")[0] or ".").absolute(),
+                       allowed="a folder this user can create and write")
     jobs = _jobs(config_dir, args.overrides, name, args.multirun)
     for job, cfg in jobs:
         check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)),
                      claim=not args.multirun)  # a sweep's resume is claimed by the process running its job
-    sweep_dir = [v for k, _, v in (o.partition("=") for o in args.overrides) if k.lstrip("+~") == "hydra.sweep.dir"]
-    if args.multirun and sweep_dir and "${" not in sweep_dir[-1]:  # a folder given, not Hydra's time-stamped one:
+    if args.multirun and folder is not None and "${" not in folder:  # a folder given, not Hydra's time-stamped one:
         # given to two sweeps at once, the second is refused before it starts (else each of its jobs would be)
-        hold_folder(Path(sweep_dir[-1].strip("'\"")).absolute(), "hydra.sweep.dir")
+        hold_folder(Path(folder).absolute(), "hydra.sweep.dir")
     return len(jobs)
 
 

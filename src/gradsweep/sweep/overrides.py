@@ -2,6 +2,8 @@
 imported): fast enough to run before PyTorch and MLflow load."""
 from __future__ import annotations
 
+from typing import Optional
+
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 
@@ -21,3 +23,11 @@ def job_combinations(overrides: list[str]) -> list[list[str]]:
             continue
         combos = [c + [v] for c in combos for v in values]
     return combos
+
+
+def output_folder(overrides: list[str], multirun: bool) -> Optional[str]:
+    """The folder a command line gives its job (``hydra.run.dir``) or sweep (``hydra.sweep.dir``);
+    None for Hydra's time-stamped default (conf/config.yaml)."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [v for k, _, v in (o.partition("=") for o in overrides) if k.lstrip("+~") == key]
+    return given[-1].strip("'\"") if given else None

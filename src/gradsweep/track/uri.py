@@ -118,7 +118,8 @@ def absolute_sqlite(uri: str, create: bool = False) -> str:
     return f"sqlite:///{path}"
 
 
-def check_writable(key: str, value: str, folder: Path, file: Optional[Path] = None) -> None:
+def check_writable(key: str, value: str, folder: Path, file: Optional[Path] = None,
+                   allowed: str = "a writable path (or tracking=server)") -> None:
     """``folder`` (or the nearest part of it that exists) takes new files, and ``file``, if it
     exists, can be written: else one line naming the key (a read-only store otherwise failed in a
     240-line traceback from inside MLflow)."""
@@ -131,8 +132,8 @@ def check_writable(key: str, value: str, folder: Path, file: Optional[Path] = No
             open(file, "r+b").close()
     except OSError as e:
         what = file if file is not None and file.exists() and probe == folder else probe
-        raise ConfigError(f"{key}={mask(value)!r}: {what} is not writable ({e.strerror or e}); allowed: a "
-                          "writable path (or tracking=server)") from None
+        raise ConfigError(f"{key}={mask(value)!r}: {what} is not writable ({e.strerror or e}); "
+                          f"allowed: {allowed}") from None
 
 
 def check_local_store(uri: str, spool_dir: Optional[str]) -> None:
