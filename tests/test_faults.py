@@ -5,9 +5,12 @@ import fcntl
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -147,9 +150,27 @@ def _can_unshare_pid() -> bool:
         ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode == 0
 
 
-def test_a_job_killed_while_spooled_ends_killed_at_sync(tmp_path, migrated_db):
+def _child(pid: int) -> int:
+    """The one child of ``pid`` (the job that ``unshare --fork`` started)."""
+    (child,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(child)
+
+
+def _sync(spool, capsys) -> tuple[int, str]:
+    """`gradsweep sync --spool <spool>` in this process (its wiring is the subprocess cases')."""
+    import argparse
+
+    from gradsweep.cli.main import sync
+
+    capsys.readouterr()
+    code = sync(argparse.Namespace(spool=spool, wait=0.0))
+    return code, capsys.readouterr().out
+
+
+def test_a_job_killed_while_spooled_ends_killed_at_sync(tmp_path, migrated_db, capsys):
     """The store is down, the job is SIGKILLed mid-run: `gradsweep sync` delivers what it journaled
-    and closes the run KILLED (failure=worker_died) instead of repeating "1 still spooled". The job
+    and closes the run KILLED (failure=worker_died) instead of repeating "1 still spooled"; while the
+    job lives, sync leaves its run to it and says so (exit 0). The job
     runs in its own PID namespace where it can (as in any container): it records PID 1, which is
     alive on this host (init) after the job is gone; its writer lock says it is gone."""
     from conftest import MlflowServer, fresh_store
@@ -161,6 +182,12 @@ def test_a_job_killed_while_spooled_ends_killed_at_sync(tmp_path, migrated_db):
     proc = _job([f"trainer.epochs={EPOCHS}", f"tracking.uri={server.uri}"], tmp_path, prefix)
     spool = tmp_path / "mlruns" / "spool"
     folder = _journal_of(proc, spool, min_bytes=20_000, owner_pid=not namespace)  # ~330 steps of 60 bytes
+    job = _child(proc.pid) if namespace else proc.pid
+    os.kill(job, signal.SIGSTOP)  # still its run's writer (it holds the journal's lock) while sync looks
+    code, out = _sync(spool, capsys)  # the job's own: not delivered here, not "still spooled", not an error
+    assert code == 0 and out.splitlines() == [f"run trainer.epochs={EPOCHS} (pid {1 if namespace else job} on "
+                                              f"{socket.gethostname()}) is live: its own process is writing it and "
+                                              f"delivers it", f"nothing else to deliver in {spool}"], out
     proc.kill()  # unshare --kill-child: the job dies with it, and every process of its namespace
     proc.communicate(timeout=60)
     if namespace:

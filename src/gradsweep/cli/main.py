@@ -48,21 +48,27 @@ def sync(args: argparse.Namespace) -> int:
     import time
 
     from gradsweep.track.delivery import OutageReporter, deliver_all, pending, refused, remove_delivered
-    from gradsweep.track.journal import HEADER, STATE, close_orphan, read_json
+    from gradsweep.track.journal import HEADER, STATE, close_orphan, read_json, writer_alive
 
     for folder in pending(args.spool):
         if close_orphan(folder):
             print(f"spooled run {folder.name}: its process is gone without ending the run; it ends KILLED "
                   "(failure=worker_died)")
-    folders = pending(args.spool)
+    # a run whose process is still writing it is that process's to deliver (its delivery process
+    # follows the journal, and the job sends the rest itself at its end): not ours, and not late
+    live = {folder for folder in pending(args.spool) if writer_alive(folder)}
+    for folder in sorted(live):
+        print(f"{_live_run(folder)} is live: its own process is writing it and delivers it")
+    folders = [folder for folder in pending(args.spool) if folder not in live]
     if not folders:
-        print(f"nothing to deliver in {args.spool}")
+        print(f"nothing {'else ' if live else ''}to deliver in {args.spool}")
         remove_delivered(args.spool)
         return _say_refused(refused(args.spool))
     deadline = time.monotonic() + args.wait
     reporter = OutageReporter(sys.stdout)
     while True:
-        left = deliver_all(pending(args.spool), reporter, args.spool, busy_wait_s=BUSY_WAIT_S)
+        left = deliver_all([f for f in pending(args.spool) if f not in live], reporter, args.spool,
+                           busy_wait_s=BUSY_WAIT_S)
         if left == 0 or time.monotonic() >= deadline:
             break
         time.sleep(1.0)
@@ -77,6 +83,18 @@ def sync(args: argparse.Namespace) -> int:
                      str(create.get("run_name", "")).startswith("sweep") else ""))
     remove_delivered(args.spool)  # what delivered runs of ended processes left
     return max(1 if left else 0, _say_refused(refused(args.spool)))
+
+
+def _live_run(folder: Path) -> str:
+    """``run <name> (<id>, pid 12 on host)`` for a journal whose writer is alive."""
+    from gradsweep.locks import describe
+    from gradsweep.track.journal import HEADER, STATE, read_json
+
+    header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
+    name = (header.get("create") or {}).get("run_name")
+    run_id = state.get("run_id") or header.get("run_id")
+    who = ", ".join(x for x in (run_id, describe(header.get("worker") or "")) if x)
+    return f"run {name or folder.name}" + (f" ({who})" if who else "")
 
 
 def _say_refused(journals: list) -> int:
