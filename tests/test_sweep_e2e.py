@@ -109,7 +109,7 @@ def _one_copy_then_gc(store: str, tmp_path: Path, monkeypatch, capsys) -> None:
 
     def files(pattern: str) -> list[Path]:  # what the sweep wrote (check_sweep downloads beside them)
         return [p for root in ("mlruns", "multirun", "outputs") for p in (tmp_path / root).rglob(pattern)]
-    for pattern, n in (("*.pt", 6), ("grad_norms.png", 3)):  # 3 children: best + last, and a figure, each
+    for pattern, n in (("*.pt", 6), ("grad_norms.png", 3), ("grad_norm_total.png", 1)):  # children's; parent's
         found = files(pattern)
         assert len(found) == n and all(mlruns / "artifacts" in p.parents for p in found), found
     (sweep,) = tmp_path.glob("multirun/*/*")

@@ -32,7 +32,7 @@ from gradsweep.track.uri import absolute_sqlite, is_local_sqlite, mask, sqlite_p
 
 ROOTS = ("multirun", "outputs")  #: Hydra's default sweep and run folders (conf/config.yaml)
 #: what Hydra and the job write for themselves in a job's folder: not artifacts of the run
-HYDRA_OWN = (".hydra", "multirun.yaml", "optimization_results.yaml", FOLDER_LOCK)
+HYDRA_OWN = (".hydra", ".submitit", "multirun.yaml", "optimization_results.yaml", FOLDER_LOCK)
 LISTED = 20  #: folders listed by name; the rest counted
 
 
@@ -150,7 +150,7 @@ def judge(folder: Folder, client, pending_runs: set[str], pending_dirs: set[str]
     elif str(folder.path) in pending_dirs or pending_runs & {r.info.run_id for r in folder.runs}:
         folder.keep = "its run is spooled, not yet delivered to the store"
     elif not folder.runs:
-        folder.keep = "no run in the store names it (a memory-backend run, or older than gradsweep gc)"
+        folder.keep = "no active run in the store names it (its run deleted, a memory-backend run, or older than gradsweep gc)"
     elif unfinished := [r for r in folder.runs if r.info.status != "FINISHED"]:
         folder.keep = f"run {unfinished[0].info.run_id[:8]} is {unfinished[0].info.status}"
     elif stays := [u for u in folder.units if not u.removable]:
@@ -241,6 +241,14 @@ def make_plan(client, spool: Path, roots: list[Path], deleted: bool) -> Plan:
         ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
         plan.deleted_runs = client.search_runs(ids, run_view_type=ViewType.DELETED_ONLY, max_results=50000) if ids else []
     return plan
+
+
+def local_artifacts(run) -> Optional[Path]:
+    """A run's artifact folder where it is a local one (the embedded store's)."""
+    from urllib.parse import unquote, urlparse
+
+    uri = urlparse(run.info.artifact_uri or "")
+    return Path(unquote(uri.path)).parent if uri.scheme in ("", "file") and uri.path else None
 
 
 # ------------------------------------------------------------------------------ removing
@@ -344,7 +352,9 @@ def run(args: argparse.Namespace) -> int:
         removals.append((f"{here(folder.path)}  ({kind} folder; FINISHED in the store: {runs})",
                          size_of(folder.path)[0], folder))
     if plan.deleted_runs:
-        removals.append((f"{len(plan.deleted_runs)} runs deleted in MLflow (mlflow gc)", 0, "deleted"))
+        removals.append((f"{len(plan.deleted_runs)} runs deleted in MLflow (mlflow gc; and their rows in the store)",
+                         sum(size_of(p)[0] for p in map(local_artifacts, plan.deleted_runs) if p and p.exists()),
+                         "deleted"))
     stays = kept(plan.folders)
     act = "Removing" if args.yes else "Safe to remove (everything of theirs is in the store)"
     print(f"{act}:" if removals else "Nothing to remove.")
@@ -375,6 +385,7 @@ def _remove(plan: Plan, removals: list, uri: str, spool: Path, roots: list[Path]
             drop_unheld(spool / CLAIMS)
         elif what == "deleted":
             code = collect_deleted_runs(uri)
+            freed += size if code == 0 else 0
         elif remove_folder(what):
             freed += size
             root = next((r for r in roots if r.resolve() in what.path.parents), None)
@@ -382,5 +393,5 @@ def _remove(plan: Plan, removals: list, uri: str, spool: Path, roots: list[Path]
                 prune_empty(what.path, root)
         else:
             print(f"  kept {here(what.path)}: a running process holds it")
-    print(f"Freed {human(freed)}" + (" (and what mlflow gc removed)" if plan.deleted_runs else "") + ".")
+    print(f"Freed {human(freed)}.")
     return code

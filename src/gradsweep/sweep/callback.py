@@ -75,7 +75,8 @@ class GradsweepCallback(Callback):
         # Hydra calls this from a `finally`: a Ctrl-C/SIGTERM that ended the sweep is still in flight
         status = "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FINISHED"
         # the summary is made where the parent is delivered, once its children are on the store
-        self.journal.after_delivery("sweep_summary", out_dir=str(Path(str(config.hydra.sweep.dir)).resolve()))
+        self.journal.after_delivery("sweep_summary", out_dir=str(Path(str(config.hydra.sweep.dir)).resolve()),
+                                    keep_local=self.tracking.keep_local_artifacts)
         delivered = self.journal.finish(status)
         run_id = self.journal.run_id
         if not delivered or not run_id:  # not all on the store: say which runs and why
