@@ -118,7 +118,8 @@ def two_resumes(root: Path) -> dict:
 
 def two_sweeps(root: Path) -> dict:
     store = f"sqlite:///{root}/mlruns/mlflow.db"
-    args = ["-m", "clip.max_norm=5,7", "trainer.epochs=100", "hydra.sweep.dir=same"]
+    args = ["-m", "clip.max_norm=5,7", "trainer.epochs=100", "hydra.sweep.dir=same",
+            "tracking.keep_local_artifacts=true"]  # the folders' own checkpoints are what is checked
     sweeps = [job(store, root, *args) for _ in range(2)]
     outs = [p.communicate()[0] for p in sweeps]
     wrong = 0

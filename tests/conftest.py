@@ -27,6 +27,15 @@ def run_train(args: list[str], cwd: Path, timeout: int = 300, env: dict | None =
                           timeout=timeout, env=full_env)
 
 
+def stored(uri: str, run_id: str, path: str) -> Path:
+    """Where an embedded store keeps a run's artifact ``path`` (a checkpoint there resumes a run)."""
+    from urllib.parse import unquote, urlparse
+
+    from mlflow.tracking import MlflowClient
+
+    return Path(unquote(urlparse(MlflowClient(uri).get_run(run_id).info.artifact_uri).path)) / path
+
+
 @pytest.fixture(scope="session")
 def migrated_db(tmp_path_factory) -> Path:
     """An empty MLflow sqlite store with MLflow's schema, made once per test worker: creating the

@@ -8,7 +8,7 @@ import time
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TRAIN, run_train
+from conftest import TRAIN, run_train, stored
 from gradsweep.track.delivery import pending
 from gradsweep.track.journal import has_artifact
 
@@ -53,7 +53,9 @@ def test_resume_from_checkpoint_path_equals_uninterrupted(tmp_path, store):
     full = run_inprocess(["trainer.epochs=4", *common], tmp_path / "full", store)
     half = run_inprocess(["trainer.epochs=2", *common], tmp_path / "half", store)
     assert full.status == half.status == "FINISHED"
-    ckpt = tmp_path / "half" / "checkpoints" / "last.pt"
+    # one copy of each checkpoint: the store's (tracking.keep_local_artifacts=false), the job folder's is gone
+    assert not (tmp_path / "half" / "checkpoints").exists() and (tmp_path / "half" / "config.yaml").is_file()
+    ckpt = stored(store, half.run_id, "checkpoints/last.pt")
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 10 and state["epoch"] == 2 and state["best_score"] >= 0
     resumed = run_inprocess(["trainer.epochs=4", f"trainer.resume_from={ckpt}", *common], tmp_path / "resumed", store)
@@ -65,8 +67,8 @@ def test_resume_from_checkpoint_path_equals_uninterrupted(tmp_path, store):
     assert steps == list(range(10, 20))  # continued where the checkpoint left off
     for key in ("train/loss", "grad_norm/total", "grad_norm/rnn.U", "test/acc", "best/dev_acc"):
         assert _last(client, resumed.run_id, key).value == _last(client, full.run_id, key).value, key
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    a = torch.load(stored(store, full.run_id, "checkpoints/last.pt"), weights_only=True)
+    b = torch.load(stored(store, resumed.run_id, "checkpoints/last.pt"), weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
@@ -89,6 +91,7 @@ def test_resuming_a_finished_run_starts_a_new_run_linked_to_it(tmp_path, store, 
                 len(gradsweep.history(run_id, tracking_uri=store)))
 
     before = snapshot(first.run_id)
+    assert not (tmp_path / "first" / "checkpoints").exists()  # resumed from the store's copy, the only one
     with caplog.at_level(logging.INFO, logger="gradsweep"):
         again = run_inprocess(["trainer.epochs=3", f"trainer.resume_from={first.run_id}",
                                "trainer.eval_every_steps=5"], tmp_path / "again", store)
@@ -104,6 +107,7 @@ def test_resuming_a_finished_run_starts_a_new_run_linked_to_it(tmp_path, store, 
     assert list(gradsweep.history(again.run_id, tracking_uri=store).index) == list(range(10, 15))
     # the verdict covers the whole history: the original's steps and the new ones
     assert list(again.history.steps) == list(range(15))
+    assert not (tmp_path / "again" / "resume").exists()  # the checkpoints fetched to resume from are not kept
 
 
 def test_sigterm_marks_run_killed(tmp_path, store):
@@ -243,7 +247,7 @@ def test_resume_into_another_model_is_refused_before_any_run(tmp_path, store, ca
     mlp = run_inprocess(["model=mlp", "data=moons", "trainer.epochs=1"], tmp_path / "mlp", store)
     srn = run_inprocess(["trainer.epochs=1"], tmp_path / "srn", store)
     assert mlp.status == srn.status == "FINISHED"
-    mlp_ckpt = tmp_path / "mlp" / "checkpoints" / "last.pt"
+    mlp_ckpt = stored(store, mlp.run_id, "checkpoints/last.pt")
     cases = [[f"trainer.resume_from={mlp_ckpt}"], ["-m", f"trainer.resume_from={mlp_ckpt}", "trainer.seed=0,1"]]
     for args in cases:  # checkpoint files are checked before Hydra starts
         code, lines = _cli([*args, "trainer.epochs=2", f"tracking.uri={store}"], tmp_path, capsys, monkeypatch)

@@ -202,3 +202,53 @@ def test_a_sweep_spooled_by_a_process_that_ended_is_delivered_without_closing_it
     assert sorted(r.info.run_name for r in runs) == ["clip.max_norm=1", "clip.max_norm=5", "sweep"]
     for run in runs:
         assert run.info.status == "FINISHED" and "failure" not in run.data.tags, (run.info.run_name, run.data.tags)
+
+
+ENDED_WRITER = """
+import os, sys
+from pathlib import Path
+from gradsweep.track.journal import RunJournal, now_ms
+
+uri, spool, artifacts, job = sys.argv[1:]
+j = RunJournal.create(spool, {"uri": uri, "experiment_name": "one copy", "artifact_location": artifacts,
+                              "create": {"run_name": "job", "tags": {}, "start_time": now_ms()}})
+ckpt = Path(job) / "checkpoints"
+for name in ("last", "best"):
+    (ckpt / f"{name}.pt").write_bytes(name.encode() * 100)
+    j.log_artifact(ckpt / f"{name}.pt", "checkpoints", move=True)
+(Path(job) / "config.yaml").write_text("a: 1")
+j.log_artifact(Path(job) / "config.yaml")
+new = ckpt / "best.new"
+new.write_bytes(b"rewritten after it was logged")
+os.replace(new, ckpt / "best.pt")
+j.end("FINISHED")
+"""
+
+
+def test_a_delivered_run_leaves_one_copy_of_what_it_moved_and_no_spool_folder(store, tmp_path):
+    """``move`` (tracking.keep_local_artifacts=false): once the store has the run, the job folder's copy
+    of each file logged so is removed, unless the file changed after it was logged (the store lacks
+    that one). The spool folder kept for the run's owner goes once the owner has ended, in whichever
+    process cleans up next (here: another owner's delivery process ending)."""
+    import os
+    import subprocess
+    import sys
+
+    from gradsweep.track.delivery import pending, remove_delivered
+
+    uri, _ = store
+    spool, job = tmp_path / "spool", tmp_path / "job"
+    (job / "checkpoints").mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", ENDED_WRITER, uri, str(spool), default_artifact_location(uri), str(job)],
+                   check=True)
+    (folder,) = pending(spool)
+    assert deliver(folder)
+    state = read_json(folder / STATE)
+    client = MlflowClient(uri)
+    assert {a.path: a.file_size for a in client.list_artifacts(state["run_id"], "checkpoints")} == \
+        {"checkpoints/last.pt": 400, "checkpoints/best.pt": 400}
+    assert not (job / "checkpoints" / "last.pt").exists()  # the store's copy is the only one
+    assert (job / "checkpoints" / "best.pt").read_bytes() == b"rewritten after it was logged"
+    assert (job / "config.yaml").read_text() == "a: 1"  # logged without move: kept
+    assert state["done"] and folder.is_dir()  # kept for its owner (a run created from the spool)
+    assert remove_delivered(spool, owner_pid=os.getpid()) == 1 and [p for p in spool.iterdir() if p.is_dir()] == []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import run_train
+from conftest import run_train, stored
 from gradsweep.sweep.hydra_adapter import to_spec
 from gradsweep.report.build import make_report, study_names
 from gradsweep.train.diagnostics import VERDICTS
@@ -121,7 +121,7 @@ def test_study_runs_shortened(study, store, tmp_path):
         out = outcomes[0]
         hist = client.get_metric_history(out.run_id, "weight_std/layers.0.weight")
         assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [31, 63]
-        last = torch.load(tmp_path / "0" / "checkpoints" / "last.pt", weights_only=True)["model"]["layers.0.weight"]
+        last = torch.load(stored(store, out.run_id, "checkpoints/last.pt"), weights_only=True)["model"]["layers.0.weight"]
         assert max(hist, key=lambda m: m.step).value == pytest.approx(last.std(unbiased=False).item(), rel=1e-5)
         assert len(client.get_metric_history(out.run_id, "grad_std/layers.3.bias")) == epochs
     if study == "zero_init":  # hidden units start identical and stay identical

@@ -64,7 +64,7 @@ def check_sweep(uri: str, tmp_path: Path):
     assert all(r["n_runs"] == "1" and r["n_finished"] == "1" for r in summary)
 
 
-def test_multirun_embedded_store(tmp_path, store):
+def test_multirun_embedded_store(tmp_path, store, monkeypatch, capsys):
     res = run_train(["-m", "clip.max_norm=1,5,20", "trainer.epochs=2", f"tracking.uri={store}"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mlflow ui --backend-store-uri" in res.stdout
@@ -93,6 +93,57 @@ def test_multirun_embedded_store(tmp_path, store):
     while [p for p in spool.iterdir() if p.is_dir()] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert [p.name for p in spool.iterdir() if p.is_dir()] == []
+    _one_copy_then_gc(store, tmp_path, monkeypatch, capsys)
+
+
+def _one_copy_then_gc(store: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Each checkpoint and figure is kept once, in the store (tracking.keep_local_artifacts=false).
+    `gradsweep gc` lists without removing, then removes exactly the folders whose runs are FINISHED
+    with everything in the store; a folder a live job holds, a RUNNING run's and a spooled run's stay."""
+    from gradsweep.cli.main import main
+    from gradsweep.locks import FOLDER_LOCK, hold, release
+    from gradsweep.names import OUTPUT_DIR_TAG
+    from gradsweep.track.journal import RunJournal, now_ms
+
+    mlruns = tmp_path / "mlruns"
+
+    def files(pattern: str) -> list[Path]:  # what the sweep wrote (check_sweep downloads beside them)
+        return [p for root in ("mlruns", "multirun", "outputs") for p in (tmp_path / root).rglob(pattern)]
+    for pattern, n in (("*.pt", 6), ("grad_norms.png", 3), ("grad_norm_total.png", 1)):  # children's; parent's
+        found = files(pattern)
+        assert len(found) == n and all(mlruns / "artifacts" in p.parents for p in found), found
+    (sweep,) = tmp_path.glob("multirun/*/*")
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("gradsweep")
+    running, spooled = (tmp_path / "outputs" / name for name in ("running", "spooled"))
+    for folder in (running, spooled):
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / "last.pt").write_bytes(b"only here")
+    client.create_run(exp.experiment_id, tags={OUTPUT_DIR_TAG: str(running.resolve())})  # RUNNING
+    journal = RunJournal.create(mlruns / "spool", {  # a live writer (this process), not delivered
+        "uri": store, "experiment_name": "gradsweep",
+        "create": {"run_name": "spooled", "tags": {OUTPUT_DIR_TAG: str(spooled.resolve())}, "start_time": now_ms()}})
+    held = hold(sweep / "1" / FOLDER_LOCK)  # a job still writing its folder
+    monkeypatch.chdir(tmp_path)
+    try:
+        before = sorted(tmp_path.rglob("*"))
+        assert main(["gc"]) == 0
+        out = capsys.readouterr().out
+        assert sorted(tmp_path.rglob("*")) == before, out  # a dry run removes nothing
+        listed = {ln.split()[0] for ln in out.splitlines() if "folder; FINISHED in the store" in ln}
+        assert listed == {str((sweep / n).relative_to(tmp_path)) for n in ("0", "2")}, out
+        assert main(["gc", "--yes"]) == 0
+        assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["1"], capsys.readouterr().out
+        for folder in (running, spooled):
+            assert (folder / "last.pt").read_bytes() == b"only here"
+        assert journal.folder.is_dir()
+        release(held)
+        assert main(["gc", "--yes"]) == 0  # the job has ended: its sweep goes as a whole, the day's folder too
+        assert list((tmp_path / "multirun").iterdir()) == [], capsys.readouterr().out
+    finally:
+        release(held)
+        journal.close()
+    assert len(files("*.pt")) == 6 + 2  # the store's copies, and the two folders that stay
 
 
 def _duplicates_closed(client, experiment_id: str, kept: set[str]) -> None:

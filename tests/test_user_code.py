@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import gradsweep
-from conftest import run_train
+from conftest import run_train, stored
 from jobs import run_inprocess
 
 PACKAGE = {
@@ -114,7 +114,8 @@ def test_a_sweep_of_the_users_model_and_data_then_a_resume(user_pkg, tmp_path, s
         assert {"grad_norm/body.0.weight", "grad_norm/body.2.bias"} <= set(r.data.metrics)
         assert r.data.tags["grad_health"]
         assert list(gradsweep.history(r.info.run_id, tracking_uri=store).index) == list(range(9))
-    ckpt = next(tmp_path.glob("multirun/*/*/0/checkpoints/last.pt"))
+    (first,) = [r for r in children if r.data.params["model.kwargs.hidden"] == "8"]
+    ckpt = stored(store, first.info.run_id, "checkpoints/last.pt")  # the store's copy: the job folder keeps none
     res = run_train([*CUSTOM, "+model.hidden=8", "trainer.epochs=5", f"trainer.resume_from={ckpt}",
                      f"tracking.uri={store}"], tmp_path, env=_env(user_pkg))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+#: held in a job's or sweep's folder by the process writing it (gradsweep.run.job.hold_folder)
+FOLDER_LOCK = ".gradsweep.lock"
 #: longest wait for another process creating a new SQLite database (MLflow's or Optuna's)
 CREATE_WAIT_S = 120.0
 
@@ -70,15 +72,47 @@ def hold(path: Path, holder: str = "") -> int:
     releases it). ``holder`` is written into the file for whoever is refused (:func:`holder_of`).
     Busy (with the holder's note) if another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise Busy(describe(holder_of(path)) or "another process") from None
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(describe(holder_of(path)) or "another process") from None
+        if _still_named(fd, path):
+            break
+        os.close(fd)  # its holder removed the file meanwhile (drop_unheld): the lock is the new file's
     os.ftruncate(fd, 0)
     os.write(fd, (holder or process_id()).encode())
     return fd
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def drop_unheld(folder: Path, pattern: str = "*.lock") -> list[Path]:
+    """Remove the lock files in ``folder`` that no process holds (:func:`hold`), each while holding
+    it: a process taking it meanwhile finds it removed and takes a new file (:func:`hold`). Returns
+    what was removed."""
+    removed = []
+    for path in sorted(folder.glob(pattern)) if folder.is_dir() else ():
+        try:
+            fd = hold(path)
+        except (Busy, OSError):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            release(fd)
+    return removed
 
 
 def release(fd: Optional[int]) -> None:

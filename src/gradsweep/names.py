@@ -56,6 +56,9 @@ STUDY_TAG = "optuna.study_name"
 TRIAL_NUMBER_TAG = "optuna.trial_number"
 TRIAL_STATE_TAG = "optuna.state"
 SCHEDULE_TAG, SCHEDULED_AT_TAG = "schedule", "scheduled_at"
+#: the folder a run's job (or a sweep's parent: its sweep folder) wrote, absolute: `gradsweep gc` finds
+#: by it which local folders hold nothing the store lacks
+OUTPUT_DIR_TAG = "gradsweep.output_dir"
 
 # ----------------------------------------------------------------------------- identifiers
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")  #: an MLflow run id (as opposed to a checkpoint path)

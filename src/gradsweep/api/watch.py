@@ -123,7 +123,7 @@ class Watch:
                           self.run.run_ref)
             if self.history.rows and hasattr(self.run, "after_delivery"):  # drawn by the delivery process
                 path = Path(tempfile.gettempdir()) / f"gradsweep-watch-{id(self):x}" / "grad_norms.png"
-                self.run.after_delivery("run_figure", path=str(path), title=self.run_name)
+                self.run.after_delivery("run_figure", path=str(path), title=self.run_name, keep_local=False)
         finally:
             self.run.finish(self.status)
         return False  # the exception, if any, goes on to the caller

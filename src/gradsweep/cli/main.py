@@ -13,7 +13,7 @@ from typing import Callable
 from gradsweep.errors import GradsweepError
 from gradsweep.paths import TRAIN
 
-DESCRIPTION = "Subcommands beside the Hydra entry point (python src/train.py ...): reports, studies, named and scheduled sweeps, delivery of spooled runs."
+DESCRIPTION = "Subcommands beside the Hydra entry point (python src/train.py ...): reports, studies, named and scheduled sweeps, delivery of spooled runs, clean-up."
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -172,6 +172,8 @@ def schedule(args: argparse.Namespace) -> int:
     return Scheduler(args.sweeps, max_runs=args.max_runs, extra_overrides=args.overrides).start()
 
 
+module_command("gc", "where gradsweep's files are and how big; remove what the store already holds (dry run "
+               "unless --yes)", "gradsweep.cli.gc")
 module_command("studies", "re-run the seven studies over seeds and regenerate docs/studies.md's numbers and tables",
                "gradsweep.cli.studies")
 

@@ -181,12 +181,14 @@ def _peaks(series: Series) -> Series:
     return steps[rows], values[rows]
 
 
-def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: str = "", **_) -> dict:
+def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: str = "", keep_local: bool = True,
+                    **_) -> dict:
     """The delivery hook a job's journal ends with: :func:`plot_param_norms` of the run's
     ``grad_norm/*`` values as its journal holds them, saved to ``path`` (the job's output folder;
     a temporary one where that cannot be written, e.g. ``gradsweep sync`` on another machine) and
     logged to the run as ``figures/grad_norms.png``. Drawn where the journal is delivered, so the
-    training process never loads matplotlib."""
+    training process never loads matplotlib. ``keep_local=False`` (``tracking.keep_local_artifacts``):
+    the store's copy is the only one (drawn in a temporary folder, ``path`` is not written)."""
     import tempfile
 
     from gradsweep.track.delivery import client_for
@@ -206,9 +208,13 @@ def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: s
     if not sink.history:
         return {"drawn": False}
     with tempfile.TemporaryDirectory(prefix="gradsweep-figure-") as tmp:
-        try:
-            out = plot_param_norms(sink.history, path, title=title)
-        except OSError:
+        out = None
+        if keep_local:
+            try:
+                out = plot_param_norms(sink.history, path, title=title)
+            except OSError:
+                pass
+        if out is None:  # the store's copy is the only one, or the job's folder cannot be written
             out = plot_param_norms(sink.history, Path(tmp) / "grad_norms.png", title=title)
         StoreRun(client, run_id).log_artifact(out, "figures")
     return {"drawn": True, "path": str(out)}

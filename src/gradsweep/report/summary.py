@@ -253,15 +253,19 @@ def _write_summary(runs, out_dir: Path, history: Callable[[str, str], Series],
     return files, configs
 
 
-def summarize_sweep(tracker, runs: list, out_dir: Path, writer) -> Optional[str]:
+def summarize_sweep(tracker, runs: list, out_dir: Path, writer, keep_figures: bool = True) -> Optional[str]:
     """End of a sweep: the summary of its child ``runs`` (histories read through ``tracker``),
     written to the parent run (``writer``, a run logger) under ``sweep/``, with counts and the best
-    score as metrics. Returns its :func:`console_table`."""
+    score as metrics. Returns its :func:`console_table`. ``keep_figures=False``: the figures' copy in
+    ``out_dir`` is removed once logged (``tracking.keep_local_artifacts``; the tables stay there)."""
     if not runs:
         return None
     files, configs = _write_summary(runs, out_dir, tracker.history)
     for path in files.values():
         writer.log_artifact(path, "sweep")
+    for path in files.values() if not keep_figures else ():
+        if path.suffix == ".png":
+            path.unlink(missing_ok=True)
     scores = [r.data.metrics[BEST_DEV_ACC] for r in runs
               if r.info.status == "FINISHED" and math.isfinite(r.data.metrics.get(BEST_DEV_ACC, math.nan))]
     summary = {"sweep/runs": len(runs), "sweep/finished": sum(r.info.status == "FINISHED" for r in runs),
@@ -272,7 +276,8 @@ def summarize_sweep(tracker, runs: list, out_dir: Path, writer) -> Optional[str]
     return console_table(configs, files["summary_csv"])
 
 
-def sweep_summary_hook(header: dict[str, Any], run_id: str, folder: Path, out_dir: str, **_: Any) -> dict[str, Any]:
+def sweep_summary_hook(header: dict[str, Any], run_id: str, folder: Path, out_dir: str, keep_local: bool = True,
+                       **_: Any) -> dict[str, Any]:
     """The delivery hook a sweep's parent journal ends with: once every child is on the store, the
     summary (:func:`summarize_sweep`) goes to the parent run. It runs in whichever process delivers
     the parent (the sweep's delivery process; ``gradsweep sync`` after an outage), so the sweep
@@ -282,7 +287,7 @@ def sweep_summary_hook(header: dict[str, Any], run_id: str, folder: Path, out_di
     deliver_children(folder, run_id)
     tracker = Tracker(header["uri"], header["experiment_name"], header.get("artifact_location"))
     runs = tracker.children(run_id)
-    table = summarize_sweep(tracker, runs, Path(out_dir), StoreRun(tracker.client, run_id))
+    table = summarize_sweep(tracker, runs, Path(out_dir), StoreRun(tracker.client, run_id), keep_local)
     if runs:  # the parent's page links its children's comparison and charts (landing.parent_note)
         from gradsweep.report.landing import parent_note
 

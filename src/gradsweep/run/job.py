@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -21,10 +22,10 @@ import torch
 import yaml
 
 from gradsweep.errors import CheckpointError, ConfigError, NonFiniteError, StopRun
-from gradsweep.locks import Busy, hold, release
-from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GIT_COMMIT_TAG, OVERRIDES_TAG,
-                             RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, RUN_NAME_TAG, STOPPED_STEP_TAG, STOPPED_TAG,
-                             SWEEP_TAG)
+from gradsweep.locks import FOLDER_LOCK, Busy, hold, release
+from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GIT_COMMIT_TAG, OUTPUT_DIR_TAG,
+                             OVERRIDES_TAG, RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, RUN_NAME_TAG, STOPPED_STEP_TAG,
+                             STOPPED_TAG, SWEEP_TAG)
 from gradsweep.run.spec import JobSpec
 from gradsweep.train import budget
 from gradsweep.train.checkpoints import CheckpointStore, check_compatible, load_checkpoint
@@ -281,8 +282,6 @@ def data_and_model(spec: JobSpec) -> tuple:
     return data, model
 
 
-FOLDER_LOCK = ".gradsweep.lock"  #: held by the job or sweep writing a folder (hydra.run.dir, hydra.sweep.dir)
-
 
 def hold_folder(folder: Path, key: str) -> Optional[int]:
     """Claim ``folder`` for this job or sweep until :func:`release` or this process ends: a second
@@ -320,8 +319,13 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
     device = device_for(spec.trainer.device)
     model.to(device)
     make_tracker = lambda: _tracker(spec.tracking.uri, spec.tracking.experiment_name, spec.tracking.artifact_location)  # noqa: E731
-    resume = resolve_resume(spec.trainer.resume_from, make_tracker, ctx.output_dir / "resume",
-                            spool=_spool(spec)) if spec.trainer.resume_from else None
+    resume = None
+    if spec.trainer.resume_from:
+        downloads = ctx.output_dir / "resume"  # the run's checkpoints from the store: read, then removed
+        try:
+            resume = resolve_resume(spec.trainer.resume_from, make_tracker, downloads, spool=_spool(spec))
+        finally:
+            shutil.rmtree(downloads, ignore_errors=True)
     if resume is not None:  # input validation: a refused resume creates no run, changes no run's status
         check_resume(spec, resume, data, model)
     optimizer = build("optimizer", spec.optimizer, model.parameters())
@@ -338,7 +342,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
     overrides = mask_overrides(ctx.overrides)
     name = ctx.name or run_name(overrides, ctx.constant_keys)
     tags = {OVERRIDES_TAG: " ".join(overrides), "model": spec.model.name, "data": spec.data.name,
-            "clip": spec.clip.name, **ctx.extra_tags}
+            "clip": spec.clip.name, OUTPUT_DIR_TAG: str(ctx.output_dir.resolve()), **ctx.extra_tags}
     if ctx.sweep_id:
         tags[SWEEP_TAG] = ctx.sweep_id
     commit = git_commit(Path.cwd())
@@ -356,7 +360,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
             stale = set(client.get_run(same_run).data.tags) & {FAILURE_TAG, FAILURE_STEP_TAG, FAILURE_REASON_TAG}
             for tag in stale:  # how its killed writer ended (e.g. worker_died) no longer describes it
                 client.delete_tag(same_run, tag)
-            run.set_tags({RESUMED_AT_TAG: resume.last["step"]})
+            run.set_tags({RESUMED_AT_TAG: resume.last["step"], OUTPUT_DIR_TAG: tags[OUTPUT_DIR_TAG]})
         else:
             run.log_params(spec.params())
             if resume is not None:
@@ -380,7 +384,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
             trainer.restore(resume.last, resume.best)
             _continue_history(history, resume, trainer)
         if spec.trainer.checkpoint_every_steps and spec.tracking.log_checkpoints:
-            store.on_save = lambda path: run.log_artifact(path, "checkpoints")
+            store.on_save = lambda path: run.log_artifact(path, "checkpoints", move=_move(spec))
         log.info("run %s on %s: %s, %d steps", called(name, run.run_ref), device, mask(spec.tracking.uri),
                  trainer.total_steps)
     except BaseException as e:
@@ -423,11 +427,10 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
                 signal.signal(sig, handler)
         health = record_health(history.history, spec.diagnostics, model, trainer.train_x, run, run.set_tags,
                                called(name, run.run_ref))
-        _close_run(run, history, store, spec, status, name)
+        logged_last = _close_run(run, history, store, spec, status, name)
         if interrupted:
             KILLED.append(Killed(name, run.run_ref, trainer.step, trainer.total_steps, overrides,
-                                 bool(RUN_ID.match(run.run_ref)) and spec.tracking.log_checkpoints
-                                 and store.path("last").is_file()))
+                                 bool(RUN_ID.match(run.run_ref)) and logged_last))
     who = called(name, run.run_ref)
     if error is not None:
         log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", who, status, error)
@@ -453,25 +456,35 @@ def _continue_history(history: HistorySink, resume: Resume, trainer: Trainer) ->
     history.log_steps(before.index.to_numpy(dtype=np.int64), before.to_numpy(dtype=np.float32))
 
 
+def _move(spec: JobSpec) -> bool:
+    """Whether the job folder's checkpoints and figures go to the store rather than stay there as well."""
+    return not spec.tracking.keep_local_artifacts
+
+
 def _close_run(run: RunLogger, history: HistorySink, store: CheckpointStore, spec: JobSpec, status: str,
-               name: str) -> None:
-    """Figures and checkpoints, then the final status; then deliver what is left (in that order)."""
+               name: str) -> bool:
+    """Figures and checkpoints, then the final status; then deliver what is left (in that order).
+    True when a ``last`` checkpoint was logged (the run can be resumed by its id)."""
+    logged_last = False
     try:
         if spec.tracking.log_figures and history.history:
             path = (store.folder.parent / "figures" / "grad_norms.png").resolve()
             draw_later = getattr(run, "after_delivery", None)
             if draw_later is not None:  # the mlflow backend: its delivery process draws the figure from
-                draw_later("run_figure", path=str(path), title=name)  # the journal, off the training path
+                draw_later("run_figure", path=str(path), title=name,  # the journal, off the training path
+                           keep_local=spec.tracking.keep_local_artifacts)
             else:
                 from gradsweep.report.figures import plot_param_norms  # matplotlib: only when a figure is drawn
 
-                run.log_artifact(plot_param_norms(history.history, path, title=name), "figures")
+                run.log_artifact(plot_param_norms(history.history, path, title=name), "figures", move=_move(spec))
         if spec.tracking.log_checkpoints:
             for ckpt in ("best", "last"):
                 if store.path(ckpt).is_file():
-                    run.log_artifact(store.path(ckpt), "checkpoints")
+                    run.log_artifact(store.path(ckpt), "checkpoints", move=_move(spec))
+                    logged_last = logged_last or ckpt == "last"
     finally:
         run.finish(status)
+    return logged_last
 
 
 def _exception_tags(e: BaseException) -> dict[str, str]:

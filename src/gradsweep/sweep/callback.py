@@ -18,7 +18,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from gradsweep.names import OVERRIDES_TAG, ROLE_TAG, SWEEP_TAG, SWEEPER_TAG
+from gradsweep.names import OUTPUT_DIR_TAG, OVERRIDES_TAG, ROLE_TAG, SWEEP_TAG, SWEEPER_TAG
 from gradsweep.report.summary import UI, ui_command, ui_links
 from gradsweep.run.job import run_name
 from gradsweep.sweep.context import SweepContext
@@ -48,6 +48,7 @@ class GradsweepCallback(Callback):
         overrides = " ".join(mask_overrides(list(config.hydra.overrides.task)))
         tags = {SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", OVERRIDES_TAG: overrides,
                 SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", "")),
+                OUTPUT_DIR_TAG: str(Path(str(config.hydra.sweep.dir)).resolve()),
                 **(outer.parent_tags if outer else {})}  # e.g. schedule, scheduled_at
         from gradsweep.track.store import open_run
 
@@ -74,7 +75,8 @@ class GradsweepCallback(Callback):
         # Hydra calls this from a `finally`: a Ctrl-C/SIGTERM that ended the sweep is still in flight
         status = "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FINISHED"
         # the summary is made where the parent is delivered, once its children are on the store
-        self.journal.after_delivery("sweep_summary", out_dir=str(Path(str(config.hydra.sweep.dir)).resolve()))
+        self.journal.after_delivery("sweep_summary", out_dir=str(Path(str(config.hydra.sweep.dir)).resolve()),
+                                    keep_local=self.tracking.keep_local_artifacts)
         delivered = self.journal.finish(status)
         run_id = self.journal.run_id
         if not delivered or not run_id:  # not all on the store: say which runs and why

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.locks import Busy, create_in_turn, locked_file
 from gradsweep.track.create import create_run_once, drop_duplicates
-from gradsweep.track.journal import HEADER, STATE, read_json, records, write_json_atomic
+from gradsweep.track.journal import HEADER, STATE, file_identity, read_json, records, write_json_atomic
 from gradsweep.track.steps import FAMILIES, STEPS, TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
@@ -269,7 +269,7 @@ def _deliver_locked(folder: Path) -> bool:
         state["offset"] = offset
         write_json_atomic(folder / STATE, state)
 
-    def send(fn, *args, what: str, **kwargs) -> None:
+    def send(fn, *args, what: str, **kwargs) -> bool:
         """One request. A rejection (not an outage) skips just these records: the rest still goes."""
         try:
             _call(fn, run_id, *args, **kwargs)
@@ -277,6 +277,8 @@ def _deliver_locked(folder: Path) -> bool:
             raise
         except Exception as e:
             _rejected(folder, state, what, e)
+            return False
+        return True
 
     def send_metrics() -> None:
         if metrics:
@@ -314,8 +316,9 @@ def _deliver_locked(folder: Path) -> bool:
             for i in range(0, len(items), MAX_TAGS):
                 send(client.log_batch, tags=items[i:i + MAX_TAGS], what="tags")
         elif op == "artifact":
-            send(client.log_artifact, str(folder / rec["file"]), rec.get("artifact_path"),
-                 what=f"artifact {rec.get('artifact_path') or '.'}/{Path(rec['file']).name}")
+            if send(client.log_artifact, str(folder / rec["file"]), rec.get("artifact_path"),
+                    what=f"artifact {rec.get('artifact_path') or '.'}/{Path(rec['file']).name}") and rec.get("source"):
+                state.setdefault("moved", {})[rec["source"]] = rec["stat"]  # the store has it as it was then
         elif op == "hook":
             try:
                 result = run_hook(rec, folder, header, run_id)
@@ -336,14 +339,33 @@ def _deliver_locked(folder: Path) -> bool:
                 send(client.set_tag, REJECTED_TAG, _rejection_summary(state), what="tags")
             if rec.get("status"):  # none: handed over to a process continuing the run in place
                 send(client.set_terminated, rec["status"], rec.get("end_time"), what="the final status")
-            state["done"] = True
+            drop_moved(state)
+            # the owner with "done": a process that sees it done may end at once, and its delivery
+            # process then removes what its own runs left (remove_delivered), found by this
+            state.update(done=True, owner_pid=header.get("owner_pid"))
         pending_offset = offset
         commit(offset)
     send_metrics()
     if state.get("done"):
-        state["owner_pid"] = header.get("owner_pid")
         finish(folder, state, keep_state="create" in header or "hooks" in state)
     return bool(state.get("done"))
+
+
+def drop_moved(state: dict[str, Any]) -> None:
+    """The files a run logged with ``move`` (its job folder's checkpoints and figures, unless
+    ``tracking.keep_local_artifacts``), once the run's last record is on the store: each removed
+    where it is still the very file the store received (one rewritten since, e.g. a ``last.pt``
+    saved after its last upload, stays), and its folder with it once empty. A run the store never
+    got, or an upload it refused, keeps its file."""
+    for source, identity in (state.pop("moved", None) or {}).items():
+        path = Path(source)
+        try:
+            if file_identity(path) != identity:
+                continue
+            path.unlink()
+            path.parent.rmdir()  # checkpoints/, figures/ once empty
+        except OSError:
+            continue
 
 
 def _deliver_steps(folder: Path, schema: StepSchema, state: dict[str, Any], final: bool, client,
@@ -425,30 +447,48 @@ def finish(folder: Path, state: dict[str, Any], keep_state: bool) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
 
-def remove_delivered(spool: Path, owner_pid: Optional[int] = None) -> int:
-    """Remove what delivered runs left in ``spool`` (their state.json) once their owner process has
-    ended (of ``owner_pid``, or of any owner that is gone) and no journal still pending names them as
-    its parent. A run the store refused stays, with why (``gradsweep sync`` says it). Returns how many."""
+def removable(spool: Path, owner_pid: Optional[int] = None) -> list[Path]:
+    """Folders of delivered runs in ``spool`` (their state.json, kept while their owner may still
+    read it) whose owner process has ended (``owner_pid``: it has, say its delivery process's pipe;
+    any other: where this host can tell) and that no journal still pending names as its parent.
+    A run the store refused stays, with why (``gradsweep sync`` says it)."""
+    from gradsweep.locks import pid_alive
     from gradsweep.track.journal import writer_alive
 
     if not spool.is_dir():
-        return 0
+        return []
     parents = set()
     for folder in pending(spool):
         header = read_json(folder / HEADER) or {}
         parents.add(header.get("parent_local_id") or (header.get("create") or {}).get("parent_local_id"))
-    removed = 0
-    for folder in spool.iterdir():
+    out = []
+    for folder in sorted(spool.iterdir()):
         state = read_json(folder / STATE) if folder.is_dir() else None
         if not state or not state.get("done") or state.get("refused") or folder.name in parents:
             continue
-        owner = state.get("owner_pid")
-        if (owner_pid is not None and owner != owner_pid) or (owner_pid is None and owner and writer_alive(folder)):
-            continue
+        header = read_json(folder / HEADER)
+        owner = state.get("owner_pid") or (header or {}).get("owner_pid")
+        if owner_pid is None or owner != owner_pid:
+            if writer_alive(folder, header) if header else (owner is None or pid_alive(owner)):
+                continue
+        out.append(folder)
+    return out
+
+
+CLAIMS = ".runs"  #: claims of runs continued in place (gradsweep.track.store.claim_run), one lock file each
+
+
+def remove_delivered(spool: Path, owner_pid: Optional[int] = None) -> int:
+    """Remove :func:`removable` folders, and the claims (:data:`CLAIMS`) no live process holds.
+    Returns how many folders."""
+    from gradsweep.locks import drop_unheld
+
+    folders = removable(spool, owner_pid)
+    for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
         _seen_done.discard(folder)
-        removed += 1
-    return removed
+    drop_unheld(spool / CLAIMS)
+    return len(folders)
 
 
 def refusal(folder: Path) -> Optional[str]:

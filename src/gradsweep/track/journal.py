@@ -68,6 +68,13 @@ def writer_alive(folder: Path, header: Optional[dict[str, Any]] = None) -> bool:
     return worker_alive(header.get("worker") or f"{socket.gethostname()}:{header.get('owner_pid')}")
 
 
+def file_identity(path: Path) -> list[int]:
+    """What tells a file from the one that replaces it at the same path (device, inode, size, mtime):
+    a checkpoint is rewritten by renaming a new file into place."""
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -287,23 +294,28 @@ class RunJournal:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._append({"op": "tags", "tags": {k: str(v)[:5000] for k, v in tags.items()}})
 
-    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        """Copy the file now (it may change later, e.g. ``last.pt``), upload it on delivery."""
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, move: bool = False) -> None:
+        """Copy the file now (it may change later, e.g. ``last.pt``), upload it on delivery. ``move``:
+        the file itself is removed once the store has it, if it is still the file logged here
+        (:func:`gradsweep.track.delivery.drop_moved`)."""
         if self.lost is not None:
             self.dropped += 1
             return
         path = Path(path)
         self._artifacts += 1
         rel = f"artifacts/{self._artifacts:05d}/{path.name}"
+        record: dict[str, Any] = {"op": "artifact", "file": rel, "artifact_path": artifact_path}
         try:
             (self.folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            if move:
+                record.update(source=str(path.resolve()), stat=file_identity(path))
             try:
                 os.link(path, self.folder / rel)  # no copy when on the same file system
             except OSError:
                 shutil.copy2(path, self.folder / rel)
         except OSError as e:
             self._lose(e)
-        self._append({"op": "artifact", "file": rel, "artifact_path": artifact_path})
+        self._append(record)
 
     def after_delivery(self, hook: str, **kwargs: Any) -> None:
         """Run ``hook`` (a name in :data:`gradsweep.track.delivery.HOOKS`) with ``kwargs`` where this

@@ -37,8 +37,9 @@ class RunLogger(Protocol):
 
     def set_tags(self, tags: dict[str, Any]) -> None: ...
 
-    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        """The file as it is now (it may change later, e.g. ``last.pt``)."""
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, move: bool = False) -> None:
+        """The file as it is now (it may change later, e.g. ``last.pt``). ``move``: the store's copy
+        is the one kept: the file is removed once the store has it (``tracking.keep_local_artifacts``)."""
 
     def finish(self, status: str) -> bool:
         """Record the final status (FINISHED | FAILED | KILLED); False if not everything reached the store."""
@@ -78,8 +79,8 @@ class MemoryRunLogger:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.tags.update({k: str(v) for k, v in tags.items()})
 
-    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        path = Path(path)
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, move: bool = False) -> None:
+        path = Path(path)  # a dry run records nothing beyond this process: the file stays (move or not)
         self.artifacts[f"{artifact_path}/{path.name}" if artifact_path else path.name] = path.read_bytes()
 
     def finish(self, status: str) -> bool:

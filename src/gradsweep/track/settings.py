@@ -38,6 +38,10 @@ class TrackingConfig:
     param_groups: str = "tensor"
     log_figures: bool = True
     log_checkpoints: bool = True
+    #: false: a checkpoint or figure the run logs lives in one place, the store: the job folder's
+    #: copy is removed once the store has it (a run the store did not get keeps it; resume by run
+    #: id fetches it back). true: the job folder keeps its own copy as well
+    keep_local_artifacts: bool = False
 
     def __post_init__(self) -> None:
         choice("tracking.backend", self.backend, BACKENDS)

@@ -216,8 +216,8 @@ class MlflowRun:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.journal.set_tags(tags)
 
-    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self.journal.log_artifact(path, artifact_path)
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, move: bool = False) -> None:
+        self.journal.log_artifact(path, artifact_path, move)
 
     def after_delivery(self, hook: str, **kwargs: Any) -> None:
         """See :meth:`RunJournal.after_delivery`; the result is in :meth:`hook_result` once delivered."""
@@ -322,7 +322,7 @@ def claim_run(spool: Path, run_id: str) -> None:
     life, before the store is read; ConfigError if another live process has claimed it."""
     from gradsweep.locks import Busy, hold
 
-    path = (spool / ".runs" / f"{run_id}.lock").resolve()
+    path = (spool / delivery.CLAIMS / f"{run_id}.lock").resolve()
     if path in _claims:
         return
     try:
