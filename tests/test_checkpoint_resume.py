@@ -255,7 +255,7 @@ def test_resume_into_another_model_is_refused_before_any_run(tmp_path, store, ca
         assert "the checkpoint is of another model (model=mlp, data=moons): it lacks embedding.weight" in lines[0]
     # a checkpoint of this model whose content is wrong: one field spoiled each (NaN weights, a config
     # that is no mapping, RNG states and a data order that do not fit, a step outside the run)
-    srn_ckpt = tmp_path / "srn" / "checkpoints" / "last.pt"
+    srn_ckpt = stored(store, srn.run_id, "checkpoints/last.pt")  # the store keeps the one copy
     for name, spoil, message in CORRUPTIONS:
         bad = tmp_path / name / "last.pt"
         bad.parent.mkdir()
@@ -269,7 +269,7 @@ def test_resume_into_another_model_is_refused_before_any_run(tmp_path, store, ca
     # a run whose best checkpoint holds NaN (downloaded from the store at preflight), by its id
     nan_best = tmp_path / "nan_best" / "best.pt"
     nan_best.parent.mkdir()
-    state = torch.load(tmp_path / "mlp" / "checkpoints" / "best.pt", weights_only=True)
+    state = torch.load(stored(store, mlp.run_id, "checkpoints/best.pt"), weights_only=True)
     next(iter(state["model"].values())).view(-1)[0] = float("nan")
     torch.save(state, nan_best)
     MlflowClient(store).log_artifact(mlp.run_id, str(nan_best), "checkpoints")
