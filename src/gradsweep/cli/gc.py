@@ -198,22 +198,18 @@ def runs_by_folder(client) -> dict[str, list]:
 def spool_plan(spool: Path, plan: Plan) -> tuple[set[str], set[str]]:
     """The spool's part of the plan; returns the run ids and folders of runs still spooled."""
     from gradsweep.track.delivery import CLAIMS, pending, refused, removable
-    from gradsweep.track.journal import HEADER, STATE, read_json
+    from gradsweep.track.journal import HEADER, journal_run_ids, read_json
 
     plan.spool = removable(spool)
     claims = spool / CLAIMS
     for path in sorted(claims.glob("*.lock")) if claims.is_dir() else ():
-        try:
-            release(hold(path))  # a probe: held by a process continuing that run, or not
+        if is_held(path) is False:  # not held by a process continuing that run
             plan.claims.append(path)
-        except (Busy, OSError):
-            pass
     runs, dirs = set(), set()
     left = pending(spool)
     for folder in left:
-        header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
-        runs |= {header.get("run_id"), state.get("run_id")} - {None}
-        tags = (header.get("create") or {}).get("tags") or {}
+        runs |= journal_run_ids(folder)
+        tags = ((read_json(folder / HEADER) or {}).get("create") or {}).get("tags") or {}
         if tags.get(OUTPUT_DIR_TAG):
             dirs.add(tags[OUTPUT_DIR_TAG])
     plan.spool_kept = {"pending": len(left), "refused": len(refused(spool))}

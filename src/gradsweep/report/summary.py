@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from gradsweep.labels import short_value
 from gradsweep.names import (BEST_DEV_ACC, FAILURE_TAG, GRAD_TOTAL, HEALTH_TAG, NOTE_TAG, OVERRIDES_TAG, SWEEP_TAG,
                              TEST_ACC, TEST_LOSS)
 
@@ -160,14 +161,7 @@ CONSOLE_LABEL = 60  #: characters of a configuration's label on the console
 
 def _short_label(label: str) -> str:
     """Floats of a label to 3 significant digits (Optuna draws 16), then at most CONSOLE_LABEL characters."""
-    def short(item: str) -> str:
-        key, sep, value = item.partition("=")
-        try:
-            return f"{key}={float(value):.3g}" if sep and "." in value else item
-        except ValueError:
-            return item
-
-    text = " ".join(short(i) for i in label.split(" "))
+    text = short_value(label)
     return text if len(text) <= CONSOLE_LABEL else text[:CONSOLE_LABEL - 3] + "..."
 
 

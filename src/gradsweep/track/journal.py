@@ -92,6 +92,13 @@ def read_json(path: Path) -> Optional[dict[str, Any]]:
         return None
 
 
+def journal_run_ids(folder: Path) -> set[str]:
+    """The run ids a journal folder names: its header's (a run it continues) and its state's (the
+    run its delivery created)."""
+    header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
+    return {header.get("run_id"), state.get("run_id")} - {None}
+
+
 def records(folder: Path, offset: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
     """(offset after the record, record) for every complete line of a journal from ``offset``."""
     with open(folder / JOURNAL, "rb") as f:

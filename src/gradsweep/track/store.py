@@ -42,13 +42,10 @@ def close_dead_runs(tracker: "Tracker", spool: Optional[Path] = None, delivering
     in ``spool`` is its journal's to end: the journal being delivered (``delivering``: the one that
     asked), a journal whose writer is alive or that holds its own ending are left alone; the journal
     of a dead writer gets its ending and is delivered."""
-    from gradsweep.track.journal import close_orphan
+    from gradsweep.track.journal import close_orphan, journal_run_ids
 
-    journals = {}
-    for folder in delivery.pending(spool) if spool is not None else ():
-        header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
-        for run_id in {header.get("run_id"), state.get("run_id")} - {None}:
-            journals[run_id] = folder
+    journals = {run_id: folder for folder in (delivery.pending(spool) if spool is not None else ())
+                for run_id in journal_run_ids(folder)}
     closed = []
     runs = tracker.client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                       max_results=1000)
@@ -291,12 +288,11 @@ def hand_over(spool: Path, run_id: str) -> int:
     """A run about to be continued in place: its journals left by a process that died (SIGKILL)
     are delivered to their last complete record, without ending the run, so its dense history and
     metrics so far are on the store before the new process reads them. Returns how many."""
-    from gradsweep.track.journal import close_orphan
+    from gradsweep.track.journal import close_orphan, journal_run_ids
 
     settled = 0
     for folder in delivery.pending(spool):
-        header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
-        if run_id in (header.get("run_id"), state.get("run_id")) and close_orphan(folder, handover=True):
+        if run_id in journal_run_ids(folder) and close_orphan(folder, handover=True):
             try:
                 settled += bool(delivery.deliver(folder, wait_s=30.0))
             except (delivery.Busy, delivery.Unreachable):
@@ -338,13 +334,13 @@ def refuse_live_writer(spool: Path, run: Any) -> None:
     a writer whose journal is in ``spool``, or the writer the store names (``gradsweep.worker``)
     where this host can tell it is alive."""
     from gradsweep.locks import describe, process_state
-    from gradsweep.track.journal import writer_alive
+    from gradsweep.track.journal import journal_run_ids, writer_alive
 
     run_id = run.info.run_id
     for folder in delivery.pending(spool):
-        header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
-        if run_id in (header.get("run_id"), state.get("run_id")) and writer_alive(folder, header):
-            raise _refuse_writer(run_id, describe(header.get("worker") or "") or "its journal's writer")
+        if run_id in journal_run_ids(folder) and writer_alive(folder):
+            worker = (read_json(folder / HEADER) or {}).get("worker") or ""
+            raise _refuse_writer(run_id, describe(worker) or "its journal's writer")
     worker = run.data.tags.get(WORKER_TAG)
     if run.info.status == "RUNNING" and worker and worker != worker_id() and process_state(worker):
         raise _refuse_writer(run_id, describe(worker))

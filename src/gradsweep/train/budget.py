@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
 from gradsweep.errors import ConfigError
 
@@ -128,7 +127,3 @@ def check_model(build_model, model_cfg: Any, example: torch.Tensor, batch: int, 
     if sizes is not None:
         _refuse("training it (parameters, gradients, optimizer state and one batch's activations)", "model",
                 model_cfg, sum(sizes), limit_bytes(limit_gb), limit_gb)
-
-
-def is_meta(module: nn.Module) -> bool:
-    return any(p.is_meta for p in module.parameters())
