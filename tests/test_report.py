@@ -82,7 +82,8 @@ def test_report_of_sweep_parent(sweep, tmp_path, capsys):
 def test_report_by_study_name_with_the_console_script(sweep, tmp_path):
     store, parent, _, _ = sweep
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    res = subprocess.run([str(GRADSWEEP), "report", "mlp_vanishing", "--tracking-uri", store, "--out", str(tmp_path / "r")],
+    res = subprocess.run([str(GRADSWEEP), "report", "mlp_vanishing", "--tracking-uri", store, "--out",
+                          str(tmp_path / "r")],
                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"logged to run {parent} under report/" in res.stdout
@@ -123,7 +124,8 @@ def test_unknown_reference_is_one_line(sweep, tmp_path, capsys, ref, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     if ref == "no_such_thing":  # names what is allowed
-        assert "circles_activations|clip_rescue|clip_value_vs_norm|dead_relu" in err[0] and "an experiment (Default|gradsweep)" in err[0]
+        assert "circles_activations|clip_rescue|clip_value_vs_norm|dead_relu" in err[0]
+        assert "an experiment (Default|gradsweep)" in err[0]
     assert not (tmp_path / "x").exists()
 
 

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from gradsweep.errors import ConfigError, NonFiniteError
-from gradsweep.names import (CLIP_COEF, EXPERIMENT, FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GRAD_NORM, GRAD_TOTAL,
-                             GRAD_TOTAL_CLIPPED, TRAIN_ACC, TRAIN_LOSS, grad_norm)
+from gradsweep.names import (CLIP_COEF, EXPERIMENT, FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GRAD_NORM,
+                             GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_ACC, TRAIN_LOSS, grad_norm)
 from gradsweep.track.history import default_uri
 from gradsweep.track.logger import RunLogger, open_run_logger
 from gradsweep.track.settings import TrackingConfig
@@ -176,7 +176,8 @@ class Watch:
         last recorded step)."""
         if self.run is None or self.status is not None:
             raise RuntimeError("gradsweep.watch(...).log_metrics() outside its `with` block")
-        self.sink.log_metrics(max(0, self.steps - 1) if step is None else step, {k: float(v) for k, v in metrics.items()})
+        self.sink.log_metrics(max(0, self.steps - 1) if step is None else step,
+                              {k: float(v) for k, v in metrics.items()})
 
     def _define(self, given: list[str]) -> None:
         self.given = given

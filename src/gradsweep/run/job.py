@@ -174,7 +174,8 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
     try:
         run = client.get_run(ref)
     except Exception:
-        raise CheckpointError(f"trainer.resume_from={ref!r}: neither a checkpoint file nor a run in the tracking store") from None
+        raise CheckpointError(f"trainer.resume_from={ref!r}: neither a checkpoint file nor a run in the "
+                              "tracking store") from None
     if spool is not None:  # continuing it: this process is its only writer from here (refused if not)
         from gradsweep.track.store import claim_run, refuse_live_writer
 
@@ -267,9 +268,10 @@ def data_and_model(spec: JobSpec) -> tuple:
     check_model_budget(spec, data)
     model = _model_maker(spec, data)()
     if "custom" in (spec.model.name, spec.data.name):
-        key = "model._target_" if spec.model.name == "custom" else "data._target_"
-        check_task(model, data, spec.trainer.loss, key, getattr(spec.model if spec.model.name == "custom"
-                                                                else spec.data, "_target_"))
+        custom = spec.model if spec.model.name == "custom" else spec.data
+        key = "model._target_" if custom is spec.model else "data._target_"
+        # getattr: only the custom configs declare _target_, not the ModelConfig/DataConfig types
+        check_task(model, data, spec.trainer.loss, key, getattr(custom, "_target_"))  # noqa: B009
     return data, model
 
 
@@ -410,7 +412,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
         if ranks is not None:
             ranks.close()
         if previous is not None:
-            for sig, handler in zip(signals, previous):
+            for sig, handler in zip(signals, previous, strict=True):
                 signal.signal(sig, handler)
         health = record_health(history.history, spec.diagnostics, model, trainer.train_x, run, run.set_tags,
                                called(name, run.run_ref))

@@ -77,8 +77,8 @@ class Ranks:
                 return
             for rank, proc in enumerate(self.context.processes, start=1):
                 if not proc.is_alive():
-                    why = (self.folder / f"error-{rank}").read_text().strip() if (self.folder / f"error-{rank}").exists() \
-                        else f"exit code {proc.exitcode}"
+                    error = self.folder / f"error-{rank}"
+                    why = error.read_text().strip() if error.exists() else f"exit code {proc.exitcode}"
                     raise GradsweepError(f"trainer.devices={self.world}: rank {rank} did not start: {why}")
             if time.monotonic() > deadline:
                 raise GradsweepError(f"trainer.devices={self.world}: the other ranks were not ready after "

@@ -115,7 +115,8 @@ def _to_dataclass(schema: type, node: DictConfig, group: str) -> Any:
         key = getattr(e, "full_key", None) or group
         msg = str(e).splitlines()[0]
         fields = ", ".join(f for f in schema.__dataclass_fields__)
-        raise ConfigError(f"{group}.{key.split('.')[-1] if key != group else ''}: {msg}; allowed keys: {fields}") from None
+        where = f"{group}.{key.split('.')[-1] if key != group else ''}"
+        raise ConfigError(f"{where}: {msg}; allowed keys: {fields}") from None
 
 
 # ---------------------------------------------------------------------- the command line

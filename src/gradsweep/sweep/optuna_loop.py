@@ -74,7 +74,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         overrides = super()._configure_trials(trials, *args)
         return [tuple(ov) + (self.context.with_(trial_id=t._trial_id, run_name=trial_label(t.number, t.params)
                                                 ).job_override(),)
-                for t, ov in zip(trials, overrides)]
+                for t, ov in zip(trials, overrides, strict=True)]
 
     # The plugin's sweep() is one method that creates the study without a pruner, tells COMPLETE for
     # every return value and FAIL only for exceptions, checks the failure rate per batch and numbers
@@ -160,7 +160,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                 finally:
                     unregister_live(trials)
                     heartbeat.end(trials)
-                for trial, ret in zip(trials, returns):
+                for trial, ret in zip(trials, returns, strict=True):
                     state, value, why = self._tell(study, trial, ret, is_grid)
                     if state == TrialState.FAIL:
                         failures.append(f"trial {trial.number}: {why}")
@@ -229,7 +229,8 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         except Exception as e:  # the job raised (bad drawn value, a bug): Hydra kept the exception
             state, why = TrialState.FAIL, f"{type(e).__name__}: {_first_line(e)}"
         run_id = self._child_run(study.study_name, trial.number)
-        attrs = {RUN_ID_ATTR: run_id, SWEEP_ATTR: self.sweep_id, FAILURE_ATTR: why if state == TrialState.FAIL else None}
+        attrs = {RUN_ID_ATTR: run_id, SWEEP_ATTR: self.sweep_id,
+                 FAILURE_ATTR: why if state == TrialState.FAIL else None}
         for k, v in attrs.items():
             if v or (k == FAILURE_ATTR and k in trial.user_attrs):  # the mark of a live trial: cleared
                 trial.set_user_attr(k, v)
@@ -298,7 +299,8 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         metrics = {"optuna/trials": len(trials), "optuna/complete": counts[TrialState.COMPLETE],
                    "optuna/pruned": counts[TrialState.PRUNED], "optuna/failed": counts[TrialState.FAIL],
                    "optuna/running": counts[TrialState.RUNNING], "optuna/trials_this_sweep": len(mine)}
-        params = {"optuna.study_name": study.study_name, "optuna.storage": mask(storage_url) if storage_url else "memory",
+        params = {"optuna.study_name": study.study_name,
+                  "optuna.storage": mask(storage_url) if storage_url else "memory",
                   "optuna.sampler": type(study.sampler).__name__, "optuna.pruner": type(study.pruner).__name__,
                   "optuna.direction": study.direction.name.lower(), "optuna.n_trials": self.n_trials,
                   "optuna.n_jobs": self.n_jobs, "optuna.max_failure_rate": self.max_failure_rate}

@@ -68,7 +68,7 @@ def cron_trigger(expr: str, tz: str = "UTC", key: str = "schedule.cron"):
             return CronTrigger.from_crontab(expr, timezone=tz)
         if len(fields) == 6:
             names = ("second", "minute", "hour", "day", "month", "day_of_week")
-            return CronTrigger(**dict(zip(names, fields)), timezone=tz)
+            return CronTrigger(**dict(zip(names, fields, strict=True)), timezone=tz)
     except (ValueError, KeyError, LookupError) as e:
         raise ConfigError(f"{key}={expr!r} (timezone {tz!r}) is invalid: {e}; allowed: a crontab expression "
                           "with 5 fields (or 6, seconds first) and an IANA time zone") from None
@@ -124,7 +124,8 @@ def load_schedule(name: str) -> Optional[Schedule]:
             raise ConfigError(f"sweeps/{name}.yaml: schedule.{key}={value!r} is a {type(value).__name__}; allowed: "
                               f"a quoted string, e.g. {key}: {example}")
     if not isinstance(sched.trials_per_run, int) or isinstance(sched.trials_per_run, bool) or sched.trials_per_run < 1:
-        raise ConfigError(f"sweeps/{name}.yaml: schedule.trials_per_run={sched.trials_per_run!r}; allowed: an integer >= 1")
+        raise ConfigError(f"sweeps/{name}.yaml: schedule.trials_per_run={sched.trials_per_run!r}; "
+                          "allowed: an integer >= 1")
     if not isinstance(sched.enabled, bool):
         raise ConfigError(f"sweeps/{name}.yaml: schedule.enabled={sched.enabled!r}; allowed: true|false")
     trigger = sched.trigger()  # validates cron and time zone
@@ -159,7 +160,8 @@ def sweep_lock(name: str, storage: Optional[str], lock_dir: Optional[Path] = Non
             holder = path.read_text().strip() or "another process"
             raise SweepBusy(f"sweep {name!r} is already running ({holder}); not starting it again") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename} since {datetime.now(timezone.utc).isoformat()}".encode())
+        os.write(fd,
+                 f"pid {os.getpid()} on {os.uname().nodename} since {datetime.now(timezone.utc).isoformat()}".encode())
         yield
     finally:
         os.close(fd)  # releases the flock
@@ -358,7 +360,8 @@ class Scheduler:
                 bg.add_job(self._run, args=(sched, now), id=f"{sched.sweep}-catch-up")
             elif self.state.get(sched.sweep) is None:
                 self.state.set(sched.sweep, now)  # first start: nothing was missed
-            bg.add_job(lambda s=sched: self._run(s, datetime.now(timezone.utc)), trigger=sched.trigger(), id=sched.sweep)
+            bg.add_job(lambda s=sched: self._run(s, datetime.now(timezone.utc)), trigger=sched.trigger(),
+                       id=sched.sweep)
             log.info("sweep %s: cron %r (%s), %d trials per run", sched.sweep, sched.cron, sched.timezone,
                      sched.trials_per_run)
         stop = lambda *_: self.done.set()  # noqa: E731

@@ -646,12 +646,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     logging.basicConfig(level=logging.WARNING, format="[gradsweep.track.delivery] %(message)s")
     os.nice(NICE)
-    closed = watch_owner(sys.stdin.buffer, args.spool, args.owner_pid)  # from the start: the owner may end during the import
+    # from the start: the owner may end during the import
+    closed = watch_owner(sys.stdin.buffer, args.spool, args.owner_pid)
     # Import MLflow before the first pass: a pass holds the journal's lock, and a lock held through
     # a niced 1-2 s import made a short job's own final delivery wait for it (Busy) at its close.
     import importlib
 
-    import mlflow.entities  # noqa: F401
+    import mlflow.entities  # loaded for its import time, not a name
     import mlflow.tracking  # noqa: F401
 
     if args.store:  # what MLflow would load at the first client (SQLAlchemy's store: ~2 s here), loaded

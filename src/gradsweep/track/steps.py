@@ -213,12 +213,12 @@ def _window_points(steps: np.ndarray, ts: np.ndarray, values: np.ndarray, names:
     if ids is None:
         for i in range(len(steps)):
             s, t = int(steps[i]), int(ts[i])
-            for name, v in zip(names, values[i].tolist()):
+            for name, v in zip(names, values[i].tolist(), strict=True):
                 if not (math.isnan(v) and name in OPTIONAL):
                     out.append((name, s, t, v))
         return out
     bounds = np.flatnonzero(np.diff(ids)) + 1
-    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(steps)]):
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(steps)], strict=True):
         block = values[a:b].astype(np.float64)
         finite = np.isfinite(block)
         lo = np.where(finite, block, np.inf).argmin(axis=0)

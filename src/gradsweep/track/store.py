@@ -505,7 +505,8 @@ def _created_by_this_process(journal: RunJournal) -> Optional[str]:
     if exp is None or not worker:
         return None
     name = str(create.get("run_name") or "").replace("'", "\\'")
-    runs = client.search_runs([exp.experiment_id], f"tags.`{WORKER_TAG}` = '{worker}' and attributes.status = 'RUNNING' "
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`{WORKER_TAG}` = '{worker}' and attributes.status = 'RUNNING' "
                               f"and attributes.run_name = '{name}'", max_results=2,
                               order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None

@@ -48,7 +48,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean 'unreadable'
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable gradsweep checkpoint (corrupt or truncated?): {reason}") from None
+        raise CheckpointError(f"{path}: not a readable gradsweep checkpoint (corrupt or truncated?): "
+                              f"{reason}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"{path}: not a gradsweep checkpoint; expected keys {', '.join(REQUIRED)}")
     return state

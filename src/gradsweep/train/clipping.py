@@ -384,7 +384,7 @@ class AGC(_Stateful):
         self.index = [i for i, n in enumerate(norms.names) if n not in skip]
         self.index_t = torch.tensor(self.index, dtype=torch.long, device=device)
         self.axes = [norms.output_dims[i] for i in self.index]
-        self.units = sum(_units(norms.params[i], a) for i, a in zip(self.index, self.axes))
+        self.units = sum(_units(norms.params[i], a) for i, a in zip(self.index, self.axes, strict=True))
 
     def __call__(self, norms, grads, total_l2, per_param=None):
         if self.index is None:
@@ -393,7 +393,7 @@ class AGC(_Stateful):
             per_param = torch.stack(torch._foreach_norm(grads, 2.0))
         after_sq = per_param.detach().float() ** 2
         clipped, after_parts = [], []
-        for i, axis in zip(self.index, self.axes):
+        for i, axis in zip(self.index, self.axes, strict=True):
             g, w = grads[i], norms.params[i].detach()
             dims = tuple(d for d in range(g.dim()) if d != axis) if g.dim() > 1 else None
             g_norm = torch.linalg.vector_norm(g, 2.0, dim=dims, keepdim=dims is not None)

@@ -280,8 +280,9 @@ class Trainer:
     def head(self, values: np.ndarray) -> dict[str, float]:
         """The step's headline values by name (console, non-finite checks); a clip figure the rule
         has no value for at this step (NaN, e.g. a warm-up) is left out."""
-        record = dict(zip(HEAD, values[:len(HEAD)].tolist()))
-        for key, v in zip(self.clip_metrics, values[len(HEAD):len(HEAD) + len(self.clip_metrics)].tolist()):
+        record = dict(zip(HEAD, values[:len(HEAD)].tolist(), strict=True))
+        for key, v in zip(self.clip_metrics, values[len(HEAD):len(HEAD) + len(self.clip_metrics)].tolist(),
+                          strict=True):
             if not math.isnan(v):
                 record[key] = v
         return record
@@ -313,7 +314,8 @@ class Trainer:
             if block.full or evaluate or checkpoint or end_of_epoch:
                 head = self._receive(block)
                 if end_of_epoch:  # one transfer per epoch
-                    self.sink.log_metrics(self.step - 1, dict(zip(self.stat_names, self.epoch_stats.tolist())))
+                    self.sink.log_metrics(self.step - 1, dict(zip(self.stat_names, self.epoch_stats.tolist(),
+                                                                  strict=True)))
                 if evaluate:
                     self._evaluate(self.head(head))
                 if checkpoint and not last:
@@ -375,7 +377,8 @@ class Trainer:
             self._last_console = now
             if self.has_acc:
                 log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1,
-                         self.total_steps, self.epoch, record[TRAIN_LOSS], record[TRAIN_ACC], norm, acc, self.best_score)
+                         self.total_steps, self.epoch, record[TRAIN_LOSS], record[TRAIN_ACC], norm, acc,
+                         self.best_score)
             else:
                 log.info("step %d/%d  epoch %d  loss %.4g  %s  dev_loss %.4g  best %.4g", step + 1, self.total_steps,
                          self.epoch, record[TRAIN_LOSS], norm, loss, -self.best_score)

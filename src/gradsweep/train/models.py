@@ -149,7 +149,7 @@ class SRN(nn.Module):
         self.embedding = nn.Embedding(10, cfg.input_size)
         nn.init.xavier_uniform_(self.embedding.weight)
         sizes = [cfg.input_size] + [cfg.hidden_size] * cfg.num_layers
-        layers = [SRNLayer(i, o, cfg.init, cfg.init_std) for i, o in zip(sizes[:-1], sizes[1:])]
+        layers = [SRNLayer(i, o, cfg.init, cfg.init_std) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
         self.rnn = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
         self.classifier = nn.Linear(cfg.hidden_size, num_classes)
 
@@ -183,7 +183,7 @@ class MLP(nn.Module):
         hidden = list(cfg.hidden_sizes) if cfg.hidden_sizes else [cfg.hidden_size] * cfg.num_layers
         self.num_layers = len(hidden)
         sizes = [in_features] + hidden + [out_features]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         self.act = ACTIVATIONS[cfg.activation]()
         for layer in self.layers:
             init_weight(layer.weight, cfg)
@@ -225,7 +225,7 @@ class CNN(nn.Module):
         super().__init__()
         self.num_layers = cfg.num_layers
         chans = [in_channels] + [cfg.channels] * cfg.num_layers
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:]))
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:], strict=True))
         self.act = ACTIVATIONS[cfg.activation]()
         self.classifier = nn.Linear(cfg.channels, num_classes)
 
