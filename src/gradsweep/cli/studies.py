@@ -102,15 +102,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: {seconds:.0f} s", flush=True)
             continue
         if name in EXAMPLE_STUDIES:
-            seconds = _sweep(name, [], store, work, args, env=_examples_env())
-            if seconds is None:
+            took = _sweep(name, [], store, work, args, env=_examples_env())
+            if took is None:
                 return 1
+            seconds = took
             blocks[name] = _example_block(name, store, work, args, seconds)
             print(f"{name}: {seconds:.0f} s", flush=True)
             continue
-        seconds = _sweep(name, [], store, work, args)
-        if seconds is None:
+        took = _sweep(name, [], store, work, args)
+        if took is None:
             return 1
+        seconds = took
         block, rows = _study(name, store, work, args, seconds)
         blocks[name] = block
         calibration += rows
@@ -224,7 +226,10 @@ def _update(doc: Path, blocks: dict[str, str]) -> None:
                              re.S)
         if not pattern.search(text):
             raise SystemExit(f"error: {doc} has no <!-- gradsweep studies: {name} --> ... <!-- end {name} --> block")
-        text = pattern.sub(lambda m, block=block: m.group(1) + block + "\n" + m.group(2), text)
+        def fill(m: re.Match[str], block: str = block) -> str:
+            return m.group(1) + block + "\n" + m.group(2)
+
+        text = pattern.sub(fill, text)
     doc.write_text(text)
 
 
@@ -381,8 +386,8 @@ def _comparison_figures(name: str, panels: dict, runs: list[ClipRun], tuned: dic
     from gradsweep.report.figures import plt
 
     out.mkdir(parents=True, exist_ok=True)
-    # one colour per rule (tab10: 10 > rules)
-    colors = dict(zip(RULE_ORDER, plt.get_cmap("tab10").colors, strict=False))
+    # one colour per rule in every panel
+    colors = {rule: plt.get_cmap("tab10")(i) for i, rule in enumerate(RULE_ORDER)}
     fig, axes = plt.subplots(2, len(panels), figsize=(6.5 * len(panels), 7.5), squeeze=False, constrained_layout=True)
     for col, (preset, curves) in enumerate(panels.items()):
         untuned_seen = 0

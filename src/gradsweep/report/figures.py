@@ -4,17 +4,17 @@ from __future__ import annotations
 import math
 import textwrap
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import matplotlib
 import numpy as np
 
 from gradsweep.labels import shorten
+from gradsweep.train.sinks import Series
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-Series = tuple[list[int], list[float]]
 LEGEND_WIDTH = 40  # characters per legend line: longer run labels squeezed the axes to nothing
 
 
@@ -65,7 +65,7 @@ def draw_bands(curves: dict[str, tuple[list[int], list[float], list[float], list
     top = set(best_of(scores or {}, HIGHLIGHT)) if many else set(curves)
     longest = max((len(c[0]) for c in curves.values()), default=0)
     window = longest // SMOOTH_POINTS if longest > 2 * SMOOTH_POINTS else 1  # minibatch noise hides the trend
-    lines = {}
+    lines: dict[str, list[Any]] = {}
     for label, (steps, med, lo, hi) in curves.items():
         pts = [(s, m, a, b) for s, m, a, b in zip(steps, med, lo, hi, strict=True) if a > 0]  # log axis
         if not pts:
@@ -265,7 +265,7 @@ def plot_layer_bars(panels: dict[str, dict[str, dict[str, float]]], path: str | 
     return _save(fig, path)
 
 
-def plot_metric_vs_value(points: dict[str, list[tuple[object, float, float]]], path: str | Path, title: str,
+def plot_metric_vs_value(points: dict[str, list[tuple[Any, ...]]], path: str | Path, title: str,
                          xlabel: str, ylabel: str = "accuracy") -> Path:
     """Final metrics against a swept value: ``{series label: [(x, test_acc, best_dev_acc[, test_min,
     test_max])]}``. Numeric x values are placed on a (log, when they span >= 100x) numeric axis, others
@@ -297,7 +297,7 @@ def plot_metric_vs_value(points: dict[str, list[tuple[object, float, float]]], p
     return _save(fig, path)
 
 
-def plot_epoch_stats(runs: dict[str, dict[str, dict[str, Series]]], path: str | Path, title: str) -> Path:
+def plot_epoch_stats(runs: Mapping[str, Mapping[str, Mapping[str, Series]]], path: str | Path, title: str) -> Path:
     """Per-epoch weight and gradient mean/std: one row per run, one column per statistic
     (``{run label: {stat: {layer: (epochs, values)}}}``), one line per layer."""
     stats = ["weight_mean", "weight_std", "grad_mean", "grad_std"]

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 from gradsweep.names import (BEST_DEV_ACC, FAILURE_TAG, GRAD_TOTAL, HEALTH_TAG, NOTE_TAG, OVERRIDES_TAG, SWEEP_TAG,
                              TEST_ACC, TEST_LOSS)
+from gradsweep.train.sinks import Series
 
 SEED = "trainer.seed"
 IGNORED_PARAMS = ("tracking.", "trainer.resume_from", "trainer.device", "trainer.cpu_threads", "schedule")
@@ -32,7 +33,6 @@ HEALTH_METRICS = (PEAK, "health/peak_step", "health/growth_ratio", "health/spike
                   "health/dead_relu_frac", "health/hidden_unit_spread")
 RUN_METRICS = (BEST_DEV_ACC, TEST_ACC, TEST_LOSS, *HEALTH_METRICS)
 SPREAD = {"test_acc": TEST_ACC, "best_dev_acc": BEST_DEV_ACC, "peak_grad_norm": PEAK}
-Series = tuple[list[int], list[float]]
 
 
 # ----------------------------------------------------------------------------- params

@@ -225,7 +225,9 @@ def check_inputs(spec: JobSpec, claim: bool = True) -> None:
     if claim and ref and RUN_ID.match(ref) and not Path(ref).exists() and spec.tracking.backend == "mlflow":
         from gradsweep.track.store import claim_run
 
-        claim_run(_spool(spec), ref)  # before reading the store: a run another live process resumes is not ours
+        spool = _spool(spec)
+        assert spool is not None  # backend mlflow: a spool folder
+        claim_run(spool, ref)  # before reading the store: a run another live process resumes is not ours
     if not ref:
         if "custom" in (spec.model.name, spec.data.name):  # the user's code: imported and tried on two examples
             data_and_model(spec)
@@ -250,7 +252,7 @@ def _preflight_data(spec: JobSpec):
     return _DATA_SEEN[key]
 
 
-def _model_maker(spec: JobSpec, data) -> Callable[[], object]:
+def _model_maker(spec: JobSpec, data) -> Callable[[], torch.nn.Module]:
     return lambda: build("model", spec.model, data, 1 if spec.trainer.loss == "bce" else data.num_classes)
 
 
@@ -317,7 +319,8 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
     resume = resolve_resume(spec.trainer.resume_from, make_tracker, ctx.output_dir / "resume",
                             spool=_spool(spec)) if spec.trainer.resume_from else None
     optimizer = build("optimizer", spec.optimizer, model.parameters())
-    if resume is not None:  # input validation: a refused resume creates no run, changes no run's status
+    if resume is not None and spec.trainer.resume_from:  # input validation: a refused resume creates no run,
+        # changes no run's status
         check_compatible(resume.last, model, optimizer, spec.trainer.resume_from)
         if resume.status == "FINISHED":
             log.info("resume: run %s is FINISHED and stays as it is; a new run (tag %s) continues it from step %d",
@@ -343,7 +346,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
                           parent_local_id=ctx.parent_local_id, run_id=same_run,
                           hooks=("run_figure",) if spec.tracking.log_figures else ())
     try:  # from here on the run exists: whatever stops the job before training ends it, never leaves it RUNNING
-        if same_run:
+        if resume is not None and same_run:
             client = make_tracker().client
             client.update_run(same_run, status="RUNNING")
             stale = set(client.get_run(same_run).data.tags) & {FAILURE_TAG, FAILURE_STEP_TAG, FAILURE_REASON_TAG}
@@ -366,7 +369,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
 
             ranks = Ranks(spec, device, resume.last if resume is not None else None)
         # steps the run already holds (logged after its last checkpoint, before it was killed) are not sent twice
-        to_store = FromStep(run, resume.logged) if same_run else run
+        to_store = FromStep(run, resume.logged) if resume is not None and same_run else run
         trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, to_store), device, store,
                           config_dict, on_eval, ranks.parallel if ranks is not None else None)
         if resume is not None:
@@ -387,7 +390,10 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
 
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = [signal.signal(sig, _stop_between_steps(trainer)) for sig in signals] if main_thread() else None
-    status, failure, result, error, interrupted = "FAILED", None, None, None, False
+    status, interrupted = "FAILED", False
+    failure: Optional[str] = None
+    result: Optional[TrainResult] = None
+    error: Optional[Exception] = None
     try:
         result = trainer.run()
         status = "FINISHED"
@@ -425,6 +431,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
     if error is not None:
         log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", who, status, error)
         return JobOutcome(run.run_ref, status, math.nan, None, failure, history, error, health, run)
+    assert result is not None  # no error: trainer.run() returned
     if spec.trainer.loss == "mse":
         log.info("run %s FINISHED: best dev loss %.4g (step %d), test loss %.4g", who, -result.best_dev_acc,
                  result.best_step, result.test_loss)

@@ -85,7 +85,7 @@ class Ranks:
                                      f"{READY_TIMEOUT_S:.0f} s")
             time.sleep(0.05)
 
-    def lost(self, error: BaseException) -> BaseException:
+    def lost(self, error: Exception) -> Exception:
         """``error`` (what rank 0's collective raised) as :class:`RankLost` naming the rank that died,
         or unchanged when every rank is alive (then it is rank 0's own error)."""
         for _ in range(50):  # the peer's socket closes a moment before its exit status is known

@@ -13,7 +13,7 @@ import logging
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -25,13 +25,17 @@ from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.hydra_adapter import constant_keys, tracking_spec
 from gradsweep.track.uri import is_local_sqlite, mask, mask_overrides
 
+if TYPE_CHECKING:
+    from gradsweep.track.settings import TrackingConfig
+    from gradsweep.track.store import MlflowRun
+
 log = logging.getLogger("gradsweep")
 
 
 class GradsweepCallback(Callback):
     def __init__(self) -> None:
-        self.journal = None  # the parent run (gradsweep.track.store.MlflowRun)
-        self.tracking = None
+        self.journal: Optional[MlflowRun] = None  # the parent run
+        self.tracking: Optional[TrackingConfig] = None
         self.outer: Optional[SweepContext] = None  # the context before this sweep (parent tags from a scheduler)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -87,6 +91,7 @@ class GradsweepCallback(Callback):
             print("\n" + summary["table"], flush=True)
         from gradsweep.track.uri import absolute_sqlite
 
+        assert self.tracking is not None  # set by on_multirun_start
         print_ui_hint(absolute_sqlite(self.tracking.uri), run_id, summary.get("experiment_id"),
                       summary.get("children"))
 

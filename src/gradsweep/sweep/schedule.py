@@ -191,7 +191,7 @@ def _pg_lock(name: str, storage: str) -> Iterator[None]:
     from gradsweep.sweep.optuna_storage import resolve_storage_url  # the same driver choice as the study's
 
     key = zlib.crc32(f"gradsweep-sweep:{name}".encode())
-    engine = sqlalchemy.create_engine(resolve_storage_url(storage), poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(resolve_storage_url(storage) or storage, poolclass=sqlalchemy.pool.NullPool)
     with engine.connect() as conn:
         got = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
         if not got:
@@ -322,8 +322,8 @@ class Scheduler:
         if errors and not self.schedules:
             raise errors[0] if len(errors) == 1 else ConfigError(
                 f"no valid scheduled sweep: {len(errors)} sweep files are invalid, the first: {errors[0]}")
-        for e in errors:
-            log.error("%s; that sweep is not scheduled, the others are", e)
+        for err in errors:
+            log.error("%s; that sweep is not scheduled, the others are", err)
         if not self.schedules:
             raise ConfigError(f"no sweep in {sweeps_dir()} has an enabled schedule; add 'schedule: {{cron: ...}}'"
                               " to a sweep file")
@@ -353,10 +353,11 @@ class Scheduler:
         bg = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
         now = datetime.now(timezone.utc)
         for sched in self.schedules:
-            missed = missed_runs(sched, self.state.get(sched.sweep), now)
-            if missed:
+            last = self.state.get(sched.sweep)
+            missed = missed_runs(sched, last, now)
+            if missed and last is not None:
                 log.warning("sweep %s: %d scheduled run(s) missed since %s; coalescing them into one run now",
-                            sched.sweep, missed, self.state.get(sched.sweep).isoformat())
+                            sched.sweep, missed, last.isoformat())
                 bg.add_job(self._run, args=(sched, now), id=f"{sched.sweep}-catch-up")
             elif self.state.get(sched.sweep) is None:
                 self.state.set(sched.sweep, now)  # first start: nothing was missed

@@ -520,7 +520,9 @@ class OutageReporter:
         announced the outage ended before it (else a stale marker would silence the next outage)."""
         if self.down_since is None and spool is None:
             return
-        marker = self.marker or spool / ".outage"
+        marker = self.marker or (spool / ".outage" if spool is not None else None)
+        if marker is None:  # not down, and no spool to look in
+            return
         down = f" after {time.monotonic() - self.down_since:.0f} s" if self.down_since is not None else ""
         self.down_since = None
         try:

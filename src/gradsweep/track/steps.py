@@ -224,9 +224,9 @@ def _window_points(steps: np.ndarray, ts: np.ndarray, values: np.ndarray, names:
         lo = np.where(finite, block, np.inf).argmin(axis=0)
         hi = np.where(finite, block, -np.inf).argmax(axis=0)
         bad = (~finite).argmax(axis=0)  # first non-finite row, where there is one
-        has_finite, has_bad = finite.any(axis=0), ~finite.all(axis=0)
+        has_finite, has_bad = np.asarray(finite.any(axis=0)), np.asarray(~finite.all(axis=0))
         for j, name in enumerate(names):
-            rows = set()
+            rows: set[int] = set()
             if has_finite[j]:
                 rows.update((int(lo[j]), int(hi[j])))
             if has_bad[j] and name not in OPTIONAL:  # a diverged value is shown, not hidden by sampling

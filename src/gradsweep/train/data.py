@@ -128,12 +128,13 @@ def read_digit_sum_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Lines ``d d d ... d<TAB>label``; every sequence must have the same length."""
     if not path.is_file():
         raise DataError(f"data.path: missing file {path}; expected train.txt, dev.txt, test.txt")
-    rows, labels = [], []
+    rows: list[list[int]] = []
+    labels: list[int] = []
     try:
         text = path.read_bytes().decode("ascii")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not a text file of ASCII digits (byte {e.object[e.start]:#04x}); "
+        lineno = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{lineno}: not a text file of ASCII digits (byte {e.object[e.start]:#04x}); "
                         "expected 'd d ... d<TAB>label'") from None
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -39,8 +39,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from gradsweep.checks import positive, require
+from gradsweep.train.sinks import Series
 
-Series = tuple[list[int], list[float]]
 LAYER = re.compile(r"^(layers|convs)\.(\d+)\.weight$")
 BIAS = re.compile(r"(^|\.)(bias|b)$|\.bias_(ih|hh)_l\d+(_reverse)?$")
 TAG = "grad_health"
@@ -148,9 +148,9 @@ def spikes(total: np.ndarray, factor: float, window: int, min_history: int, floo
     if len(total) > window:  # then every full window at once
         first = max(window, start)
         ref[first - start:] = running_median(total[:-1], window)[first - window:]
-    t = np.arange(start, len(total))
+    steps = np.arange(start, len(total))
     hit = (ref > 0) & (total[start:] > factor * ref) & (total[start:] > floor)
-    return t[hit].astype(int)
+    return steps[hit].astype(int)
 
 
 def running_median(values: np.ndarray, window: int) -> np.ndarray:

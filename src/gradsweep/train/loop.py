@@ -260,7 +260,7 @@ class Trainer:
         grads = self.norms.grads()
         per_param = self.norms.per_param(grads)
         total = self.norms.total(per_param)
-        grad_stats = self.param_stats(grads) if stats else None  # before clipping
+        grad_stats = self.param_stats(grads) if stats and self.param_stats is not None else None  # before clipping
         skipped = scale is not None and not bool(torch.isfinite(total))  # fp16 only: the scaler's own sync
         if skipped:  # the scaler skips the update: the clipping rule neither acts nor learns from it
             coef, total_clipped = torch.ones((), device=total.device), total
@@ -269,9 +269,9 @@ class Trainer:
             coef, total_clipped = self.clipper(self.norms, grads, total, per_param=per_param)
             self.precision.skipped_in_a_row = 0
         self.precision.step(self.optimizer)
-        if grad_stats is not None:  # weights after the update; stays on the device
+        if grad_stats is not None and self.param_stats is not None:  # weights after the update; stays on the device
             self.epoch_stats = torch.cat([self.param_stats(self.norms.params).reshape(-1), grad_stats.reshape(-1)])
-        extra = [self.clipper.extra().float().reshape(-1)] if self.clip_metrics else []
+        extra = [self.clipper.extra_values()] if self.clip_metrics else []
         if scale is not None:
             extra.append(torch.stack([scale.float().reshape(()), torch.tensor(float(skipped), device=scale.device)]))
         acc = correct.float() / counted.clamp_min(1) if self.has_acc else torch.full((), math.nan, device=loss.device)
@@ -313,7 +313,7 @@ class Trainer:
             checkpoint = bool(self.cfg.checkpoint_every_steps) and self.step % self.cfg.checkpoint_every_steps == 0
             if block.full or evaluate or checkpoint or end_of_epoch:
                 head = self._receive(block)
-                if end_of_epoch:  # one transfer per epoch
+                if end_of_epoch and self.epoch_stats is not None:  # one transfer per epoch
                     self.sink.log_metrics(self.step - 1, dict(zip(self.stat_names, self.epoch_stats.tolist(),
                                                                   strict=True)))
                 if evaluate:
@@ -332,6 +332,7 @@ class Trainer:
         if block.n:
             self._receive(block)
         self._save("last")
+        assert self.stop is not None  # called when it is set
         raise self.stop
 
     def _receive(self, block: transfer.StepBlock) -> np.ndarray:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -183,9 +183,10 @@ class MLP(nn.Module):
         hidden = list(cfg.hidden_sizes) if cfg.hidden_sizes else [cfg.hidden_size] * cfg.num_layers
         self.num_layers = len(hidden)
         sizes = [in_features] + hidden + [out_features]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        linears = [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+        self.layers = nn.ModuleList(linears)
         self.act = ACTIVATIONS[cfg.activation]()
-        for layer in self.layers:
+        for layer in linears:
             init_weight(layer.weight, cfg)
             nn.init.constant_(layer.bias, cfg.bias_init)
 
@@ -214,7 +215,7 @@ def init_weight(w: torch.Tensor, cfg: MLPConfig) -> None:
     elif cfg.weight_init == "xavier":
         nn.init.xavier_uniform_(w)
     else:
-        nonlinearity = cfg.activation if cfg.activation in ("relu", "leaky_relu") else "relu"
+        nonlinearity: Literal["relu", "leaky_relu"] = "leaky_relu" if cfg.activation == "leaky_relu" else "relu"
         nn.init.kaiming_uniform_(w, nonlinearity=nonlinearity)
 
 
