@@ -111,19 +111,45 @@ def run_hook(rec: dict[str, Any], folder: Path, header: dict[str, Any], run_id: 
     return _call(fn, folder=folder, header=header, run_id=run_id, **(rec.get("kwargs") or {})) or {}
 
 
+#: HTTP statuses of a store that is there but cannot answer now: a gateway in front of a restarting
+#: server (502, 504), MLflow's TEMPORARILY_UNAVAILABLE (503) and DEADLINE_EXCEEDED (504)
+TRANSIENT_STATUS = frozenset({502, 503, 504})
+
+
 def is_transient(e: BaseException) -> bool:
-    """Connection failures and server-side unavailability, as opposed to a request the store rejects."""
+    """Connection failures and server-side unavailability, as opposed to a request the store rejects.
+
+    Decided by exception type and error code along the exception's chain (MLflow wraps what
+    requests, urllib3 and SQLAlchemy raised), never by the message: a run id, key or value that
+    contains "503" is not an outage."""
+    import sqlite3
+
     import requests
+    import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
 
-    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(e, MlflowException):
-        text = str(e)
-        markers = ("Max retries exceeded", "Connection refused", "failed with exception", "TEMPORARILY_UNAVAILABLE",
-                   "Connection aborted", "Read timed out", "502", "503", "504", "database is locked")
-        return any(m in text for m in markers)
+    seen: set[int] = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        # RetryError: MLflow's session answers a 429/5xx it retried (MLFLOW_HTTP_REQUEST_MAX_RETRIES) with it
+        if isinstance(cur, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            requests.exceptions.RetryError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(cur, sqlite3.OperationalError):  # the embedded store, busy with another writer
+            return getattr(cur, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        if isinstance(cur, MlflowException) and _http_status(cur) in TRANSIENT_STATUS \
+                and not isinstance(cur.__cause__, sqlalchemy.exc.DBAPIError):  # MLflow calls every database
+            return True  # OperationalError TEMPORARILY_UNAVAILABLE (a missing table too): its cause decides
+        cur = cur.__cause__ or cur.__context__ or getattr(cur, "orig", None)
     return False
+
+
+def _http_status(e: Any) -> int:
+    """The HTTP status an MlflowException stands for: its error code's, or the status a gateway put
+    in a JSON body as the error code (RestException keeps the body as ``json``)."""
+    code = str((getattr(e, "json", None) or {}).get("error_code", ""))
+    return int(code) if code.isdigit() else int(e.get_http_status_code())
 
 
 _clients: dict[str, Any] = {}
