@@ -16,7 +16,6 @@ Cron parsing and timing are APScheduler's (``CronTrigger``).
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from gradsweep.errors import ConfigError, GradsweepError
-from gradsweep.locks import locked_file
+from gradsweep.locks import Busy, hold, locked_file, release
 from gradsweep.paths import TRAIN
 from gradsweep.names import SCHEDULE_TAG, SCHEDULED_AT_TAG
 from gradsweep.sweep.context import SweepContext
@@ -150,21 +149,14 @@ def sweep_lock(name: str, storage: Optional[str], lock_dir: Optional[Path] = Non
         with _pg_lock(name, storage):
             yield
         return
-    path = lock_path(name, storage, lock_dir or default_lock_dir())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
-            raise SweepBusy(f"sweep {name!r} is already running ({holder}); not starting it again") from None
-        os.ftruncate(fd, 0)
-        os.write(fd,
-                 f"pid {os.getpid()} on {os.uname().nodename} since {datetime.now(timezone.utc).isoformat()}".encode())
+        fd = hold(lock_path(name, storage, lock_dir or default_lock_dir()))  # the file names its holder
+    except Busy as e:
+        raise SweepBusy(f"sweep {name!r} is already running ({e}); not starting it again") from None
+    try:
         yield
     finally:
-        os.close(fd)  # releases the flock
+        release(fd)  # closing it releases the flock
 
 
 def default_lock_dir() -> Path:
