@@ -46,7 +46,7 @@ def main(folder):
     model = SRN()
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     step = 0
-    for epoch in range(50):
+    for _epoch in range(50):
         for x, y in loader:
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y, reduction="sum")

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from gradsweep.train.data import DigitSumConfig  # noqa: E402
-from gradsweep.train.loop import Trainer, TrainerConfig  # noqa: E402
-from gradsweep.train.models import SRNConfig  # noqa: E402
-from gradsweep.train.optim import SGDConfig  # noqa: E402
-from gradsweep.train.registry import build, parts  # noqa: E402
-from gradsweep.train.sinks import HistorySink  # noqa: E402
+from gradsweep.train.data import DigitSumConfig
+from gradsweep.train.loop import Trainer, TrainerConfig
+from gradsweep.train.models import SRNConfig
+from gradsweep.train.optim import SGDConfig
+from gradsweep.train.registry import build, parts
+from gradsweep.train.sinks import HistorySink
 
 RULES = ("none", "norm", "autoclip", "agc", "zclip", "adagc")
 CFG = TrainerConfig(epochs=50, batch_size=64, reduction="sum", device="cpu")
@@ -68,7 +68,7 @@ def rule_time(hidden: int, rule: str, calls: int = 300) -> float:
     saved = [g.clone() for g in t.norms.grads()]
     times = []
     for _ in range(calls):
-        for p, g in zip(t.norms.params, saved):
+        for p, g in zip(t.norms.params, saved, strict=True):
             p.grad.copy_(g)
         grads = t.norms.grads()
         per_param = t.norms.per_param(grads)

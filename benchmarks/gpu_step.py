@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from gradsweep.train.clipping import NormClipConfig  # noqa: E402
-from gradsweep.train.data import DigitsConfig  # noqa: E402
-from gradsweep.train.loop import Trainer, TrainerConfig, batch_loss  # noqa: E402
-from gradsweep.train.models import MLPConfig  # noqa: E402
-from gradsweep.train.optim import SGDConfig  # noqa: E402
-from gradsweep.train.registry import build  # noqa: E402
-from gradsweep.train.sinks import HistorySink  # noqa: E402
+from gradsweep.train.clipping import NormClipConfig
+from gradsweep.train.data import DigitsConfig
+from gradsweep.train.loop import Trainer, TrainerConfig, batch_loss
+from gradsweep.train.models import MLPConfig
+from gradsweep.train.optim import SGDConfig
+from gradsweep.train.registry import build
+from gradsweep.train.sinks import HistorySink
 
 LAYERS, BATCH = 49, 1024
 

@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reliability import ROOT, TRAIN, job  # noqa: E402
+from reliability import ROOT, TRAIN, job
 
 sys.path.insert(0, str(ROOT / "src"))
-import torch  # noqa: E402
-from gradsweep.track.delivery import mlflow_client as MlflowClient  # noqa: E402  (takes turns creating a new store)
-from gradsweep.track.delivery import pending  # noqa: E402
-from gradsweep.track.journal import has_artifact  # noqa: E402
-from gradsweep.track.server import MlflowServer  # noqa: E402
+import torch
+from gradsweep.track.delivery import mlflow_client as MlflowClient  # takes turns creating a new store
+from gradsweep.track.delivery import pending
+from gradsweep.track.journal import has_artifact
+from gradsweep.track.server import MlflowServer
 
 GRADSWEEP = str(Path(sys.executable).parent / "gradsweep")
 
@@ -109,7 +109,7 @@ def two_resumes(root: Path) -> dict:
     points = client.get_metric_history(killed, "grad_norm/total")
     steps = [m.step for m in points]
     doubled = len({s for s in steps if steps.count(s) > 1})
-    refused = [o.strip().splitlines()[-1] for p, o in zip(both, outs) if p.returncode == 2]
+    refused = [o.strip().splitlines()[-1] for p, o in zip(both, outs, strict=True) if p.returncode == 2]
     return {"case": "two processes resume one killed run at the same moment",
             "result": f"exit {sorted(p.returncode for p in both)}; {len(set(steps))} of 1500 steps on the store, "
                       f"{doubled} with two values; run {client.get_run(killed).info.status}"
@@ -127,7 +127,7 @@ def two_sweeps(root: Path) -> dict:
         own = (ckpt.parent.parent / "config.yaml").read_text()
         max_norm = torch.load(ckpt, weights_only=True)["config"]["clip"]["max_norm"]
         wrong += f"max_norm: {max_norm}" not in own
-    refused = [o.strip().splitlines()[-1] for p, o in zip(sweeps, outs) if p.returncode == 2]
+    refused = [o.strip().splitlines()[-1] for p, o in zip(sweeps, outs, strict=True) if p.returncode == 2]
     return {"case": "two sweeps started together with one `hydra.sweep.dir`",
             "result": f"exit {sorted(p.returncode for p in sweeps)}; {len(_runs(store))} runs; {wrong} checkpoints "
                       "not of their folder's run" + (f"; refused: \"{refused[0][:70]}...\"" if refused else "")}

@@ -186,7 +186,7 @@ def one_case(uri: str, server_pids, n: int, args: argparse.Namespace, root: Path
     t_end = time.monotonic()
     for j in journals:
         j.sample()
-    delivered_end = sum(j.lines - b for j, b in zip(journals, base))
+    delivered_end = sum(j.lines - b for j, b in zip(journals, base, strict=True))
     written_end = int((t_end - t0) * args.steps_per_s)
     cpu1 = (cpu_ticks(server_pids()), cpu_ticks(delivery_pids), cpu_ticks(writer_pids), machine_ticks())
     window = t_end - t0
@@ -208,7 +208,7 @@ def one_case(uri: str, server_pids, n: int, args: argparse.Namespace, root: Path
 
     client = MlflowClient(uri)
     arrived = 0
-    for r, s in zip(ready, steps):  # every step in the dense history, the MLflow metric within its bound
+    for r, s in zip(ready, steps, strict=True):  # every step in the dense history, the MLflow metric within its bound
         try:
             dense = list(gradsweep.history(r["run_id"], tracking_uri=uri).index) if r["run_id"] else []
             points = len(client.get_metric_history(r["run_id"], "grad_norm/total")) if r["run_id"] else 0
@@ -305,8 +305,9 @@ def main() -> None:
     values = args.params + 5
     cores = os.cpu_count()
     planned = f"of a {args.planned_steps:,}-step run " if args.planned_steps else ""
-    print(f"One `mlflow server` (--workers {args.server_workers}), jobs writing {values} values/step at {args.steps_per_s:g} steps/s each "
-          f"({values * args.steps_per_s:.0f} points/s per job) for {args.seconds:g} s {planned}, each with its own delivery "
+    print(f"One `mlflow server` (--workers {args.server_workers}), jobs writing {values} values/step at "
+          f"{args.steps_per_s:g} steps/s each ({values * args.steps_per_s:.0f} points/s per job) for "
+          f"{args.seconds:g} s {planned}, each with its own delivery "
           f"process (log_batch, <= 1000 values/request). This machine: {cores} cores shared by the writers, the "
           f"delivery processes, the server and PostgreSQL; writers sleep between steps (real jobs would also "
           f"train).\n")
@@ -317,7 +318,8 @@ def main() -> None:
         drain = f"{r['drain']:.1f}" if r["complete"] else f"> {args.drain_s:g} (not drained)"
         c = r["cpu"]
         print(f"| {r['backend']} | {r['n']} | {r['written_rate']:.0f} | {r['delivered_rate']:.0f} | "
-              f"{r['delivered_rate'] / max(1e-9, r['written_rate']) * 100:.0f} % | {r['backlog']:.0f} | {r['lag']:.1f} | "
+              f"{r['delivered_rate'] / max(1e-9, r['written_rate']) * 100:.0f} % | {r['backlog']:.0f} | "
+              f"{r['lag']:.1f} | "
               f"{drain} | {r['arrived']} / {r['n']} | {c[0]:.0f} / {c[1]:.0f} / {c[2]:.0f} / "
               f"{r['busy']:.0f} of {100 * cores} |")
 

@@ -97,7 +97,7 @@ def main() -> None:
     bare = statistics.median(walls["bare PyTorch script"])
     targets = {"default job": "<= 1.3x", "default 3-job sweep": "<= 2x", "bare PyTorch script": ""}
     print(f"\n{os.cpu_count()} CPUs, torch threads 1, {args.repeats} interleaved repeats, warm embedded store\n")
-    print(f"| case | wall median (s) | wall min (s) | first line (s) | x bare | target |")
+    print("| case | wall median (s) | wall min (s) | first line (s) | x bare | target |")
     print("|---|---|---|---|---|---|")
     for case in cases:
         med = statistics.median(walls[case])

@@ -68,7 +68,8 @@ def run(name: str, args: list[str], workdir: Path) -> dict:
         if r.info.status == "FINISHED" and "best/dev_acc" in r.data.metrics:
             finished.append(((r.info.end_time / 1000) - t0, r.data.metrics["best/dev_acc"]))
     states = [r.data.tags.get("optuna.state", r.info.status) for r in children]
-    return {"name": name, "wall": wall, "cpu": cpu, "load": (load0 + os.getloadavg()[0]) / 2, "jobs": len(children), "finished": sorted(finished), "steps": steps,
+    return {"name": name, "wall": wall, "cpu": cpu, "load": (load0 + os.getloadavg()[0]) / 2, "jobs": len(children),
+            "finished": sorted(finished), "steps": steps,
             "pruned": states.count("PRUNED"), "failed": sum(s in ("FAIL", "FAILED") for s in states)}
 
 
@@ -89,7 +90,8 @@ def main() -> None:
     layers = [round(1 + i * 2 / max(k - 1, 1)) for i in range(k)]
     methods = {
         "grid": ["trainer.eval_every_steps=25",  # the evaluation schedule lr_layers_clip sets
-                 f"optimizer.lr={','.join(map(str, lrs))}", f"model.num_layers={','.join(map(str, sorted(set(layers))))}",
+                 f"optimizer.lr={','.join(map(str, lrs))}",
+                 f"model.num_layers={','.join(map(str, sorted(set(layers))))}",
                  f"clip.max_norm={','.join(map(str, clips))}"],
         "tpe": ["+sweep=lr_layers_clip", "hydra/sweeper/pruner=none", f"hydra.sweeper.n_trials={n}",
                 "hydra.sweeper.figures=false"],
@@ -106,7 +108,8 @@ def main() -> None:
     marks = [longest * f for f in (0.25, 0.5, 0.75, 1.0)]
     print(f"\nlr_layers_clip space (lr 1e-3..1 log, layers 1-3, clip norm 0.1..100 log), {n} jobs per method"
           + (f", extra: {' '.join(opts.extra)}" if opts.extra else "") + f"; {os.cpu_count()} CPU cores\n")
-    head = ["method", "jobs", "pruned", "failed", "steps", "CPU s", "wall s", "load", *[f"best @ {t:.0f} s" for t in marks]]
+    head = ["method", "jobs", "pruned", "failed", "steps", "CPU s", "wall s", "load",
+            *[f"best @ {t:.0f} s" for t in marks]]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in results:

@@ -25,17 +25,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from gradsweep.train.clipping import NormClipConfig  # noqa: E402
-from gradsweep.train.data import DigitSumConfig  # noqa: E402
-from gradsweep.train.loop import TrainerConfig  # noqa: E402
-from gradsweep.train.models import SRNConfig  # noqa: E402
-from gradsweep.train.optim import SGDConfig  # noqa: E402
-from gradsweep.train.registry import build  # noqa: E402
-from gradsweep.train.loop import Trainer, batch_loss  # noqa: E402
-from gradsweep.track.server import MlflowServer  # noqa: E402
-from gradsweep.train.sinks import HistorySink, TeeSink  # noqa: E402
-from gradsweep.track.settings import TrackingConfig  # noqa: E402
-from gradsweep.track.store import Tracker, open_run  # noqa: E402
+from gradsweep.train.clipping import NormClipConfig
+from gradsweep.train.data import DigitSumConfig
+from gradsweep.train.loop import TrainerConfig
+from gradsweep.train.models import SRNConfig
+from gradsweep.train.optim import SGDConfig
+from gradsweep.train.registry import build
+from gradsweep.train.loop import Trainer, batch_loss
+from gradsweep.track.server import MlflowServer
+from gradsweep.train.sinks import HistorySink, TeeSink
+from gradsweep.track.settings import TrackingConfig
+from gradsweep.track.store import Tracker, open_run
 
 CFG = TrainerConfig(epochs=50, batch_size=64, reduction="sum", eval_every_steps=100, device="cpu")
 
@@ -128,7 +128,8 @@ def main() -> None:
             spool = root / f"spool-{tracker.experiment_id}-{abs(hash(tracker.uri))}"
 
             def make():  # the journal + delivery process the trainer uses (see gradsweep.track.store)
-                run = open_run(TrackingConfig(uri=tracker.uri, experiment_name="bench", spool_dir=str(spool)), "bench", {})
+                run = open_run(TrackingConfig(uri=tracker.uri, experiment_name="bench", spool_dir=str(spool)),
+                               "bench", {})
                 return run, lambda: run.finish("FINISHED")
             journal, close = make()  # start the delivery process before timing (once per process)
             close()

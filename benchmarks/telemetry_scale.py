@@ -109,7 +109,7 @@ def main() -> None:
     os.chdir(root)  # the spool lands beside the store, as in a job
     rows = []
     try:
-        for n, pace in zip(steps, paces):
+        for n, pace in zip(steps, paces, strict=True):
             rows.append(one_case(root, args.params, n, pace))
             print(f"  done: {n} steps", file=sys.stderr, flush=True)
     finally:

@@ -49,7 +49,8 @@ def draw(curves: dict[str, list[tuple[float, list[float]]]], path: str) -> None:
             continue
         lrs = [lr for lr, _ in points]
         line, = ax.plot(lrs, [statistics.median(d) for _, d in points], marker="o", label=rule)
-        ax.fill_between(lrs, [min(d) for _, d in points], [max(d) for _, d in points], color=line.get_color(), alpha=0.2)
+        ax.fill_between(lrs, [min(d) for _, d in points], [max(d) for _, d in points], color=line.get_color(),
+                        alpha=0.2)
     ax.axhline(UNIFORM, color="grey", linestyle=":", label="uniform guess (ln 98)")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (AdamW)")

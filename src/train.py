@@ -11,17 +11,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
 
-from gradsweep.cli.plan import print_plan, start_delivery  # noqa: E402  (light: no torch, no MLflow)
+from gradsweep.cli.plan import print_plan, start_delivery  # light: no torch, no MLflow
 
 if __name__ == "__main__":  # not when a test imports this module for `main`
     print_plan(sys.argv[1:])  # before PyTorch and MLflow load (seconds): README, "How long you wait"
     start_delivery(sys.argv[1:])  # its MLflow import overlaps ours of PyTorch
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from gradsweep.cli.hydra_main import run_as_process  # noqa: E402
-from gradsweep.sweep.hydra_adapter import job_from_hydra, register_schemas  # noqa: E402
+from gradsweep.cli.hydra_main import run_as_process
+from gradsweep.sweep.hydra_adapter import job_from_hydra, register_schemas
 
 register_schemas()
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")

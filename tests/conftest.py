@@ -11,9 +11,9 @@ from pathlib import Path
 # Set before torch loads its OpenMP runtime here and inherited by every process the tests start.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
+import pytest
 
-from gradsweep.track.server import MlflowServer  # noqa: F401,E402 (tests import it from here)
+from gradsweep.track.server import MlflowServer  # tests import it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "src" / "train.py"
@@ -90,13 +90,14 @@ def mlflow_server(tmp_path, migrated_db):
 # about a minute. The default run is both, in parallel (pytest-xdist, see pyproject.toml).
 INTEGRATION = {"test_bad_input", "test_faults", "test_hostile_input", "test_sweep_e2e", "test_outage",
                "test_checkpoint_resume", "test_optuna_sweeps", "test_schedule", "test_server_postgres", "test_report",
-               "test_cpu_threads", "test_browser", "test_team_stack", "test_slurm", "test_delivery_hooks", "test_owners",
-               "test_data_parallel"}
+               "test_cpu_threads", "test_browser", "test_team_stack", "test_slurm", "test_delivery_hooks",
+               "test_owners", "test_data_parallel"}
 # Longest modules first (seconds on a 2-core machine, --durations): pytest-xdist hands out whole
 # modules in collection order, so the long ones start at once and the short ones fill the gaps at
 # the end instead of one worker finishing a long module alone (35 s of idle worker measured).
 LONGEST_FIRST = ["test_schedule", "test_sweep_e2e", "test_faults", "test_optuna_sweeps", "test_checkpoint_resume",
-                 "test_outage", "test_examples", "test_data_parallel", "test_report", "test_user_code", "test_dense_history", "test_team_stack", "test_server_postgres", "test_diagnostics", "test_browser",
+                 "test_outage", "test_examples", "test_data_parallel", "test_report", "test_user_code",
+                 "test_dense_history", "test_team_stack", "test_server_postgres", "test_diagnostics", "test_browser",
                  "test_studies"]
 
 

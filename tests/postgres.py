@@ -105,9 +105,10 @@ class PostgresServer:
             try:
                 conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
                 break
-            except psycopg2.OperationalError:
+            except psycopg2.OperationalError as e:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"postgres did not accept connections: {self.log_path.read_text()[-2000:]}")
+                    log = self.log_path.read_text()[-2000:]
+                    raise RuntimeError(f"postgres did not accept connections: {log}") from e
                 time.sleep(0.2)
         conn.autocommit = True
         with conn.cursor() as cur:

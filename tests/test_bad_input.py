@@ -38,9 +38,9 @@ CASES = [
     (["optimizer.lr=1e308"], "optimizer.lr=1e+308 is invalid; allowed: a finite number > 0 that fits float32"),
     # Hydra creates the job's or sweep's folder once it starts: one it cannot is refused before
     (["hydra.run.dir=/proc/x"], "hydra.run.dir='/proc/x': /proc is not writable"),
-    (["-m", "clip.max_norm=1,5", "hydra.sweep.dir=/proc/x/${now:%H}"], "hydra.sweep.dir='/proc/x/${now:%H}': /proc is "
-                                                                      "not writable (No such file or directory); "
-                                                                      "allowed: a folder this user can create and write"),
+    (["-m", "clip.max_norm=1,5", "hydra.sweep.dir=/proc/x/${now:%H}"],
+     "hydra.sweep.dir='/proc/x/${now:%H}': /proc is not writable (No such file or directory); "
+     "allowed: a folder this user can create and write"),
     ([f"tracking.experiment_name={'x' * 5000}"],
      "tracking.experiment_name='xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (5000 characters)' is invalid; "
      "allowed: a printable name of 1-256 characters"),

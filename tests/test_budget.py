@@ -32,6 +32,7 @@ def test_a_model_that_cannot_be_built_on_meta_is_not_estimated():
 def test_data_estimates_and_the_limit():
     assert budget.data_bytes(DigitSumConfig(train_copies=3)) == 500 * 21 * 16
     budget.check_data(DigitSumConfig(), 0)
-    with pytest.raises(ConfigError, match=r"data \(length=20, train_copies=10000000.*trainer.memory_limit_gb \(now 1\)"):
+    with pytest.raises(ConfigError,
+                       match=r"data \(length=20, train_copies=10000000.*trainer.memory_limit_gb \(now 1\)"):
         budget.check_data(DigitSumConfig(train_copies=10 ** 7), 1)
     assert budget.limit_bytes(2) == 2 * budget.GB and 0 < budget.limit_bytes(0) <= budget.machine_memory()

@@ -126,10 +126,12 @@ def test_sigterm_marks_run_killed(tmp_path, store):
     assert len(client.get_metric_history(run.info.run_id, "grad_norm/total")) > 0  # flushed before closing
     # the console names the run and the command that resumes it; the run holds the checkpoint it needs
     said = re.search(rf"run trainer.epochs=100000 \({run.info.run_id[:8]}\) ended KILLED at step (\d+) of 500000; "
-                     rf"resume it from its last checkpoint:\n    python src/train.py trainer.resume_from={run.info.run_id} "
+                     rf"resume it from its last checkpoint:\n    python src/train.py "
+                     rf"trainer.resume_from={run.info.run_id} "
                      rf"trainer.epochs=100000 tracking.uri={store}\n", rest)
     assert said, rest[-2000:]
-    last = torch.load(client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path)), weights_only=True)
+    last = torch.load(client.download_artifacts(run.info.run_id, "checkpoints/last.pt", str(tmp_path)),
+                      weights_only=True)
     assert last["step"] == int(said.group(1)) > 0  # stopped between two steps, all of them recorded
     import gradsweep
 
@@ -175,7 +177,8 @@ def test_sigkill_then_resume_into_same_run_equals_uninterrupted(tmp_path, store)
     in_use = "the folder is in use by another running job or sweep"
     for proc, err, what in zip(second, refusals, (
             f"trainer.resume_from={killed_run}: the run is being written by a live process",
-            f"hydra.run.dir={tmp_path / 'resumed'}: {in_use}", f"hydra.sweep.dir={tmp_path / 'resumed'}: {in_use}")):
+            f"hydra.run.dir={tmp_path / 'resumed'}: {in_use}", f"hydra.sweep.dir={tmp_path / 'resumed'}: {in_use}"),
+            strict=True):
         lines = err.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {what}"), err[-3000:]
         assert f"(pid {resumed.pid} on " in lines[0]  # who holds it

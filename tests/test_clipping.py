@@ -32,7 +32,7 @@ class Toy(nn.Module):
 
 def step(clipper, model, *grads):
     """Set the gradients, run the rule as the loop does; (coef, after, clipped grads, extra)."""
-    for p, g in zip(model.parameters(), grads):
+    for p, g in zip(model.parameters(), grads, strict=True):
         p.grad = torch.tensor(g, dtype=torch.float32).reshape(p.shape)
     norms = GradientNorms(model)
     gs = norms.grads()
@@ -103,8 +103,8 @@ def test_agc_clips_the_srns_output_units_its_columns_as_the_paper_defines_them()
     grads = [torch.randn_like(p) * 3 for p in model.parameters()]
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, _, clipped, (frac,) = step(AGC(clip_factor=0.1, eps=1e-3), model, *[g.tolist() for g in grads])
-    got = dict(zip([n for n, _ in model.named_parameters()], clipped))
-    raw = dict(zip([n for n, _ in model.named_parameters()], grads))
+    got = dict(zip([n for n, _ in model.named_parameters()], clipped, strict=True))
+    raw = dict(zip([n for n, _ in model.named_parameters()], grads, strict=True))
     units = 0
     for name in ("rnn.W", "rnn.U"):
         g, w = raw[name], weights[name]
@@ -214,7 +214,7 @@ def test_state_round_trips_through_a_checkpoint(rule, cut, tmp_path):
     fresh = RULES[rule]()
     fresh.load_state_dict(torch.load(path, weights_only=True)["clip"])
     tail = run(fresh, grads[cut:])
-    for a, b in zip(whole, head + tail):
+    for a, b in zip(whole, head + tail, strict=True):
         assert a[0] == b[0] and a[1] == b[1]  # coef, norm after: exactly
         assert np.array_equal(np.array(a[3]), np.array(b[3]), equal_nan=True)  # threshold / fraction
 
@@ -280,7 +280,7 @@ def test_job_logs_what_each_rule_decided_every_step(srn_runs):
         assert steps == list(range(10)) and all(0 < c <= 1 for c in coef)
         _, before = _series(out, GRAD_TOTAL)
         _, after = _series(out, GRAD_TOTAL_CLIPPED)
-        for b, a, c in zip(before, after, coef):
+        for b, a, c in zip(before, after, coef, strict=True):
             assert a == pytest.approx(b * c, rel=1e-4) and a <= b * (1 + 1e-6)
     assert _series(runs["autoclip"], CLIP_THRESHOLD)[0] == list(range(10))
     assert _series(runs["zclip"], CLIP_THRESHOLD)[0] == list(range(3, 10))  # none during the warm-up
@@ -290,8 +290,9 @@ def test_job_logs_what_each_rule_decided_every_step(srn_runs):
     assert steps == list(range(10)) and all(0 <= f <= 1 for f in frac)
     for rule in ("autoclip", "zclip"):
         assert CLIP_CLIPPED_FRAC not in runs[rule].history.history
-    thr = dict(zip(*_series(runs["autoclip"], CLIP_THRESHOLD)))
-    for s, b, a in zip(range(10), _series(runs["autoclip"], GRAD_TOTAL)[1], _series(runs["autoclip"], GRAD_TOTAL_CLIPPED)[1]):
+    thr = dict(zip(*_series(runs["autoclip"], CLIP_THRESHOLD), strict=True))
+    for s, _b, a in zip(range(10), _series(runs["autoclip"], GRAD_TOTAL)[1],
+                        _series(runs["autoclip"], GRAD_TOTAL_CLIPPED)[1], strict=True):
         assert a <= thr[s] * (1 + 1e-5)  # never above the threshold it reported
 
 
@@ -306,17 +307,19 @@ def test_resumed_job_continues_the_rules_history(srn_runs, rule):
     ckpt = tmp / f"{rule}_half" / "checkpoints" / "last.pt"
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 5 and state["clip"]["rule"] == rule and state["clip"]["t"] == 5
-    resumed = run_inprocess([f"clip={rule}", "trainer.epochs=2", "trainer.eval_every_steps=5", f"trainer.resume_from={ckpt}",
-                             *(["clip.warmup_steps=3"] if rule != "autoclip" else [])], tmp / f"{rule}_resumed", "memory")
+    resumed = run_inprocess([f"clip={rule}", "trainer.epochs=2", "trainer.eval_every_steps=5",
+                             f"trainer.resume_from={ckpt}",
+                             *(["clip.warmup_steps=3"] if rule != "autoclip" else [])],
+                            tmp / f"{rule}_resumed", "memory")
     assert half.status == resumed.status == "FINISHED"
     key = CLIP_THRESHOLD if rule != "adagc" else CLIP_CLIPPED_FRAC
-    full = dict(zip(*_series(runs[rule], key)))
-    cont = dict(zip(*_series(resumed, key)))
+    full = dict(zip(*_series(runs[rule], key), strict=True))
+    cont = dict(zip(*_series(resumed, key), strict=True))
     assert sorted(cont) == list(range(5, 10))
     for s in cont:
         assert cont[s] == pytest.approx(full[s], rel=1e-6), (rule, s)
-    for s, v in zip(*_series(resumed, CLIP_COEF)):
-        assert v == pytest.approx(dict(zip(*_series(runs[rule], CLIP_COEF)))[s], rel=1e-6)
+    for s, v in zip(*_series(resumed, CLIP_COEF), strict=True):
+        assert v == pytest.approx(dict(zip(*_series(runs[rule], CLIP_COEF), strict=True))[s], rel=1e-6)
 
 
 def test_checkpoint_without_clipper_state_still_loads(srn_runs, caplog):
@@ -393,11 +396,12 @@ def test_adaptive_clipping_study_variants():
     for study, models, n_lr in (("adaptive_clipping", {"srn"}, 7), ("adaptive_clipping_mlp", {"mlp"}, 9)):
         variants = study_variants(study)
         assert len(variants) == n_lr * 6
-        assert [v[1] for v in variants[::n_lr]] == [f"clip={r}" for r in ("none", "norm", "autoclip", "agc", "zclip", "adagc")]
+        assert [v[1] for v in variants[::n_lr]] == [f"clip={r}" for r in ("none", "norm", "autoclip", "agc",
+                                                                                       "zclip", "adagc")]
         specs = [to_spec(compose_job(v)) for v in (variants[n_lr], variants[-1])]  # norm and adagc validate
         assert {s.model.name for s in specs} == models and specs[0].clip.max_norm in (3.0, 10.0)
         lrs = sorted(float(v[2].split("=")[1]) for v in variants[:n_lr])
-        assert all(b == pytest.approx(2 * a) for a, b in zip(lrs, lrs[1:]))  # a x2 ladder
+        assert all(b == pytest.approx(2 * a) for a, b in zip(lrs, lrs[1:], strict=False))  # a x2 ladder (neighbours)
 
 
 def test_clip_methods_space_is_conditional():

@@ -33,8 +33,10 @@ URL_CREDENTIALS = re.compile(r"://([^/@\s]+):([^/@\s]+)@")
 COMPOSE_MLFLOW = dict(
     executable="mlflow", host="0.0.0.0", port="5000", workers="${MLFLOW_WORKERS:-4}",
     # the driver spelt out: SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3, which the image lacks
-    backend_store_uri=f"postgresql+psycopg2://${{POSTGRES_USER{REQUIRED}}}:${{POSTGRES_PASSWORD{REQUIRED}}}@postgres:5432/mlflow",
-    artifacts_destination=f"s3://${{MINIO_BUCKET{REQUIRED}}}/", allowed_hosts="${MLFLOW_ALLOWED_HOSTS:-%s}" % ALLOWED_HOSTS)
+    backend_store_uri=(f"postgresql+psycopg2://${{POSTGRES_USER{REQUIRED}}}:${{POSTGRES_PASSWORD{REQUIRED}}}"
+                       "@postgres:5432/mlflow"),
+    artifacts_destination=f"s3://${{MINIO_BUCKET{REQUIRED}}}/",
+    allowed_hosts="${MLFLOW_ALLOWED_HOSTS:-%s}" % ALLOWED_HOSTS)
 
 
 def load(path: Path) -> dict:
@@ -99,7 +101,8 @@ def test_services_images_and_commands(services):
     env = env_of(sched)
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["GRADSWEEP_OPTUNA_STORAGE"] == f"postgresql://${{POSTGRES_USER{REQUIRED}}}@postgres:5432/optuna"
-    assert env["PGPASSWORD"] == f"${{POSTGRES_PASSWORD{REQUIRED}}}"  # libpq reads it; gradsweep refuses passwords in URIs
+    # libpq reads it; gradsweep refuses passwords in URIs
+    assert env["PGPASSWORD"] == f"${{POSTGRES_PASSWORD{REQUIRED}}}"
     assert sched["init"] is True  # PID 1 that passes SIGTERM on, so the running trial can end KILLED
 
 
@@ -204,7 +207,8 @@ def test_basic_auth_override():
     mlflow_env = env_of(auth["mlflow"])
     assert mlflow_env["MLFLOW_AUTH_CONFIG_PATH"] == "/etc/mlflow/basic_auth.ini"
     assert "./deploy/mlflow/basic_auth.ini:/etc/mlflow/basic_auth.ini:ro" in auth["mlflow"]["volumes"]
-    assert {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(mlflow_env)
+    assert {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(mlflow_env)
     assert set(env_of(auth["scheduler"])) == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
     ini = configparser.ConfigParser()
     ini.read(ROOT / "deploy" / "mlflow" / "basic_auth.ini")

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from gradsweep.train.data import DigitsConfig, DigitSumConfig, ToyConfig, generate_digit_sum, read_digit_sum, write_digit_sum
+from gradsweep.train.data import (DigitsConfig, DigitSumConfig, ToyConfig, generate_digit_sum, read_digit_sum,
+                                  write_digit_sum)
 from gradsweep.train.registry import build
 from gradsweep.errors import DataError
 

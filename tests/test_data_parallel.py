@@ -35,7 +35,8 @@ def test_two_processes_record_one_processs_norms_with_reduction_sum(tmp_path):
     assert one.status == two.status == "FINISHED"
     assert one.history.names == two.history.names
     names = [n for n in one.history.names if n != "clip/coef"]
-    assert_same_steps({n: one.history.history[n][1] for n in names}, {n: two.history.history[n][1] for n in names}, names)
+    assert_same_steps({n: one.history.history[n][1] for n in names}, {n: two.history.history[n][1] for n in names},
+                      names)
 
 
 def test_a_sweep_over_devices_records_equal_histories_and_resumes(tmp_path, migrated_db):

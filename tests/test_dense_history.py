@@ -181,7 +181,8 @@ def test_a_run_end_waits_while_delivery_progresses_and_names_why_it_stops(tmp_pa
 
 
 @pytest.mark.parametrize("spec,expected", [
-    ("tensor", ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight", "blocks.1.attn.weight", "head.weight"]),
+    ("tensor", ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight", "blocks.1.attn.weight",
+                "head.weight"]),
     ("module", ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "head"]),
     ("depth:2", ["blocks.0", "blocks.1", "head.weight"]),
     (r"re:^blocks\.(\d+)", ["0", "1", "head.weight"]),
@@ -190,7 +191,8 @@ def test_a_run_end_waits_while_delivery_progresses_and_names_why_it_stops(tmp_pa
 ])
 def test_parameter_norms_are_grouped_for_mlflow_as_asked(spec, expected):
     """tracking.param_groups: each group's norm is the L2 norm of its tensors' gradients together."""
-    params = ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight", "blocks.1.attn.weight", "head.weight"]
+    params = ["blocks.0.attn.weight", "blocks.0.attn.bias", "blocks.0.mlp.weight", "blocks.1.attn.weight",
+              "head.weight"]
     names = [TRAIN_LOSS, GRAD_TOTAL, *(f"grad_norm/{p}" for p in params)]
     schema = StepSchema(names, 4, param_groups=spec)
     recs = np.empty(4, dtype=[("step", "<i8"), ("ts", "<i8"), ("v", "<f4", (len(names),))])
@@ -204,7 +206,8 @@ def test_parameter_norms_are_grouped_for_mlflow_as_asked(spec, expected):
     assert list(got) == [f"grad_norm/{g}" for g in expected]
     v = recs["v"].astype(np.float64)
     for g in expected:  # recomputed from the per-tensor norms
-        cols = [2 + i for i, p in enumerate(params) if p == g or (p.startswith(g + ".") and spec not in ("tensor", "re:^"))
+        cols = [2 + i for i, p in enumerate(params) if p == g or (p.startswith(g + ".")
+                                                                  and spec not in ("tensor", "re:^"))
                 or (spec.startswith("re:^b") and p.startswith(f"blocks.{g}."))]
         want = np.sqrt((v[:, cols] ** 2).sum(axis=1))
         assert np.allclose([got[f"grad_norm/{g}"][s] for s in range(4)], want), g

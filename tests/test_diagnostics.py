@@ -127,9 +127,9 @@ def test_default_job_verdicts_hold_for_every_seed_and_thread_count(tmp_path, thr
         assert m["health/vanishing_frac/classifier.weight"] < 0.05  # the classifier keeps its gradient
         norm = run_inprocess([*common, "clip=norm"], tmp_path / f"norm{seed}", "memory")
         assert not {"exploding", "vanishing"} & set(norm.health.verdicts), (seed, norm.health.summary())
-        # far below the verdict's 0.5 (and the unclipped run's >= 0.9), but by how much depends on the
-        # machine's float path: 0.004-0.064 over seeds 0-7 on an AMD EPYC, < 0.05 on the machine before
-        assert norm.health.metrics["health/vanishing_frac/rnn.U"] < 0.25
+        # clipping keeps the recurrent gradient: a fraction of the unclipped run's (by how much depends
+        # on the machine's float path, so no absolute bound beyond the verdict's)
+        assert norm.health.metrics["health/vanishing_frac/rnn.U"] < m["health/vanishing_frac/rnn.U"] / 4
         assert norm.run.tags["grad_health"] == norm.health.tag
 
 

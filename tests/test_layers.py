@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,27 @@ def imports(path: Path, top_level_only: bool = False) -> set[str]:
 
 
 MODULES = sorted(PKG.rglob("*.py"))
+NAMES = {module_name(p) for p in MODULES}
+#: a module named in a string: "gradsweep.report.figures", "gradsweep.report.figures:run_figure_hook",
+#: "gradsweep.sweep.optuna_sweeper.GradsweepOptunaSweeper" (imported at run time: importlib, Hydra's _target_)
+DOTTED = re.compile(r"^(gradsweep(?:\.\w+)+)(?::\w+)?$")
+#: string imports that break the layering, known and to be removed (issue 24: the delivery hooks of
+#: the report layer are named by the track layer; they are to be registered by the layer that owns
+#: them). The test fails on any other, and on one of these once it is gone (then drop it here).
+KNOWN_UPWARD = {"gradsweep.track.delivery": {"gradsweep.report.summary", "gradsweep.report.figures"}}
+
+
+def string_imports(path: Path) -> set[str]:
+    """The gradsweep modules a module names in string constants (the longest existing module prefix)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and (m := DOTTED.match(node.value)):
+            name = m[1]
+            while name.count(".") and name not in NAMES:
+                name = name.rpartition(".")[0]
+            if name in NAMES and name != "gradsweep":
+                found.add(name)
+    return found
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
@@ -69,6 +91,10 @@ def test_layer_imports_only_downward(path):
             continue
         other = m.split(".")[1]
         assert other == layer or other in allowed, f"{name} imports {m}: layer {layer} may import {allowed}"
+    named = {m for m in string_imports(path) if m.count(".") >= 1 and ".".join(m.split(".")[:2]) not in SHARED}
+    upward = {m for m in named if m.split(".")[1] != layer and m.split(".")[1] not in allowed}
+    assert upward == KNOWN_UPWARD.get(name, set()), \
+        f"{name} names {sorted(upward)} in strings (imported at run time): layer {layer} may import {allowed}"
     bad = sorted(m for m in found if m.split(".")[0] in forbidden)
     assert not bad, f"{name} imports {bad}"
 

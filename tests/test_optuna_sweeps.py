@@ -91,7 +91,8 @@ def test_named_sweeps_compose_with_the_optuna_sweeper(hydra_compose):
 def test_unknown_sweep_is_a_one_line_error(tmp_path):
     res = run_train(["-m", "+sweep=nope"], tmp_path)
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == ["error: sweep=nope: unknown option; allowed: clip_methods|clip_only|lr_layers_clip|mlp_depth_lr"]
+    assert res.stderr.strip().splitlines() == [
+        "error: sweep=nope: unknown option; allowed: clip_methods|clip_only|lr_layers_clip|mlp_depth_lr"]
     assert not (tmp_path / "multirun").exists()
 
 
@@ -303,7 +304,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, store, postgres_server):
          f"hydra.sweep.dir=multirun/worker{i}", *LEAN, *store],
         cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
-    for w, out in zip(workers, outputs):
+    for w, out in zip(workers, outputs, strict=True):
         assert w.returncode == 0, out[-3000:]
     from gradsweep.sweep.optuna_loop import make_storage, resolve_storage_url
 

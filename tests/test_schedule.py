@@ -61,7 +61,7 @@ def parents(store: str) -> list:
 
 def assert_no_overlap(runs) -> None:
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):  # neighbours: one fewer
         assert end <= start, "two runs of the same sweep overlapped"
 
 
@@ -166,7 +166,8 @@ def test_file_lock_is_exclusive_and_released_when_the_holder_dies(tmp_path):
                 pass
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
                                "from gradsweep.sweep.schedule import sweep_lock; from pathlib import Path;"
-                               "cm = sweep_lock('s', None, Path(sys.argv[2])); cm.__enter__(); print('held', flush=True);"
+                               "cm = sweep_lock('s', None, Path(sys.argv[2])); cm.__enter__();"
+                               "print('held', flush=True);"
                                "time.sleep(600)", str(ROOT / "src"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(SweepBusy):

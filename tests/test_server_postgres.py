@@ -86,7 +86,8 @@ def test_sweep_through_server_on_postgres(postgres, tmp_path):
         downloads = tmp_path / "downloads"
         for c in children:
             assert c.info.status == "FINISHED" and c.data.tags["mlflow.parentRunId"] == parent.info.run_id
-            assert sorted(m.step for m in client.get_metric_history(c.info.run_id, "grad_norm/total")) == list(range(STEPS))
+            history = client.get_metric_history(c.info.run_id, "grad_norm/total")
+            assert sorted(m.step for m in history) == list(range(STEPS))
             assert c.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied: the client never sees the store
             for name in ("best.pt", "last.pt"):
                 local = client.download_artifacts(c.info.run_id, f"checkpoints/{name}", str(downloads / c.info.run_id))

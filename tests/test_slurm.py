@@ -43,7 +43,8 @@ def _cluster_up() -> bool:
     conf = SLURM_DIR / "etc" / "slurm.conf"
     if not conf.is_file() or shutil.which("scontrol") is None:
         return False
-    res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, env={**os.environ, "SLURM_CONF": str(conf)})
+    res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True,
+                         env={**os.environ, "SLURM_CONF": str(conf)})
     return "is UP" in res.stdout
 
 

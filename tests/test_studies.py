@@ -78,7 +78,8 @@ def test_study_settings_state_the_original_setups():
     srn = v["srn_explosion"]
     assert sorted({s.data.length for s in srn}) == [5, 10, 15, 20, 25, 30, 35]
     assert {(s.clip.name, s.clip.max_norm) for s in srn} == {("none", None), ("norm", 20.0)}
-    assert {(s.optimizer.lr, s.trainer.batch_size, s.trainer.reduction, s.trainer.epochs) for s in srn} == {(0.2, 64, "sum", 50)}
+    assert {(s.optimizer.lr, s.trainer.batch_size, s.trainer.reduction, s.trainer.epochs) for s in srn} \
+        == {(0.2, 64, "sum", 50)}
     mv = v["mlp_vanishing"][0]
     assert (mv.model.num_layers, mv.model.hidden_size, mv.model.weight_std, mv.model.bias_init) == (4, 3, 0.01, 1.0)
     assert (mv.optimizer.lr, mv.trainer.batch_size) == (0.01, 0)
@@ -97,9 +98,11 @@ def test_study_settings_state_the_original_setups():
         {(h, lr) for h in ((5,), (5, 3)) for lr in (0.01, 1.0, 5.0)}
     assert {(s.trainer.epochs, s.trainer.batch_size, s.model.activation) for s in md} == {(3000, 0, "sigmoid")}
     cv = v["clip_value_vs_norm"]
-    assert {(s.clip.name, s.clip.clip_value if s.clip.name == "value" else s.clip.max_norm if s.clip.name == "norm" else None)
+    assert {(s.clip.name,
+             s.clip.clip_value if s.clip.name == "value" else s.clip.max_norm if s.clip.name == "norm" else None)
             for s in cv} == {("none", None), ("value", 1.0), ("norm", 1.0)}
-    assert {(s.model.name, s.data.name, s.optimizer.name, s.optimizer.lr) for s in cv} == {("cnn", "digits", "adam", 1e-3)}
+    assert {(s.model.name, s.data.name, s.optimizer.name, s.optimizer.lr) for s in cv} \
+        == {("cnn", "digits", "adam", 1e-3)}
 
 
 @pytest.mark.parametrize("study", sorted(STUDIES))
@@ -107,7 +110,8 @@ def test_study_runs_shortened(study, store, tmp_path):
     n, shorten, steps_per_epoch = STUDIES[study]
     epochs = int(shorten[0].split("=")[1])
     client = MlflowClient(store)
-    outcomes = [run_inprocess([*variant, *shorten], tmp_path / str(i), store) for i, variant in enumerate(study_variants(study))]
+    outcomes = [run_inprocess([*variant, *shorten], tmp_path / str(i), store) for i,
+                variant in enumerate(study_variants(study))]
     assert len(outcomes) == n
     for out in outcomes:
         run = client.get_run(out.run_id)
@@ -121,7 +125,8 @@ def test_study_runs_shortened(study, store, tmp_path):
         out = outcomes[0]
         hist = client.get_metric_history(out.run_id, "weight_std/layers.0.weight")
         assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [31, 63]
-        last = torch.load(stored(store, out.run_id, "checkpoints/last.pt"), weights_only=True)["model"]["layers.0.weight"]
+        last = torch.load(stored(store, out.run_id, "checkpoints/last.pt"), weights_only=True)
+        last = last["model"]["layers.0.weight"]
         assert max(hist, key=lambda m: m.step).value == pytest.approx(last.std(unbiased=False).item(), rel=1e-5)
         assert len(client.get_metric_history(out.run_id, "grad_std/layers.3.bias")) == epochs
     if study == "zero_init":  # hidden units start identical and stay identical

@@ -37,13 +37,15 @@ def check_sweep(uri: str, tmp_path: Path):
         assert c.data.params["model.hidden_size"] == "32" and c.data.params["optimizer.lr"] == "0.2"
         assert "clip.max_norm=" in c.data.tags["gradsweep.overrides"]
         # the name says what the child varies; the sweep's constant overrides (epochs, store) are left out
-        assert c.info.run_name == f"clip.max_norm={c.data.tags['gradsweep.overrides'].split('clip.max_norm=')[1].split()[0]}"
+        varied = c.data.tags['gradsweep.overrides'].split('clip.max_norm=')[1].split()[0]
+        assert c.info.run_name == f"clip.max_norm={varied}"
         total = client.get_metric_history(c.info.run_id, "grad_norm/total")
         clipped = client.get_metric_history(c.info.run_id, "grad_norm/total_clipped")
         assert sorted(m.step for m in total) == list(range(STEPS))
         assert all(m.value <= max_norm * (1 + 1e-6) for m in clipped)
         for p in PARAMS:
-            assert sorted(m.step for m in client.get_metric_history(c.info.run_id, f"grad_norm/{p}")) == list(range(STEPS))
+            history = client.get_metric_history(c.info.run_id, f"grad_norm/{p}")
+            assert sorted(m.step for m in history) == list(range(STEPS))
         assert [m.step for m in client.get_metric_history(c.info.run_id, "dev/acc")] == [STEPS - 1]
         assert 0 <= c.data.metrics["best/dev_acc"] <= 1 and "test/acc" in c.data.metrics
         arts = {a.path for a in client.list_artifacts(c.info.run_id, "checkpoints")}

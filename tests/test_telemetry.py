@@ -26,7 +26,8 @@ def test_param_norms_equal_vector_norm_of_each_gradient():
     want = torch.stack([torch.linalg.vector_norm(p.grad) for _, p in model.named_parameters()])
     assert norms.names == ["embedding.weight", "rnn.W", "rnn.U", "rnn.b", "classifier.weight", "classifier.bias"]
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(norms.total(got), torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in norms.params])))
+    torch.testing.assert_close(norms.total(got),
+                               torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in norms.params])))
 
 
 @pytest.mark.parametrize("max_norm,norm_type", [(1.0, 2.0), (5.0, 2.0), (20.0, 2.0), (3.0, 1.0), (0.5, math.inf)])
@@ -37,7 +38,7 @@ def test_norm_clip_matches_clip_grad_norm_(max_norm, norm_type):
     grads = norms.grads()
     total_l2 = norms.total(norms.per_param(grads))
     coef, after = NormClip(max_norm, norm_type)(norms, grads, total_l2)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad)
     assert ref_total > max_norm  # the case actually clips
     after_measured = norms.total(norms.per_param())
@@ -53,7 +54,7 @@ def test_value_clip_and_no_clip():
     norms = GradientNorms(a)
     total = norms.total(norms.per_param())
     coef, after = ValueClip(0.1)(norms, norms.grads(), total)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad)
     torch.testing.assert_close(coef * total, after)
     coef, after = NoClip()(norms, norms.grads(), after)

@@ -34,7 +34,8 @@ def host_syncs(monkeypatch):
 
 def syncs_of(host_syncs, tmp_path: Path, epochs: int, extra: list[str]) -> int:
     before = host_syncs["n"]
-    out = run_inprocess([f"trainer.epochs={epochs}", "trainer.eval_every_steps=100000", "tracking.log_checkpoints=false",
+    out = run_inprocess([f"trainer.epochs={epochs}", "trainer.eval_every_steps=100000",
+                         "tracking.log_checkpoints=false",
                          "diagnostics.enabled=false", *extra], tmp_path / f"e{epochs}", "memory")
     assert out.status == "FINISHED", out.error
     return host_syncs["n"] - before

@@ -20,15 +20,15 @@ import math
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from gradsweep.errors import ConfigError, NonFiniteError
-from gradsweep.names import (CLIP_COEF, EXPERIMENT, FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GRAD_NORM, GRAD_TOTAL,
-                             GRAD_TOTAL_CLIPPED, TRAIN_ACC, TRAIN_LOSS, grad_norm)
+from gradsweep.names import (CLIP_COEF, EXPERIMENT, FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GRAD_NORM,
+                             GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_ACC, TRAIN_LOSS, grad_norm)
 from gradsweep.track.history import default_uri
 from gradsweep.track.logger import RunLogger, open_run_logger
 from gradsweep.track.settings import TrackingConfig
@@ -105,7 +105,7 @@ class Watch:
         self.run.log_params({**{f"clip.{k}": v for k, v in asdict(self.clip_cfg).items()}, **self.params})
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if self.run is None:
             return False
         if exc_type is None:
@@ -153,7 +153,7 @@ class Watch:
         head = [*(_scalar(v, device) for v in (loss, acc) if v is not None), total, total_clipped, coef.reshape(())]
         parts_ = [torch.stack([t.detach().float() for t in head])]
         if self.clip_metrics:
-            parts_.append(self.clipper.extra().float().reshape(-1))
+            parts_.append(self.clipper.extra_values())
         parts_.append(per_param.float())
         if self.extra_names:
             parts_.append(torch.stack([_scalar(extra[k], device).float() for k in self.extra_names]))
@@ -176,7 +176,8 @@ class Watch:
         last recorded step)."""
         if self.run is None or self.status is not None:
             raise RuntimeError("gradsweep.watch(...).log_metrics() outside its `with` block")
-        self.sink.log_metrics(max(0, self.steps - 1) if step is None else step, {k: float(v) for k, v in metrics.items()})
+        self.sink.log_metrics(max(0, self.steps - 1) if step is None else step,
+                              {k: float(v) for k, v in metrics.items()})
 
     def _define(self, given: list[str]) -> None:
         self.given = given

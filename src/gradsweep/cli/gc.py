@@ -113,7 +113,7 @@ def find_folders(root: Path) -> list[Folder]:
         if ".hydra" in dirnames or "multirun.yaml" in filenames:
             found[Path(dirpath).resolve()] = Folder(Path(dirpath).resolve())
         dirnames[:] = sorted(d for d in dirnames if d != ".hydra")
-    tops = []
+    tops: list[Folder] = []
     for path, folder in found.items():
         outer = next((found[p] for p in path.parents if p in found), None)
         (outer.units if outer is not None else tops).append(folder)
@@ -150,7 +150,8 @@ def judge(folder: Folder, client, pending_runs: set[str], pending_dirs: set[str]
     elif str(folder.path) in pending_dirs or pending_runs & {r.info.run_id for r in folder.runs}:
         folder.keep = "its run is spooled, not yet delivered to the store"
     elif not folder.runs:
-        folder.keep = "no active run in the store names it (its run deleted, a memory-backend run, or older than gradsweep gc)"
+        folder.keep = ("no active run in the store names it (its run deleted, a memory-backend run, or older than "
+                       "gradsweep gc)")
     elif unfinished := [r for r in folder.runs if r.info.status != "FINISHED"]:
         folder.keep = f"run {unfinished[0].info.run_id[:8]} is {unfinished[0].info.status}"
     elif stays := [u for u in folder.units if not u.removable]:
@@ -174,7 +175,7 @@ def kept(folders: list[Folder]) -> list[Folder]:
     """The folders that stay for a reason of their own (not only because one of their units stays)."""
     out = []
     for f in folders:
-        out += kept(f.units) + ([f] if not f.removable and not f.keep.startswith("its job folder") else [])
+        out += kept(f.units) + ([f] if not f.removable and not (f.keep or "").startswith("its job folder") else [])
     return out
 
 
@@ -235,7 +236,8 @@ def make_plan(client, spool: Path, roots: list[Path], deleted: bool) -> Plan:
         from mlflow.entities import ViewType
 
         ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
-        plan.deleted_runs = client.search_runs(ids, run_view_type=ViewType.DELETED_ONLY, max_results=50000) if ids else []
+        plan.deleted_runs = (client.search_runs(ids, run_view_type=ViewType.DELETED_ONLY, max_results=50000)
+                             if ids else [])
     return plan
 
 

@@ -167,9 +167,9 @@ def run_as_process(main: Callable[[], object], config_dir: str, config_name: str
     The exit handlers libraries registered run, files and streams are flushed; what is skipped is
     the interpreter's module-by-module finalization, which took 1.3-1.6 s after a job with torch
     and MLflow loaded (measured: every job and every test that starts one waited for it)."""
+    code: int | str | None = 0
     try:
         run_cli(main, config_dir, config_name)
-        code = 0
     except SystemExit as e:
         code = e.code
     if isinstance(code, str):  # sys.exit("message"): Python would print it and exit 1
@@ -178,7 +178,7 @@ def run_as_process(main: Callable[[], object], config_dir: str, config_name: str
     # what the interpreter runs before the exit handlers: threading's own at-exit hooks, where loky
     # (hydra/launcher=joblib) shuts its worker processes down; without them multiprocessing's exit
     # handler joins those idle workers until their 300 s idle timeout (a joblib sweep hung 300 s)
-    threading._shutdown()
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()

@@ -13,7 +13,8 @@ from typing import Callable
 from gradsweep.errors import GradsweepError
 from gradsweep.paths import TRAIN
 
-DESCRIPTION = "Subcommands beside the Hydra entry point (python src/train.py ...): reports, studies, named and scheduled sweeps, delivery of spooled runs, clean-up."
+DESCRIPTION = ("Subcommands beside the Hydra entry point (python src/train.py ...): reports, studies, named and "
+               "scheduled sweeps, delivery of spooled runs, clean-up.")
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -72,7 +73,8 @@ def sync(args: argparse.Namespace) -> int:
         if left == 0 or time.monotonic() >= deadline:
             break
         time.sleep(1.0)
-    print(f"delivered {len(folders) - left} of {len(folders)} spooled runs" + (f"; {left} still spooled" if left else ""))
+    print(f"delivered {len(folders) - left} of {len(folders)} spooled runs"
+          + (f"; {left} still spooled" if left else ""))
     for folder in folders:  # runs created only now: their ids are news (a sweep's parent needs its summary)
         header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
         create = header.get("create")
@@ -142,7 +144,8 @@ def sweep(args: argparse.Namespace) -> int:
                 bad += 1
                 print(f"{name:<20} invalid: {e}")
                 continue
-            when = f"cron {sched.cron!r} {sched.timezone}, {sched.trials_per_run} trials/run" if sched else "unscheduled"
+            when = (f"cron {sched.cron!r} {sched.timezone}, {sched.trials_per_run} trials/run" if sched
+                    else "unscheduled")
             print(f"{name:<20} {when}")
         return 2 if bad else 0
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")

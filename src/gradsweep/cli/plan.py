@@ -141,8 +141,8 @@ def start_delivery(argv: list[str]) -> None:
     PyTorch import instead of following it: the job's end waits for that process. The job finds it
     running for the same spool folder (``DeliveryWorker.ensure``); it creates nothing by itself."""
     parsed = _given(argv)
-    uri = _store(parsed[2]) if parsed else None
-    if uri is None:
+    uri = _store(parsed[2]) if parsed is not None else None
+    if parsed is None or uri is None:
         return
     from gradsweep.track.journal import default_spool_dir
     from gradsweep.track.store import DeliveryWorker

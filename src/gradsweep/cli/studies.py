@@ -102,15 +102,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: {seconds:.0f} s", flush=True)
             continue
         if name in EXAMPLE_STUDIES:
-            seconds = _sweep(name, [], store, work, args, env=_examples_env())
-            if seconds is None:
+            took = _sweep(name, [], store, work, args, env=_examples_env())
+            if took is None:
                 return 1
+            seconds = took
             blocks[name] = _example_block(name, store, work, args, seconds)
             print(f"{name}: {seconds:.0f} s", flush=True)
             continue
-        seconds = _sweep(name, [], store, work, args)
-        if seconds is None:
+        took = _sweep(name, [], store, work, args)
+        if took is None:
             return 1
+        seconds = took
         block, rows = _study(name, store, work, args, seconds)
         blocks[name] = block
         calibration += rows
@@ -220,10 +222,14 @@ def _calibration_block(study_rows: list[list[str]]) -> str:
 def _update(doc: Path, blocks: dict[str, str]) -> None:
     text = doc.read_text()
     for name, block in blocks.items():
-        pattern = re.compile(rf"(<!-- gradsweep studies: {re.escape(name)} -->\n).*?(<!-- end {re.escape(name)} -->)", re.S)
+        pattern = re.compile(rf"(<!-- gradsweep studies: {re.escape(name)} -->\n).*?(<!-- end {re.escape(name)} -->)",
+                             re.S)
         if not pattern.search(text):
             raise SystemExit(f"error: {doc} has no <!-- gradsweep studies: {name} --> ... <!-- end {name} --> block")
-        text = pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text)
+        def fill(m: re.Match[str], block: str = block) -> str:
+            return m.group(1) + block + "\n" + m.group(2)
+
+        text = pattern.sub(fill, text)
     doc.write_text(text)
 
 
@@ -324,11 +330,13 @@ def _comparison_rows(runs: list[ClipRun], preset_threshold: float) -> tuple[list
             cells = ["-", "-", "-", "-"]
         else:
             b = ladder[best]
-            cells = [f"{best:g}", _spread([r.best_dev for r in b]), f"{statistics.median(r.loss_end / r.loss_first for r in b):.2f}",
+            cells = [f"{best:g}", _spread([r.best_dev for r in b]),
+                     f"{statistics.median(r.loss_end / r.loss_first for r in b):.2f}",
                      f"{statistics.median(r.clipped for r in b):.0%}"]
         rows.append(f"| {label} | {largest} | " + " | ".join(cells) +
                     f" | {sum(r.diverged for r in runs_all)}/{len(runs_all)} ({nonfinite} non-finite) |")
-        curves[label] = (lrs, [statistics.median([r.best_dev for r in ladder[lr] if r.status == "FINISHED"] or [math.nan])
+        curves[label] = (lrs,
+                         [statistics.median([r.best_dev for r in ladder[lr] if r.status == "FINISHED"] or [math.nan])
                                for lr in lrs],
                          [sum(r.diverged for r in ladder[lr]) / len(ladder[lr]) for lr in lrs])
     return rows, curves
@@ -378,7 +386,8 @@ def _comparison_figures(name: str, panels: dict, runs: list[ClipRun], tuned: dic
     from gradsweep.report.figures import plt
 
     out.mkdir(parents=True, exist_ok=True)
-    colors = dict(zip(RULE_ORDER, plt.get_cmap("tab10").colors))  # one colour per rule in every panel
+    # one colour per rule in every panel
+    colors = {rule: plt.get_cmap("tab10")(i) for i, rule in enumerate(RULE_ORDER)}
     fig, axes = plt.subplots(2, len(panels), figsize=(6.5 * len(panels), 7.5), squeeze=False, constrained_layout=True)
     for col, (preset, curves) in enumerate(panels.items()):
         untuned_seen = 0
@@ -430,18 +439,19 @@ def _threshold_figure(name: str, runs: list[ClipRun], tuned: dict[str, float], s
         if p["clip.name"] != "norm" or float(p["clip.max_norm"]) == tuned[model]:
             chosen.setdefault(p["clip.name"], r.info.run_id)
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharex=True, constrained_layout=True)
-    for ax, rule in zip(axes.flat, RULE_ORDER):
+    for ax, rule in zip(axes.flat, RULE_ORDER, strict=True):
         ax.set(yscale="log", title=f"clip={rule}" + (f" (max_norm {tuned[model]:g})" if rule == "norm" else ""),
                xlabel="step")
         if rule not in chosen:
             continue
         for key, style in ((GRAD_TOTAL, {"linewidth": 1.6, "label": "grad_norm/total (before)"}),
-                           (GRAD_TOTAL_CLIPPED, {"linewidth": 1.0, "linestyle": "--", "label": "grad_norm/total_clipped"}),
+                           (GRAD_TOTAL_CLIPPED, {"linewidth": 1.0, "linestyle": "--",
+                                                 "label": "grad_norm/total_clipped"}),
                            (CLIP_THRESHOLD, {"linewidth": 1.0, "color": "k", "label": "clip/threshold"})):
             steps, values = history(client, chosen[rule], key)
-            pts = [(st, v) for st, v in zip(steps, values) if math.isfinite(v) and v > 0]
+            pts = [(st, v) for st, v in zip(steps, values, strict=True) if math.isfinite(v) and v > 0]
             if pts:
-                ax.plot(*zip(*pts), **style)
+                ax.plot(*zip(*pts, strict=True), **style)
         ax.legend(fontsize=7)
     fig.suptitle(f"{name}: {model}, lr {lr:g} (the lowest lr where unclipped runs diverged), seed 0")
     path = out / f"{name}_thresholds.png"

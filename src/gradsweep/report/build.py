@@ -292,7 +292,8 @@ def make_report(ref: str, tracking_uri: Optional[str] = None, out: Optional[str]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ref", help="a sweep parent run id, a study name (conf/experiment/*.yaml) or an MLflow experiment name")
+    p.add_argument("ref",
+                   help="a sweep parent run id, a study name (conf/experiment/*.yaml) or an MLflow experiment name")
     p.add_argument("--tracking-uri", default=None,
                    help=f"tracking store (default: $MLFLOW_TRACKING_URI, else {EMBEDDED_STORE}, as the trainer)")
     p.add_argument("--out", default=None, help="output folder (default: reports/<ref>)")
@@ -305,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
         raise ReportError(f"--steps={args.steps} is invalid; allowed: an integer >= 1")
     rep = make_report(args.ref, args.tracking_uri, args.out, args.steps, log=not args.no_log)
     print(f"report of {args.ref}: {len(rep.files)} files in {rep.out_dir}")
-    for name, path in rep.files.items():
+    for path in rep.files.values():
         print(f"  {path}")
     if rep.logged_to:
         print(f"logged to run {rep.logged_to} under report/")

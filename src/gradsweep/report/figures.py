@@ -4,17 +4,17 @@ from __future__ import annotations
 import math
 import textwrap
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import matplotlib
 import numpy as np
 
 from gradsweep.labels import shorten
+from gradsweep.train.sinks import Series
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-Series = tuple[list[int], list[float]]
 LEGEND_WIDTH = 40  # characters per legend line: longer run labels squeezed the axes to nothing
 
 
@@ -26,7 +26,7 @@ def _legend(ax, **kwargs) -> None:
 
 def _positive(series: Series) -> Series:
     """Log axes cannot show zeros: drop non-positive and non-finite points."""
-    pts = [(s, v) for s, v in zip(*series) if v > 0 and v == v and v != float("inf")]
+    pts = [(s, v) for s, v in zip(*series, strict=True) if v > 0 and v == v and v != float("inf")]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -65,17 +65,17 @@ def draw_bands(curves: dict[str, tuple[list[int], list[float], list[float], list
     top = set(best_of(scores or {}, HIGHLIGHT)) if many else set(curves)
     longest = max((len(c[0]) for c in curves.values()), default=0)
     window = longest // SMOOTH_POINTS if longest > 2 * SMOOTH_POINTS else 1  # minibatch noise hides the trend
-    lines = {}
+    lines: dict[str, list[Any]] = {}
     for label, (steps, med, lo, hi) in curves.items():
-        pts = [(s, m, a, b) for s, m, a, b in zip(steps, med, lo, hi) if a > 0]  # log axis
+        pts = [(s, m, a, b) for s, m, a, b in zip(steps, med, lo, hi, strict=True) if a > 0]  # log axis
         if not pts:
             continue
-        s, m, a, b = (list(x) for x in zip(*pts))
+        s, m, a, b = (list(x) for x in zip(*pts, strict=True))
         s = [sum(s[i:i + window]) / window for i in range(0, len(s) - window + 1, window)]
         m, a, b = (_geometric_mean(x, window) for x in (m, a, b))
         line, = ax.plot(s, m, label=label, linewidth=1.4)
         lines[label] = [line]
-        if label in top and any(x != y for x, y in zip(a, b)):
+        if label in top and any(x != y for x, y in zip(a, b, strict=True)):
             lines[label].append(ax.fill_between(s, a, b, color=line.get_color(), alpha=0.18, linewidth=0))
     ax.set_yscale("log")
     ax.set_xlabel("step" + (f" (each point: geometric mean over {window} steps)" if window > 1 else ""))
@@ -253,7 +253,7 @@ def plot_layer_bars(panels: dict[str, dict[str, dict[str, float]]], path: str | 
     import numpy as np
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), constrained_layout=True, squeeze=False)
-    for ax, (panel, runs) in zip(axes[0], panels.items()):
+    for ax, (panel, runs) in zip(axes[0], panels.items(), strict=True):
         layers = list(dict.fromkeys(layer for values in runs.values() for layer in values))
         width = 0.8 / max(len(runs), 1)
         for i, (label, values) in enumerate(runs.items()):
@@ -271,7 +271,7 @@ def plot_layer_bars(panels: dict[str, dict[str, dict[str, float]]], path: str | 
     return _save(fig, path)
 
 
-def plot_metric_vs_value(points: dict[str, list[tuple[object, float, float]]], path: str | Path, title: str,
+def plot_metric_vs_value(points: dict[str, list[tuple[Any, ...]]], path: str | Path, title: str,
                          xlabel: str, ylabel: str = "accuracy") -> Path:
     """Final metrics against a swept value: ``{series label: [(x, test_acc, best_dev_acc[, test_min,
     test_max])]}``. Numeric x values are placed on a (log, when they span >= 100x) numeric axis, others
@@ -303,14 +303,14 @@ def plot_metric_vs_value(points: dict[str, list[tuple[object, float, float]]], p
     return _save(fig, path)
 
 
-def plot_epoch_stats(runs: dict[str, dict[str, dict[str, Series]]], path: str | Path, title: str) -> Path:
+def plot_epoch_stats(runs: Mapping[str, Mapping[str, Mapping[str, Series]]], path: str | Path, title: str) -> Path:
     """Per-epoch weight and gradient mean/std: one row per run, one column per statistic
     (``{run label: {stat: {layer: (epochs, values)}}}``), one line per layer."""
     stats = ["weight_mean", "weight_std", "grad_mean", "grad_std"]
     fig, axes = plt.subplots(len(runs), 4, figsize=(16, 2.8 * len(runs) + 0.6), constrained_layout=True,
                              squeeze=False)
-    for row, (label, by_stat) in zip(axes, runs.items()):
-        for ax, stat in zip(row, stats):
+    for row, (label, by_stat) in zip(axes, runs.items(), strict=True):
+        for ax, stat in zip(row, stats, strict=True):
             for layer, (xs, ys) in by_stat.get(stat, {}).items():
                 ax.plot(xs, ys, label=layer.removesuffix(".weight"), linewidth=1.1)
             if stat == "grad_std":

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 from gradsweep.labels import short_value
 from gradsweep.names import (BEST_DEV_ACC, FAILURE_TAG, GRAD_TOTAL, HEALTH_TAG, NOTE_TAG, OVERRIDES_TAG, SWEEP_TAG,
                              TEST_ACC, TEST_LOSS)
+from gradsweep.train.sinks import Series
 
 SEED = "trainer.seed"
 IGNORED_PARAMS = ("tracking.", "trainer.resume_from", "trainer.device", "trainer.cpu_threads", "schedule")
@@ -33,7 +34,6 @@ HEALTH_METRICS = (PEAK, "health/peak_step", "health/growth_ratio", "health/spike
                   "health/dead_relu_frac", "health/hidden_unit_spread")
 RUN_METRICS = (BEST_DEV_ACC, TEST_ACC, TEST_LOSS, *HEALTH_METRICS)
 SPREAD = {"test_acc": TEST_ACC, "best_dev_acc": BEST_DEV_ACC, "peak_grad_norm": PEAK}
-Series = tuple[list[int], list[float]]
 
 
 # ----------------------------------------------------------------------------- params
@@ -141,7 +141,8 @@ def write_runs_csv(runs, varied: list[str], path: Path) -> Path:
         for r in runs:
             m = r.data.metrics
             w.writerow([r.info.run_id, r.info.run_name, r.info.status, r.data.tags.get(FAILURE_TAG, ""),
-                        r.data.tags.get(HEALTH_TAG, ""), r.data.tags.get(OVERRIDES_TAG, ""), r.data.params.get(SEED, ""),
+                        r.data.tags.get(HEALTH_TAG, ""), r.data.tags.get(OVERRIDES_TAG, ""),
+                        r.data.params.get(SEED, ""),
                         *(r.data.params.get(k, "") for k in varied if k != SEED), *(m.get(k, "") for k in metrics)])
     return path
 
@@ -179,7 +180,7 @@ def console_table(configs: list[Config], csv_path: Path) -> str:
     table += [[_short_label(rows[i][0]), f"{rows[i][2]}/{rows[i][1]}", rows[i][6], rows[i][3], rows[i][5], rows[i][4]]
               for i in shown]
     widths = [max(len(r[k]) for r in table) for k in range(len(table[0]))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines.insert(1, "  " + "  ".join("-" * w for w in widths))
     many = any(len(c.runs) > 1 for c in configs)
     head = f"Sweep summary ({len(configs)} configuration{'s' if len(configs) != 1 else ''}" + \
@@ -215,7 +216,7 @@ def band(series: list[Series]) -> tuple[list[int], list[float], list[float], lis
     common = None
     maps = []
     for steps, values in series:
-        m = {s: v for s, v in zip(steps, values) if math.isfinite(v)}
+        m = {s: v for s, v in zip(steps, values, strict=True) if math.isfinite(v)}
         maps.append(m)
         common = set(m) if common is None else common & set(m)
     steps = sorted(common or ())

@@ -175,7 +175,8 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
     try:
         run = client.get_run(ref)
     except Exception:
-        raise CheckpointError(f"trainer.resume_from={ref!r}: neither a checkpoint file nor a run in the tracking store") from None
+        raise CheckpointError(f"trainer.resume_from={ref!r}: neither a checkpoint file nor a run in the "
+                              "tracking store") from None
     if spool is not None:  # continuing it: this process is its only writer from here (refused if not)
         from gradsweep.track.store import claim_run, refuse_live_writer
 
@@ -227,7 +228,9 @@ def check_inputs(spec: JobSpec, claim: bool = True) -> None:
     if claim and ref and RUN_ID.match(ref) and not Path(ref).exists() and spec.tracking.backend == "mlflow":
         from gradsweep.track.store import claim_run
 
-        claim_run(_spool(spec), ref)  # before reading the store: a run another live process resumes is not ours
+        spool = _spool(spec)
+        assert spool is not None  # backend mlflow: a spool folder
+        claim_run(spool, ref)  # before reading the store: a run another live process resumes is not ours
     if not ref:
         if "custom" in (spec.model.name, spec.data.name):  # the user's code: imported and tried on two examples
             data_and_model(spec)
@@ -243,6 +246,7 @@ def check_inputs(spec: JobSpec, claim: bool = True) -> None:
 def check_resume(spec: JobSpec, resume: Resume, data, model: torch.nn.Module) -> None:
     """The checkpoints' whole content against this job (:func:`check_compatible`), with a throwaway
     optimizer and clipper to try their states on."""
+    assert spec.trainer.resume_from  # a resume is only resolved for a job that names one
     check_compatible(resume.last, model, build("optimizer", spec.optimizer, model.parameters()),
                      spec.trainer.resume_from, run_length(len(data.train), spec.trainer), build("clip", spec.clip),
                      resume.best)
@@ -258,7 +262,7 @@ def _preflight_data(spec: JobSpec):
     return _DATA_SEEN[key]
 
 
-def _model_maker(spec: JobSpec, data) -> Callable[[], object]:
+def _model_maker(spec: JobSpec, data) -> Callable[[], torch.nn.Module]:
     return lambda: build("model", spec.model, data, 1 if spec.trainer.loss == "bce" else data.num_classes)
 
 
@@ -276,9 +280,10 @@ def data_and_model(spec: JobSpec) -> tuple:
     check_model_budget(spec, data)
     model = _model_maker(spec, data)()
     if "custom" in (spec.model.name, spec.data.name):
-        key = "model._target_" if spec.model.name == "custom" else "data._target_"
-        check_task(model, data, spec.trainer.loss, key, getattr(spec.model if spec.model.name == "custom"
-                                                                else spec.data, "_target_"))
+        custom = spec.model if spec.model.name == "custom" else spec.data
+        key = "model._target_" if custom is spec.model else "data._target_"
+        # getattr: only the custom configs declare _target_, not the ModelConfig/DataConfig types
+        check_task(model, data, spec.trainer.loss, key, getattr(custom, "_target_"))  # noqa: B009
     return data, model
 
 
@@ -354,7 +359,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
                           parent_local_id=ctx.parent_local_id, run_id=same_run,
                           hooks=("run_figure",) if spec.tracking.log_figures else ())
     try:  # from here on the run exists: whatever stops the job before training ends it, never leaves it RUNNING
-        if same_run:
+        if resume is not None and same_run:
             client = make_tracker().client
             client.update_run(same_run, status="RUNNING")
             stale = set(client.get_run(same_run).data.tags) & {FAILURE_TAG, FAILURE_STEP_TAG, FAILURE_REASON_TAG}
@@ -377,7 +382,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
 
             ranks = Ranks(spec, device, resume.last if resume is not None else None)
         # steps the run already holds (logged after its last checkpoint, before it was killed) are not sent twice
-        to_store = FromStep(run, resume.logged) if same_run else run
+        to_store = FromStep(run, resume.logged) if resume is not None and same_run else run
         trainer = Trainer(model, data, optimizer, clipper, spec.trainer, TeeSink(history, to_store), device, store,
                           config_dict, on_eval, ranks.parallel if ranks is not None else None)
         if resume is not None:
@@ -398,7 +403,10 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
 
     signals = (signal.SIGINT, signal.SIGTERM)
     previous = [signal.signal(sig, _stop_between_steps(trainer)) for sig in signals] if main_thread() else None
-    status, failure, result, error, interrupted = "FAILED", None, None, None, False
+    status, interrupted = "FAILED", False
+    failure: Optional[str] = None
+    result: Optional[TrainResult] = None
+    error: Optional[Exception] = None
     try:
         result = trainer.run()
         status = "FINISHED"
@@ -423,7 +431,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
         if ranks is not None:
             ranks.close()
         if previous is not None:
-            for sig, handler in zip(signals, previous):
+            for sig, handler in zip(signals, previous, strict=True):
                 signal.signal(sig, handler)
         health = record_health(history.history, spec.diagnostics, model, trainer.train_x, run, run.set_tags,
                                called(name, run.run_ref))
@@ -435,6 +443,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
     if error is not None:
         log.log(logging.INFO if isinstance(error, StopRun) else logging.ERROR, "run %s %s: %s", who, status, error)
         return JobOutcome(run.run_ref, status, math.nan, None, failure, history, error, health, run)
+    assert result is not None  # no error: trainer.run() returned
     if spec.trainer.loss == "mse":
         log.info("run %s FINISHED: best dev loss %.4g (step %d), test loss %.4g", who, -result.best_dev_acc,
                  result.best_step, result.test_loss)

@@ -77,15 +77,15 @@ class Ranks:
                 return
             for rank, proc in enumerate(self.context.processes, start=1):
                 if not proc.is_alive():
-                    why = (self.folder / f"error-{rank}").read_text().strip() if (self.folder / f"error-{rank}").exists() \
-                        else f"exit code {proc.exitcode}"
+                    error = self.folder / f"error-{rank}"
+                    why = error.read_text().strip() if error.exists() else f"exit code {proc.exitcode}"
                     raise GradsweepError(f"trainer.devices={self.world}: rank {rank} did not start: {why}")
             if time.monotonic() > deadline:
                 raise GradsweepError(f"trainer.devices={self.world}: the other ranks were not ready after "
                                      f"{READY_TIMEOUT_S:.0f} s")
             time.sleep(0.05)
 
-    def lost(self, error: BaseException) -> BaseException:
+    def lost(self, error: Exception) -> Exception:
         """``error`` (what rank 0's collective raised) as :class:`RankLost` naming the rank that died,
         or unchanged when every rank is alive (then it is rank 0's own error)."""
         for _ in range(50):  # the peer's socket closes a moment before its exit status is known

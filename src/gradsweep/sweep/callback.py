@@ -13,7 +13,7 @@ import logging
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -25,13 +25,17 @@ from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.hydra_adapter import constant_keys, tracking_spec
 from gradsweep.track.uri import is_local_sqlite, mask, mask_overrides
 
+if TYPE_CHECKING:
+    from gradsweep.track.settings import TrackingConfig
+    from gradsweep.track.store import MlflowRun
+
 log = logging.getLogger("gradsweep")
 
 
 class GradsweepCallback(Callback):
     def __init__(self) -> None:
-        self.journal = None  # the parent run (gradsweep.track.store.MlflowRun)
-        self.tracking = None
+        self.journal: Optional[MlflowRun] = None  # the parent run
+        self.tracking: Optional[TrackingConfig] = None
         self.outer: Optional[SweepContext] = None  # the context before this sweep (parent tags from a scheduler)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -74,6 +78,7 @@ class GradsweepCallback(Callback):
             return
         # Hydra calls this from a `finally`: a Ctrl-C/SIGTERM that ended the sweep is still in flight
         status = "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FINISHED"
+        assert self.tracking is not None  # set with the journal by on_multirun_start
         # the summary is made where the parent is delivered, once its children are on the store
         self.journal.after_delivery("sweep_summary", out_dir=str(Path(str(config.hydra.sweep.dir)).resolve()),
                                     keep_local=self.tracking.keep_local_artifacts)
@@ -89,6 +94,7 @@ class GradsweepCallback(Callback):
             print("\n" + summary["table"], flush=True)
         from gradsweep.track.uri import absolute_sqlite
 
+        assert self.tracking is not None  # set by on_multirun_start
         print_ui_hint(absolute_sqlite(self.tracking.uri), run_id, summary.get("experiment_id"),
                       summary.get("children"))
 

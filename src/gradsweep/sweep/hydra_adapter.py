@@ -32,6 +32,7 @@ from gradsweep.errors import ConfigError, NonFiniteError, StopRun
 from gradsweep.run.job import JobContext, JobOutcome, check_inputs, hold_folder, run_job
 from gradsweep.run.spec import JobSpec
 from gradsweep.sweep.context import SweepContext
+from gradsweep.sweep.nodes import plain_dict, plain_dict_or_none
 from gradsweep.sweep.overrides import job_combinations, output_folder
 from gradsweep.train.diagnostics import DiagnosticsConfig
 from gradsweep.train.loop import TrainerConfig
@@ -92,10 +93,10 @@ def to_spec(cfg: DictConfig) -> JobSpec:
     return JobSpec(**values)
 
 
-def _with_kwargs(schema: type, node: DictConfig) -> DictConfig:
+def _with_kwargs(schema: type[Any], node: DictConfig) -> DictConfig:
     """An open option's node with the keys its schema does not list moved under ``kwargs``."""
     known = set(schema.__dataclass_fields__) - {"kwargs"}
-    plain = OmegaConf.to_container(node, resolve=True)
+    plain = plain_dict(node)
     extra = {k: v for k, v in plain.items() if k not in known and k != "kwargs"}
     return OmegaConf.create({**{k: v for k, v in plain.items() if k in known},
                              "kwargs": {**(plain.get("kwargs") or {}), **extra}})
@@ -106,7 +107,7 @@ def tracking_spec(cfg: DictConfig) -> TrackingConfig:
     return _to_dataclass(TrackingConfig, cfg.tracking, "tracking")
 
 
-def _to_dataclass(schema: type, node: DictConfig, group: str) -> Any:
+def _to_dataclass(schema: type[Any], node: DictConfig, group: str) -> Any:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except ConfigError:
@@ -115,7 +116,8 @@ def _to_dataclass(schema: type, node: DictConfig, group: str) -> Any:
         key = getattr(e, "full_key", None) or group
         msg = str(e).splitlines()[0]
         fields = ", ".join(f for f in schema.__dataclass_fields__)
-        raise ConfigError(f"{group}.{key.split('.')[-1] if key != group else ''}: {msg}; allowed keys: {fields}") from None
+        where = f"{group}.{key.split('.')[-1] if key != group else ''}"
+        raise ConfigError(f"{where}: {msg}; allowed keys: {fields}") from None
 
 
 # ---------------------------------------------------------------------- the command line
@@ -162,7 +164,10 @@ class SharedCompositions:
         from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
         self.config_name = config_name
-        self.loader = GlobalHydra.instance().hydra.config_loader
+        hydra = GlobalHydra.instance().hydra
+        assert hydra is not None  # inside _hydra_at
+        # Any: ConfigLoaderImpl (hydra._internal); its repository is not on the public ConfigLoader
+        self.loader: Any = hydra.config_loader
         self.apply = ConfigLoaderImpl._apply_overrides_to_config
         self.parser = OverridesParser.create()
         self.shared: dict[tuple[str, ...], DictConfig] = {}
@@ -173,10 +178,11 @@ class SharedCompositions:
             not self.loader.repository.group_exists(key)
 
     def compose(self, overrides: list[str]) -> DictConfig:
-        values, choices = [], []
+        values: list[Any] = []
+        groups: list[Any] = []
         for override in self.parser.parse_overrides(overrides):
-            (values if self._is_value(override) else choices).append(override)
-        choices = tuple(o.input_line for o in choices)
+            (values if self._is_value(override) else groups).append(override)
+        choices = tuple(o.input_line for o in groups)
         if choices not in self.shared:
             self.shared[choices] = compose(config_name=self.config_name, overrides=list(choices),
                                            return_hydra_config=True)
@@ -190,7 +196,7 @@ def _jobs(config_dir: str | Path, overrides: list[str], config_name: str,
     """(overrides, its composed config (with ``-m``; else None)) per job."""
     if not multirun:
         return [(combo, None) for combo in job_combinations(overrides)]
-    jobs = []
+    jobs: list[tuple[list[str], Optional[DictConfig]]] = []
     with _hydra_at(config_dir):
         compositions = SharedCompositions(config_name)
         for combo in job_combinations(overrides):
@@ -271,7 +277,7 @@ def _optuna_trial(sweep: Optional[SweepContext]):
     sweeper = HydraConfig.get().sweeper
     pruner = sweeper.get("pruner")
     return job_trial(sweep.study_name, sweep.trial_id, sweeper.get("storage"),
-                     OmegaConf.to_container(pruner, resolve=True) if pruner is not None else None)
+                     plain_dict_or_none(pruner))
 
 
 def job_from_hydra(cfg: DictConfig) -> float:

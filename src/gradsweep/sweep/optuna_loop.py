@@ -25,7 +25,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy
 import optuna
@@ -41,12 +41,16 @@ from gradsweep.errors import ConfigError, GradsweepError
 from gradsweep.labels import params_text, trial_label
 from gradsweep.names import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
 from gradsweep.sweep.context import SweepContext
+from gradsweep.sweep.nodes import plain_dict_or_none
 from gradsweep.sweep.optuna_storage import make_pruner, make_storage, resolve_storage_url
 from gradsweep.sweep.optuna_trial import register_live, unregister_live
 from gradsweep.sweep.trial_lines import trial_lines
 from gradsweep.sweep.optuna_stale import FAILURE_ATTR, Heartbeat, fail_stale
 from gradsweep.track.journal import worker_id
 from gradsweep.track.uri import mask
+
+if TYPE_CHECKING:
+    from gradsweep.track.store import Tracker
 
 log = logging.getLogger("gradsweep")
 RUN_ID_ATTR = "mlflow_run_id"
@@ -65,16 +69,16 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         super().__init__(*args)
         self.figures = figures
         self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
-        self.pruner_cfg = OmegaConf.to_container(pruner, resolve=True) if pruner is not None else None
-        self.sampler_cfg = OmegaConf.to_container(sampler_cfg, resolve=True) if sampler_cfg is not None else None
-        self.tracker = None  # MLflow, opened lazily (a summary must not stop the study)
+        self.pruner_cfg = plain_dict_or_none(pruner)
+        self.sampler_cfg = plain_dict_or_none(sampler_cfg)
+        self.tracker: Optional[Tracker] = None  # MLflow, opened lazily (a summary must not stop the study)
 
     def _configure_trials(self, trials: list[optuna.trial.Trial], *args: Any) -> Sequence[Sequence[str]]:
         """The plugin's overrides plus the job's sweep context (study, trial id and the run's short name)."""
         overrides = super()._configure_trials(trials, *args)
         return [tuple(ov) + (self.context.with_(trial_id=t._trial_id, run_name=trial_label(t.number, t.params)
                                                 ).job_override(),)
-                for t, ov in zip(trials, overrides)]
+                for t, ov in zip(trials, overrides, strict=True)]
 
     # The plugin's sweep() is one method that creates the study without a pruner, tells COMPLETE for
     # every return value and FAIL only for exceptions, checks the failure rate per batch and numbers
@@ -93,7 +97,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
         for name in fixed_params:
             space.pop(name, None)
-        directions = self._get_directions()
+        directions: list[Any] = self._get_directions()  # 'minimize' | 'maximize', checked below
         if len(directions) != 1:
             raise ConfigError(f"hydra.sweeper.direction={directions} is invalid; allowed: maximize|minimize "
                               "(train.py returns one objective)")
@@ -141,7 +145,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                         trials.append(study.ask())
                         heartbeat.start(trials[-1])
                     mine += [t.number for t in trials]
-                    overrides = []
+                    overrides: list[Sequence[str]] = []
                     for t in trials:
                         if not is_grid:
                             self._reseed(study, t.number)
@@ -160,7 +164,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                 finally:
                     unregister_live(trials)
                     heartbeat.end(trials)
-                for trial, ret in zip(trials, returns):
+                for trial, ret in zip(trials, returns, strict=True):
                     state, value, why = self._tell(study, trial, ret, is_grid)
                     if state == TrialState.FAIL:
                         failures.append(f"trial {trial.number}: {why}")
@@ -206,7 +210,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         Samplers read the history from the storage, so a fresh instance per trial loses nothing.
         """
         seed = (self.sampler_cfg or {}).get("seed")
-        if seed is None:
+        if seed is None or self.sampler_cfg is None:
             return
         mixed = int(numpy.random.SeedSequence([int(seed), number]).generate_state(1)[0])  # not seed + number:
         # consecutive seeds give similar first draws
@@ -229,12 +233,14 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         except Exception as e:  # the job raised (bad drawn value, a bug): Hydra kept the exception
             state, why = TrialState.FAIL, f"{type(e).__name__}: {_first_line(e)}"
         run_id = self._child_run(study.study_name, trial.number)
-        attrs = {RUN_ID_ATTR: run_id, SWEEP_ATTR: self.sweep_id, FAILURE_ATTR: why if state == TrialState.FAIL else None}
+        attrs = {RUN_ID_ATTR: run_id, SWEEP_ATTR: self.sweep_id,
+                 FAILURE_ATTR: why if state == TrialState.FAIL else None}
         for k, v in attrs.items():
             if v or (k == FAILURE_ATTR and k in trial.user_attrs):  # the mark of a live trial: cleared
                 trial.set_user_attr(k, v)
         try:
-            study.tell(trial, values=[value] if state == TrialState.COMPLETE else None, state=state)
+            study.tell(trial, values=[value] if state == TrialState.COMPLETE and value is not None else None,
+                       state=state)
         except RuntimeError as e:  # the plugin's grid workaround: GridSampler calls study.stop() when exhausted
             if not (is_grid and "Study.stop" in str(e)):
                 raise
@@ -249,6 +255,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
             if self.tracker is None:
                 from gradsweep.sweep.hydra_adapter import tracking_spec
 
+                assert self.config is not None  # set by setup()
                 tracking = tracking_spec(self.config)
                 if tracking.backend != "mlflow":  # a dry run records nothing
                     return None
@@ -275,6 +282,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _finish(self, study: optuna.Study, mine: list[int], storage_url: Optional[str]) -> None:
         """optimization_results.yaml (as the plugin writes it) and the MLflow parent run's summary."""
+        assert self.config is not None  # set by setup()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         trials = study.get_trials(deepcopy=False)
@@ -295,10 +303,11 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                         "GradsweepCallback): the study summary is only in %s", out)
             return
         counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-        metrics = {"optuna/trials": len(trials), "optuna/complete": counts[TrialState.COMPLETE],
+        metrics: dict[str, Any] = {"optuna/trials": len(trials), "optuna/complete": counts[TrialState.COMPLETE],
                    "optuna/pruned": counts[TrialState.PRUNED], "optuna/failed": counts[TrialState.FAIL],
                    "optuna/running": counts[TrialState.RUNNING], "optuna/trials_this_sweep": len(mine)}
-        params = {"optuna.study_name": study.study_name, "optuna.storage": mask(storage_url) if storage_url else "memory",
+        params = {"optuna.study_name": study.study_name,
+                  "optuna.storage": mask(storage_url) if storage_url else "memory",
                   "optuna.sampler": type(study.sampler).__name__, "optuna.pruner": type(study.pruner).__name__,
                   "optuna.direction": study.direction.name.lower(), "optuna.n_trials": self.n_trials,
                   "optuna.n_jobs": self.n_jobs, "optuna.max_failure_rate": self.max_failure_rate}
@@ -398,7 +407,7 @@ def optuna_figure(study: optuna.Study, name: str):
         if len(lines) > LEGEND_MAX:
             first.get_legend().remove()
             by_objective(first, lines, {trial_label(t.number, t.params): t.value for t in trials.values()
-                                        if t.state == TrialState.COMPLETE}, what="objective")
+                                        if t.state == TrialState.COMPLETE and t.value is not None}, what="objective")
     return fig
 
 

@@ -40,7 +40,8 @@ def _postgres_driver(url: str) -> str:
     return url
 
 
-def make_storage(url: Optional[str], heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None) -> Any:
+def make_storage(url: Optional[str], heartbeat_interval: Optional[int] = None,
+                 grace_period: Optional[int] = None) -> Any:
     """An Optuna storage for a resolved URL: None (in memory), RDB (sqlite, postgresql, mysql) or journal file.
     ``heartbeat_interval``/``grace_period`` (RDB only): see :mod:`gradsweep.sweep.optuna_stale`."""
     if url is None:

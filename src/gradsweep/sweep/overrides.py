@@ -16,7 +16,7 @@ def job_combinations(overrides: list[str]) -> list[list[str]]:
         if key.lstrip("+~").startswith("hydra"):
             continue
         if not ov.is_sweep_override():
-            values = [ov.input_line]
+            values = [ov.input_line or ""]
         elif ov.is_discrete_sweep():
             values = [f"{key}={v}" for v in ov.sweep_string_iterator()]
         else:

@@ -16,7 +16,6 @@ Cron parsing and timing are APScheduler's (``CronTrigger``).
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from gradsweep.errors import ConfigError, GradsweepError
-from gradsweep.locks import locked_file
+from gradsweep.locks import Busy, hold, locked_file, release
 from gradsweep.paths import TRAIN
 from gradsweep.names import SCHEDULE_TAG, SCHEDULED_AT_TAG
 from gradsweep.sweep.context import SweepContext
@@ -68,7 +67,7 @@ def cron_trigger(expr: str, tz: str = "UTC", key: str = "schedule.cron"):
             return CronTrigger.from_crontab(expr, timezone=tz)
         if len(fields) == 6:
             names = ("second", "minute", "hour", "day", "month", "day_of_week")
-            return CronTrigger(**dict(zip(names, fields)), timezone=tz)
+            return CronTrigger(**dict(zip(names, fields, strict=True)), timezone=tz)
     except (ValueError, KeyError, LookupError) as e:
         raise ConfigError(f"{key}={expr!r} (timezone {tz!r}) is invalid: {e}; allowed: a crontab expression "
                           "with 5 fields (or 6, seconds first) and an IANA time zone") from None
@@ -124,7 +123,8 @@ def load_schedule(name: str) -> Optional[Schedule]:
             raise ConfigError(f"sweeps/{name}.yaml: schedule.{key}={value!r} is a {type(value).__name__}; allowed: "
                               f"a quoted string, e.g. {key}: {example}")
     if not isinstance(sched.trials_per_run, int) or isinstance(sched.trials_per_run, bool) or sched.trials_per_run < 1:
-        raise ConfigError(f"sweeps/{name}.yaml: schedule.trials_per_run={sched.trials_per_run!r}; allowed: an integer >= 1")
+        raise ConfigError(f"sweeps/{name}.yaml: schedule.trials_per_run={sched.trials_per_run!r}; "
+                          "allowed: an integer >= 1")
     if not isinstance(sched.enabled, bool):
         raise ConfigError(f"sweeps/{name}.yaml: schedule.enabled={sched.enabled!r}; allowed: true|false")
     trigger = sched.trigger()  # validates cron and time zone
@@ -149,20 +149,14 @@ def sweep_lock(name: str, storage: Optional[str], lock_dir: Optional[Path] = Non
         with _pg_lock(name, storage):
             yield
         return
-    path = lock_path(name, storage, lock_dir or default_lock_dir())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
-            raise SweepBusy(f"sweep {name!r} is already running ({holder}); not starting it again") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename} since {datetime.now(timezone.utc).isoformat()}".encode())
+        fd = hold(lock_path(name, storage, lock_dir or default_lock_dir()))  # the file names its holder
+    except Busy as e:
+        raise SweepBusy(f"sweep {name!r} is already running ({e}); not starting it again") from None
+    try:
         yield
     finally:
-        os.close(fd)  # releases the flock
+        release(fd)  # closing it releases the flock
 
 
 def default_lock_dir() -> Path:
@@ -189,7 +183,7 @@ def _pg_lock(name: str, storage: str) -> Iterator[None]:
     from gradsweep.sweep.optuna_storage import resolve_storage_url  # the same driver choice as the study's
 
     key = zlib.crc32(f"gradsweep-sweep:{name}".encode())
-    engine = sqlalchemy.create_engine(resolve_storage_url(storage), poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(resolve_storage_url(storage) or storage, poolclass=sqlalchemy.pool.NullPool)
     with engine.connect() as conn:
         got = conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
         if not got:
@@ -320,8 +314,8 @@ class Scheduler:
         if errors and not self.schedules:
             raise errors[0] if len(errors) == 1 else ConfigError(
                 f"no valid scheduled sweep: {len(errors)} sweep files are invalid, the first: {errors[0]}")
-        for e in errors:
-            log.error("%s; that sweep is not scheduled, the others are", e)
+        for err in errors:
+            log.error("%s; that sweep is not scheduled, the others are", err)
         if not self.schedules:
             raise ConfigError(f"no sweep in {sweeps_dir()} has an enabled schedule; add 'schedule: {{cron: ...}}'"
                               " to a sweep file")
@@ -351,14 +345,16 @@ class Scheduler:
         bg = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
         now = datetime.now(timezone.utc)
         for sched in self.schedules:
-            missed = missed_runs(sched, self.state.get(sched.sweep), now)
-            if missed:
+            last = self.state.get(sched.sweep)
+            missed = missed_runs(sched, last, now)
+            if missed and last is not None:
                 log.warning("sweep %s: %d scheduled run(s) missed since %s; coalescing them into one run now",
-                            sched.sweep, missed, self.state.get(sched.sweep).isoformat())
+                            sched.sweep, missed, last.isoformat())
                 bg.add_job(self._run, args=(sched, now), id=f"{sched.sweep}-catch-up")
             elif self.state.get(sched.sweep) is None:
                 self.state.set(sched.sweep, now)  # first start: nothing was missed
-            bg.add_job(lambda s=sched: self._run(s, datetime.now(timezone.utc)), trigger=sched.trigger(), id=sched.sweep)
+            bg.add_job(lambda s=sched: self._run(s, datetime.now(timezone.utc)), trigger=sched.trigger(),
+                       id=sched.sweep)
             log.info("sweep %s: cron %r (%s), %d trials per run", sched.sweep, sched.cron, sched.timezone,
                      sched.trials_per_run)
         stop = lambda *_: self.done.set()  # noqa: E731

@@ -69,7 +69,7 @@ class SweepsConfigSource(FileConfigSource):
 
     def is_config(self, config_path: str) -> bool:
         inner = self._inner(config_path)
-        return bool(inner) and super().is_config(inner)
+        return inner is not None and bool(inner) and super().is_config(inner)
 
     def list(self, config_path: str, results_filter: Optional[ObjectType]) -> builtins.list[str]:
         if config_path.strip("/") == "":

@@ -111,19 +111,45 @@ def run_hook(rec: dict[str, Any], folder: Path, header: dict[str, Any], run_id: 
     return _call(fn, folder=folder, header=header, run_id=run_id, **(rec.get("kwargs") or {})) or {}
 
 
+#: HTTP statuses of a store that is there but cannot answer now: a gateway in front of a restarting
+#: server (502, 504), MLflow's TEMPORARILY_UNAVAILABLE (503) and DEADLINE_EXCEEDED (504)
+TRANSIENT_STATUS = frozenset({502, 503, 504})
+
+
 def is_transient(e: BaseException) -> bool:
-    """Connection failures and server-side unavailability, as opposed to a request the store rejects."""
+    """Connection failures and server-side unavailability, as opposed to a request the store rejects.
+
+    Decided by exception type and error code along the exception's chain (MLflow wraps what
+    requests, urllib3 and SQLAlchemy raised), never by the message: a run id, key or value that
+    contains "503" is not an outage."""
+    import sqlite3
+
     import requests
+    import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
 
-    if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
-        return True
-    if isinstance(e, MlflowException):
-        text = str(e)
-        markers = ("Max retries exceeded", "Connection refused", "failed with exception", "TEMPORARILY_UNAVAILABLE",
-                   "Connection aborted", "Read timed out", "502", "503", "504", "database is locked")
-        return any(m in text for m in markers)
+    seen: set[int] = set()
+    cur: Optional[BaseException] = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        # RetryError: MLflow's session answers a 429/5xx it retried (MLFLOW_HTTP_REQUEST_MAX_RETRIES) with it
+        if isinstance(cur, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            requests.exceptions.RetryError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(cur, sqlite3.OperationalError):  # the embedded store, busy with another writer
+            return getattr(cur, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        if isinstance(cur, MlflowException) and _http_status(cur) in TRANSIENT_STATUS \
+                and not isinstance(cur.__cause__, sqlalchemy.exc.DBAPIError):  # MLflow calls every database
+            return True  # OperationalError TEMPORARILY_UNAVAILABLE (a missing table too): its cause decides
+        cur = cur.__cause__ or cur.__context__ or getattr(cur, "orig", None)
     return False
+
+
+def _http_status(e: Any) -> int:
+    """The HTTP status an MlflowException stands for: its error code's, or the status a gateway put
+    in a JSON body as the error code (RestException keeps the body as ``json``)."""
+    code = str((getattr(e, "json", None) or {}).get("error_code", ""))
+    return int(code) if code.isdigit() else int(e.get_http_status_code())
 
 
 _clients: dict[str, Any] = {}
@@ -369,7 +395,7 @@ def drop_moved(state: dict[str, Any]) -> None:
 
 
 def _deliver_steps(folder: Path, schema: StepSchema, state: dict[str, Any], final: bool, client,
-                   send: Callable[..., None], commit: Callable[[], None]) -> None:
+                   send: Callable[..., bool], commit: Callable[[], None]) -> None:
     """Send what ``steps.bin`` holds beyond the state's offsets: each complete Parquet chunk as a
     ``telemetry/`` artifact (the last, partial one when ``final``), then the sampled points of the
     complete windows as metrics (see :mod:`gradsweep.track.steps`)."""
@@ -457,10 +483,10 @@ def removable(spool: Path, owner_pid: Optional[int] = None) -> list[Path]:
 
     if not spool.is_dir():
         return []
-    parents = set()
+    parents: set[Optional[str]] = set()
     for folder in pending(spool):
-        header = read_json(folder / HEADER) or {}
-        parents.add(header.get("parent_local_id") or (header.get("create") or {}).get("parent_local_id"))
+        head = read_json(folder / HEADER) or {}
+        parents.add(head.get("parent_local_id") or (head.get("create") or {}).get("parent_local_id"))
     out = []
     for folder in sorted(spool.iterdir()):
         state = read_json(folder / STATE) if folder.is_dir() else None
@@ -560,7 +586,9 @@ class OutageReporter:
         announced the outage ended before it (else a stale marker would silence the next outage)."""
         if self.down_since is None and spool is None:
             return
-        marker = self.marker or spool / ".outage"
+        marker = self.marker or (spool / ".outage" if spool is not None else None)
+        if marker is None:  # not down, and no spool to look in
+            return
         down = f" after {time.monotonic() - self.down_since:.0f} s" if self.down_since is not None else ""
         self.down_since = None
         try:
@@ -686,12 +714,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     logging.basicConfig(level=logging.WARNING, format="[gradsweep.track.delivery] %(message)s")
     os.nice(NICE)
-    closed = watch_owner(sys.stdin.buffer, args.spool, args.owner_pid)  # from the start: the owner may end during the import
+    # from the start: the owner may end during the import
+    closed = watch_owner(sys.stdin.buffer, args.spool, args.owner_pid)
     # Import MLflow before the first pass: a pass holds the journal's lock, and a lock held through
     # a niced 1-2 s import made a short job's own final delivery wait for it (Busy) at its close.
     import importlib
 
-    import mlflow.entities  # noqa: F401
+    import mlflow.entities  # loaded for its import time, not a name
     import mlflow.tracking  # noqa: F401
 
     if args.store:  # what MLflow would load at the first client (SQLAlchemy's store: ~2 s here), loaded

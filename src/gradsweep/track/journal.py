@@ -21,7 +21,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import IO, Any, Iterator, Optional
 
 import numpy as np
 
@@ -96,7 +96,7 @@ def journal_run_ids(folder: Path) -> set[str]:
     """The run ids a journal folder names: its header's (a run it continues) and its state's (the
     run its delivery created)."""
     header, state = read_json(folder / HEADER) or {}, read_json(folder / STATE) or {}
-    return {header.get("run_id"), state.get("run_id")} - {None}
+    return {rid for rid in (header.get("run_id"), state.get("run_id")) if rid}
 
 
 def records(folder: Path, offset: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -168,7 +168,7 @@ class RunJournal:
         self.header = header or read_json(folder / HEADER) or {}
         self._run_id = run_id
         self._file = open(folder / JOURNAL, "a", encoding="utf-8")
-        self._steps = None  # steps.bin, opened by define_steps
+        self._steps: Optional[IO[bytes]] = None  # steps.bin, opened by define_steps
         self.schema: Optional[StepSchema] = None
         self._last_flush = time.monotonic()
         self._artifacts = 0
@@ -281,14 +281,16 @@ class RunJournal:
         if self.lost is not None:
             self.dropped += 1
             return
+        out, schema = self._steps, self.schema
+        assert out is not None and schema is not None, "log_steps before define_steps"
         try:
             if len(steps) == 1:  # the common case: one step, two writes into the file's buffer
-                self._steps.write(_HEAD.pack(int(steps[0]), now_ms()))
-                self._steps.write(values.tobytes())
+                out.write(_HEAD.pack(int(steps[0]), now_ms()))
+                out.write(values.tobytes())
             else:
-                rec = np.empty(len(steps), record_dtype(len(self.schema.names)))
+                rec = np.empty(len(steps), record_dtype(len(schema.names)))
                 rec["step"], rec["ts"], rec["v"] = steps, now_ms(), values
-                self._steps.write(rec.tobytes())
+                out.write(rec.tobytes())
             if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
                 self._flush()
         except OSError as e:

@@ -69,8 +69,8 @@ class MemoryRunLogger:
         self.step_names = list(names)
 
     def log_steps(self, steps, values) -> None:
-        for step, row in zip(steps.tolist(), values.tolist()):
-            self.log_metrics(step, {k: v for k, v in zip(self.step_names, row)
+        for step, row in zip(steps.tolist(), values.tolist(), strict=True):
+            self.log_metrics(step, {k: v for k, v in zip(self.step_names, row, strict=True)
                                     if not (k in OPTIONAL and math.isnan(v))})
 
     def log_params(self, params: dict[str, Any]) -> None:

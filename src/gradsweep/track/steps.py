@@ -213,20 +213,20 @@ def _window_points(steps: np.ndarray, ts: np.ndarray, values: np.ndarray, names:
     if ids is None:
         for i in range(len(steps)):
             s, t = int(steps[i]), int(ts[i])
-            for name, v in zip(names, values[i].tolist()):
+            for name, v in zip(names, values[i].tolist(), strict=True):
                 if not (math.isnan(v) and name in OPTIONAL):
                     out.append((name, s, t, v))
         return out
     bounds = np.flatnonzero(np.diff(ids)) + 1
-    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(steps)]):
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(steps)], strict=True):
         block = values[a:b].astype(np.float64)
         finite = np.isfinite(block)
         lo = np.where(finite, block, np.inf).argmin(axis=0)
         hi = np.where(finite, block, -np.inf).argmax(axis=0)
         bad = (~finite).argmax(axis=0)  # first non-finite row, where there is one
-        has_finite, has_bad = finite.any(axis=0), ~finite.all(axis=0)
+        has_finite, has_bad = np.asarray(finite.any(axis=0)), np.asarray(~finite.all(axis=0))
         for j, name in enumerate(names):
-            rows = set()
+            rows: set[int] = set()
             if has_finite[j]:
                 rows.update((int(lo[j]), int(hi[j])))
             if has_bad[j] and name not in OPTIONAL:  # a diverged value is shown, not hidden by sampling

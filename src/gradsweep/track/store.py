@@ -28,6 +28,8 @@ from gradsweep.track.uri import absolute_sqlite, is_local_sqlite, mask, sqlite_p
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
+    from gradsweep.track.history import Histories
+
 log = logging.getLogger("gradsweep.tracking")
 
 
@@ -50,15 +52,15 @@ def close_dead_runs(tracker: "Tracker", spool: Optional[Path] = None, delivering
     runs = tracker.client.search_runs([tracker.experiment_id], filter_string="attributes.status = 'RUNNING'",
                                       max_results=1000)
     for run in runs:
-        folder = journals.get(run.info.run_id)
-        if folder is not None:
-            if folder == delivering or not close_orphan(folder):
+        journal = journals.get(run.info.run_id)
+        if journal is not None:
+            if journal == delivering or not close_orphan(journal):
                 continue
         else:
             worker = run.data.tags.get(WORKER_TAG)
             if not worker or worker_alive(worker):
                 continue
-        if folder is None or not _delivered(folder):  # else its journal said it, with all its records
+        if journal is None or not _delivered(journal):  # else its journal said it, with all its records
             tracker.client.set_tag(run.info.run_id, FAILURE_TAG, "worker_died")
             tracker.client.set_terminated(run.info.run_id, "KILLED")
         closed.append(run.info.run_id)
@@ -98,7 +100,7 @@ class Tracker:
         self.uri = resolve_uri(uri)
         self.client = delivery.mlflow_client(self.uri)
         self.experiment_id = self._experiment(experiment_name, artifact_location)
-        self._histories = None
+        self._histories: Optional[Histories] = None
 
     def _experiment(self, name: str, artifact_location: Optional[str]) -> str:
         return delivery.experiment_id(self.client, name, artifact_location or default_artifact_location(self.uri))
@@ -501,7 +503,8 @@ def _created_by_this_process(journal: RunJournal) -> Optional[str]:
     if exp is None or not worker:
         return None
     name = str(create.get("run_name") or "").replace("'", "\\'")
-    runs = client.search_runs([exp.experiment_id], f"tags.`{WORKER_TAG}` = '{worker}' and attributes.status = 'RUNNING' "
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`{WORKER_TAG}` = '{worker}' and attributes.status = 'RUNNING' "
                               f"and attributes.run_name = '{name}'", max_results=2,
                               order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
@@ -533,6 +536,7 @@ class DeliveryWorker:
         proc = cls._workers.get(spool.resolve())
         if proc is None or proc.poll() is not None:
             return
+        assert proc.stdin is not None  # started with stdin=PIPE
         try:
             proc.stdin.write(b"\n")
             proc.stdin.flush()

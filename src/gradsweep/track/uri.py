@@ -57,7 +57,7 @@ def check_tracking_uri(uri: str) -> None:
                           "sqlite:///path.db | http(s)://host:port | postgresql://...")
     if scheme in ("http", "https"):
         try:
-            parts.port
+            _ = parts.port  # urllib parses the port lazily: reading it raises on "host:99999"
         except ValueError:
             raise ConfigError(f"tracking.uri={mask(uri)!r} has an invalid port; allowed: 1-65535") from None
 

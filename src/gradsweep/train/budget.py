@@ -65,7 +65,8 @@ def _refuse(what: str, group: str, cfg: Any, need: int, limit: int, limit_gb: fl
         sizes = _sizes(cfg)
         raise ConfigError(f"{group}{' (' + sizes + ')' if sizes else ''}: {what} needs about {need / GB:.3g} GB, "
                           f"past the limit of {limit / GB:.3g} GB; allowed: a smaller {group} config, or a larger "
-                          f"trainer.memory_limit_gb (now {limit_gb:g}{' = 80% of this machine' if not limit_gb else ''})")
+                          f"trainer.memory_limit_gb (now {limit_gb:g}"
+                          f"{' = 80% of this machine' if not limit_gb else ''})")
 
 
 def data_bytes(cfg: Any) -> Optional[int]:

@@ -10,6 +10,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -50,7 +51,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean 'unreadable'
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable gradsweep checkpoint (corrupt or truncated?): {reason}") from None
+        raise CheckpointError(f"{path}: not a readable gradsweep checkpoint (corrupt or truncated?): "
+                              f"{reason}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"{path}: not a gradsweep checkpoint; expected keys {', '.join(REQUIRED)}")
     return state
@@ -190,5 +192,5 @@ def _check_rng(rng: Any, key: str) -> None:
         raise CheckpointError(f"{key}: the checkpoint's rng is a {type(rng).__name__}; allowed: a mapping")
     for name in ("data", "torch"):  # both are CPU generator states (torch.Generator().get_state())
         if name in rng:
-            _try(lambda: torch.Generator().set_state(rng[name]), key, f"rng state {name!r}",
+            _try(partial(torch.Generator().set_state, rng[name]), key, f"rng state {name!r}",
                  "a CPU generator's state (torch.Generator().get_state())")

@@ -102,6 +102,13 @@ class Clipper:
         nothing at that step (the loop does not log it)."""
         return None
 
+    def extra_values(self) -> torch.Tensor:
+        """:meth:`extra` flat, float32, for a rule that has :attr:`metrics` (an error when it reported none)."""
+        extra = self.extra()
+        if extra is None:
+            raise RuntimeError(f"{type(self).__name__} has metrics {self.metrics} but reported no values")
+        return extra.float().reshape(-1)
+
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs (histories, moving averages, step counters): plain values and tensors."""
         return {}
@@ -151,11 +158,13 @@ def _none(cfg: ClipConfig) -> Clipper:
 
 @register("clip", "norm", NormClipConfig)
 def _norm(cfg: ClipConfig) -> Clipper:
+    assert cfg.max_norm is not None  # validated by NormClipConfig
     return NormClip(cfg.max_norm, cfg.norm_type)
 
 
 @register("clip", "value", ValueClipConfig)
 def _value(cfg: ClipConfig) -> Clipper:
+    assert cfg.clip_value is not None  # validated by ValueClipConfig
     return ValueClip(cfg.clip_value)
 
 
@@ -303,12 +312,14 @@ class AutoClip(_Stateful):
         self.buf: Optional[torch.Tensor] = None
 
     def _push(self, total: torch.Tensor) -> None:
-        if self.buf is None:
-            self.buf = torch.empty(self.capacity or 256, device=total.device, dtype=torch.float32)
-        self.buf = _to(self.buf, total.device)  # restored from a checkpoint on another device
-        if not self.capacity and self.t == len(self.buf):
-            self.buf = torch.cat([self.buf, torch.empty_like(self.buf)])
-        self.buf[self.t % len(self.buf)] = total.detach().float()
+        buf = self.buf if self.buf is not None else torch.empty(self.capacity or 256, device=total.device,
+                                                                dtype=torch.float32)
+        # restored from a checkpoint on another device
+        buf = buf if buf.device == total.device else buf.to(total.device)
+        if not self.capacity and self.t == len(buf):
+            buf = torch.cat([buf, torch.empty_like(buf)])
+        buf[self.t % len(buf)] = total.detach().float()
+        self.buf = buf
         self.t += 1
 
     def window(self) -> torch.Tensor:
@@ -384,7 +395,7 @@ class AGC(_Stateful):
         self.index = [i for i, n in enumerate(norms.names) if n not in skip]
         self.index_t = torch.tensor(self.index, dtype=torch.long, device=device)
         self.axes = [norms.output_dims[i] for i in self.index]
-        self.units = sum(_units(norms.params[i], a) for i, a in zip(self.index, self.axes))
+        self.units = sum(_units(norms.params[i], a) for i, a in zip(self.index, self.axes, strict=True))
 
     def __call__(self, norms, grads, total_l2, per_param=None):
         if self.index is None:
@@ -393,7 +404,7 @@ class AGC(_Stateful):
             per_param = torch.stack(torch._foreach_norm(grads, 2.0))
         after_sq = per_param.detach().float() ** 2
         clipped, after_parts = [], []
-        for i, axis in zip(self.index, self.axes):
+        for i, axis in zip(self.index, self.axes, strict=True):
             g, w = grads[i], norms.params[i].detach()
             dims = tuple(d for d in range(g.dim()) if d != axis) if g.dim() > 1 else None
             g_norm = torch.linalg.vector_norm(g, 2.0, dim=dims, keepdim=dims is not None)

@@ -116,7 +116,7 @@ def write_digit_sum(folder: str | Path, splits: dict[str, tuple[np.ndarray, np.n
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, (x, y) in splits.items():
-        lines = [" ".join(map(str, row)) + f"\t{label}\n" for row, label in zip(x.tolist(), y.tolist())]
+        lines = [" ".join(map(str, row)) + f"\t{label}\n" for row, label in zip(x.tolist(), y.tolist(), strict=True)]
         (folder / f"{name}.txt").write_text("".join(lines))
 
 
@@ -128,12 +128,13 @@ def read_digit_sum_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Lines ``d d d ... d<TAB>label``; every sequence must have the same length."""
     if not path.is_file():
         raise DataError(f"data.path: missing file {path}; expected train.txt, dev.txt, test.txt")
-    rows, labels = [], []
+    rows: list[list[int]] = []
+    labels: list[int] = []
     try:
         text = path.read_bytes().decode("ascii")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not a text file of ASCII digits (byte {e.object[e.start]:#04x}); "
+        lineno = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{lineno}: not a text file of ASCII digits (byte {e.object[e.start]:#04x}); "
                         "expected 'd d ... d<TAB>label'") from None
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -162,7 +163,8 @@ def read_digit_sum_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_digit_sum(folder: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"data.path={str(folder)!r}: folder not found; expected a folder with train.txt, dev.txt, test.txt")
+        raise DataError(f"data.path={str(folder)!r}: folder not found; expected a folder with train.txt, "
+                        "dev.txt, test.txt")
     out = {s: read_digit_sum_file(folder / f"{s}.txt") for s in SPLITS}
     lengths = {x.shape[1] for x, _ in out.values()}
     if len(lengths) != 1:
@@ -185,7 +187,7 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, sizes: list[int], seed: int, sha
     bounds = np.cumsum([0, *sizes])
     parts = {
         s: Split(torch.tensor(x[a:b], dtype=torch.float32), torch.tensor(y[a:b], dtype=torch.long))
-        for s, a, b in zip(SPLITS, bounds[:-1], bounds[1:])
+        for s, a, b in zip(SPLITS, bounds[:-1], bounds[1:], strict=True)
     }
     return DataSet(**parts, num_classes=int(y.max()) + 1, input_shape=shape)
 

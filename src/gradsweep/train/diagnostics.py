@@ -39,8 +39,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from gradsweep.checks import positive, require
+from gradsweep.train.sinks import Series
 
-Series = tuple[list[int], list[float]]
 LAYER = re.compile(r"^(layers|convs)\.(\d+)\.weight$")
 BIAS = re.compile(r"(^|\.)(bias|b)$|\.bias_(ih|hh)_l\d+(_reverse)?$")
 TAG = "grad_health"
@@ -148,9 +148,9 @@ def spikes(total: np.ndarray, factor: float, window: int, min_history: int, floo
     if len(total) > window:  # then every full window at once
         first = max(window, start)
         ref[first - start:] = running_median(total[:-1], window)[first - window:]
-    t = np.arange(start, len(total))
+    steps = np.arange(start, len(total))
     hit = (ref > 0) & (total[start:] > factor * ref) & (total[start:] > floor)
-    return t[hit].astype(int)
+    return steps[hit].astype(int)
 
 
 def running_median(values: np.ndarray, window: int) -> np.ndarray:
@@ -199,7 +199,7 @@ def _aligned(history: dict[str, Series], names: list[str]) -> tuple[np.ndarray, 
     cols = [values if len(steps) == len(common) and np.array_equal(steps, common)
             else values[np.searchsorted(steps, common)] for steps, values in _sorted(series)]
     keep = np.isfinite(np.vstack(cols)).all(axis=0) if cols else np.zeros(0, bool)
-    return common[keep], {n: c[keep] for n, c in zip(names, cols)}
+    return common[keep], {n: c[keep] for n, c in zip(names, cols, strict=True)}
 
 
 def _sorted(series: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -272,7 +272,7 @@ def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None
     raw_loss = np.array(history.get("train/loss", ([], []))[1], dtype=float)
     if not np.isfinite(raw_total).all() or not np.isfinite(raw_loss).all():
         d.verdicts.append("nonfinite")
-        bad = [s for s, v in zip(*history["grad_norm/total"]) if not math.isfinite(v)]
+        bad = [s for s, v in zip(*history["grad_norm/total"], strict=True) if not math.isfinite(v)]
         d.notes.append(f"non-finite gradient norm at step {bad[0]}" if bad else "non-finite loss")
 
     params = [k.removeprefix("grad_norm/") for k in history
@@ -283,7 +283,8 @@ def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None
         return d
     total = vals["grad_norm/total"]
     if len(steps) < cfg.min_steps:  # the facts, no exploding / vanishing verdict on so little evidence
-        d.metrics.update({"health/peak_grad_norm": float(total.max()), "health/peak_step": float(steps[int(np.argmax(total))])})
+        d.metrics.update({"health/peak_grad_norm": float(total.max()),
+                          "health/peak_step": float(steps[int(np.argmax(total))])})
         d.verdicts.append("too_few_steps")
         d.notes.append(f"not enough steps for a verdict: {len(steps)} recorded, at least {cfg.min_steps} needed "
                        "(diagnostics.min_steps); record more often with a smaller trainer.log_every_steps")
@@ -392,6 +393,6 @@ def record_health(history: dict[str, Series], cfg: DiagnosticsConfig, model, tra
         flagged = {"exploding", "vanishing"} & set(d.verdicts)
         (log.warning if flagged else log.info)("run %s %s", run_ref, d.summary())
         return d
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # diagnostics never fail the run they report on
         log.error("gradient-health diagnostics failed: %s: %s", type(e).__name__, e)
         return None

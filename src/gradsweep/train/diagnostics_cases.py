@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Series = tuple[list[int], list[float]]
+from gradsweep.train.sinks import Series
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,9 @@ class Case:
 def _history(total: np.ndarray, params: dict[str, np.ndarray], coef: np.ndarray | None = None) -> dict[str, Series]:
     steps = list(range(len(total)))
     coef = np.ones(len(total)) if coef is None else coef
-    h = {"grad_norm/total": (steps, total.tolist()), "grad_norm/total_clipped": (steps, (total * coef).tolist()),
-         "clip/coef": (steps, coef.tolist()), "train/loss": (steps, np.ones(len(total)).tolist())}
+    h: dict[str, Series] = {
+        "grad_norm/total": (steps, total.tolist()), "grad_norm/total_clipped": (steps, (total * coef).tolist()),
+        "clip/coef": (steps, coef.tolist()), "train/loss": (steps, np.ones(len(total)).tolist())}
     for name, values in params.items():
         h[f"grad_norm/{name}"] = (steps, values.tolist())
     return h

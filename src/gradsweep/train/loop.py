@@ -265,7 +265,7 @@ class Trainer:
         grads = self.norms.grads()
         per_param = self.norms.per_param(grads)
         total = self.norms.total(per_param)
-        grad_stats = self.param_stats(grads) if stats else None  # before clipping
+        grad_stats = self.param_stats(grads) if stats and self.param_stats is not None else None  # before clipping
         skipped = scale is not None and not bool(torch.isfinite(total))  # fp16 only: the scaler's own sync
         if skipped:  # the scaler skips the update: the clipping rule neither acts nor learns from it
             coef, total_clipped = torch.ones((), device=total.device), total
@@ -274,9 +274,9 @@ class Trainer:
             coef, total_clipped = self.clipper(self.norms, grads, total, per_param=per_param)
             self.precision.skipped_in_a_row = 0
         self.precision.step(self.optimizer)
-        if grad_stats is not None:  # weights after the update; stays on the device
+        if grad_stats is not None and self.param_stats is not None:  # weights after the update; stays on the device
             self.epoch_stats = torch.cat([self.param_stats(self.norms.params).reshape(-1), grad_stats.reshape(-1)])
-        extra = [self.clipper.extra().float().reshape(-1)] if self.clip_metrics else []
+        extra = [self.clipper.extra_values()] if self.clip_metrics else []
         if scale is not None:
             extra.append(torch.stack([scale.float().reshape(()), torch.tensor(float(skipped), device=scale.device)]))
         acc = correct.float() / counted.clamp_min(1) if self.has_acc else torch.full((), math.nan, device=loss.device)
@@ -285,8 +285,9 @@ class Trainer:
     def head(self, values: np.ndarray) -> dict[str, float]:
         """The step's headline values by name (console, non-finite checks); a clip figure the rule
         has no value for at this step (NaN, e.g. a warm-up) is left out."""
-        record = dict(zip(HEAD, values[:len(HEAD)].tolist()))
-        for key, v in zip(self.clip_metrics, values[len(HEAD):len(HEAD) + len(self.clip_metrics)].tolist()):
+        record = dict(zip(HEAD, values[:len(HEAD)].tolist(), strict=True))
+        for key, v in zip(self.clip_metrics, values[len(HEAD):len(HEAD) + len(self.clip_metrics)].tolist(),
+                          strict=True):
             if not math.isnan(v):
                 record[key] = v
         return record
@@ -317,8 +318,9 @@ class Trainer:
             checkpoint = bool(self.cfg.checkpoint_every_steps) and self.step % self.cfg.checkpoint_every_steps == 0
             if block.full or evaluate or checkpoint or end_of_epoch:
                 head = self._receive(block)
-                if end_of_epoch:  # one transfer per epoch
-                    self.sink.log_metrics(self.step - 1, dict(zip(self.stat_names, self.epoch_stats.tolist())))
+                if end_of_epoch and self.epoch_stats is not None:  # one transfer per epoch
+                    self.sink.log_metrics(self.step - 1, dict(zip(self.stat_names, self.epoch_stats.tolist(),
+                                                                  strict=True)))
                 if evaluate:
                     self._evaluate(self.head(head))
                 if checkpoint and not last:
@@ -335,6 +337,7 @@ class Trainer:
         if block.n:
             self._receive(block)
         self._save("last")
+        assert self.stop is not None  # called when it is set
         raise self.stop
 
     def _receive(self, block: transfer.StepBlock) -> np.ndarray:
@@ -380,7 +383,8 @@ class Trainer:
             self._last_console = now
             if self.has_acc:
                 log.info("step %d/%d  epoch %d  loss %.4g  acc %.3f  %s  dev_acc %.3f  best %.3f", step + 1,
-                         self.total_steps, self.epoch, record[TRAIN_LOSS], record[TRAIN_ACC], norm, acc, self.best_score)
+                         self.total_steps, self.epoch, record[TRAIN_LOSS], record[TRAIN_ACC], norm, acc,
+                         self.best_score)
             else:
                 log.info("step %d/%d  epoch %d  loss %.4g  %s  dev_loss %.4g  best %.4g", step + 1, self.total_steps,
                          self.epoch, record[TRAIN_LOSS], norm, loss, -self.best_score)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -149,7 +149,7 @@ class SRN(nn.Module):
         self.embedding = nn.Embedding(10, cfg.input_size)
         nn.init.xavier_uniform_(self.embedding.weight)
         sizes = [cfg.input_size] + [cfg.hidden_size] * cfg.num_layers
-        layers = [SRNLayer(i, o, cfg.init, cfg.init_std) for i, o in zip(sizes[:-1], sizes[1:])]
+        layers = [SRNLayer(i, o, cfg.init, cfg.init_std) for i, o in zip(sizes[:-1], sizes[1:], strict=True)]
         self.rnn = layers[0] if len(layers) == 1 else nn.Sequential(*layers)
         self.classifier = nn.Linear(cfg.hidden_size, num_classes)
 
@@ -183,9 +183,10 @@ class MLP(nn.Module):
         hidden = list(cfg.hidden_sizes) if cfg.hidden_sizes else [cfg.hidden_size] * cfg.num_layers
         self.num_layers = len(hidden)
         sizes = [in_features] + hidden + [out_features]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        linears = [nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+        self.layers = nn.ModuleList(linears)
         self.act = ACTIVATIONS[cfg.activation]()
-        for layer in self.layers:
+        for layer in linears:
             init_weight(layer.weight, cfg)
             nn.init.constant_(layer.bias, cfg.bias_init)
 
@@ -214,7 +215,7 @@ def init_weight(w: torch.Tensor, cfg: MLPConfig) -> None:
     elif cfg.weight_init == "xavier":
         nn.init.xavier_uniform_(w)
     else:
-        nonlinearity = cfg.activation if cfg.activation in ("relu", "leaky_relu") else "relu"
+        nonlinearity: Literal["relu", "leaky_relu"] = "leaky_relu" if cfg.activation == "leaky_relu" else "relu"
         nn.init.kaiming_uniform_(w, nonlinearity=nonlinearity)
 
 
@@ -225,7 +226,7 @@ class CNN(nn.Module):
         super().__init__()
         self.num_layers = cfg.num_layers
         chans = [in_channels] + [cfg.channels] * cfg.num_layers
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:]))
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:], strict=True))
         self.act = ACTIVATIONS[cfg.activation]()
         self.classifier = nn.Linear(cfg.channels, num_classes)
 

@@ -5,6 +5,8 @@ clip figures into one vector so the host receives a whole step in a single trans
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -75,13 +77,13 @@ class ParamStats:
     whatever the number of parameters, and no host sync.
     """
 
-    def __init__(self, params: list[torch.Tensor]):
+    def __init__(self, params: Sequence[torch.Tensor]):
         device = params[0].device if params else torch.device("cpu")
         sizes = torch.tensor([p.numel() for p in params], device=device)
         self.count = sizes.float()
         self.index = torch.repeat_interleave(torch.arange(len(params), device=device), sizes)
 
-    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """(2, P): row 0 the means, row 1 the standard deviations."""
         flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
         n = len(self.count)

@@ -99,7 +99,7 @@ def _custom_data(cfg: CustomDataConfig) -> DataSet:
     if not isinstance(out, (tuple, list)) or len(out) != 3:
         raise ConfigError(f"data._target_={cfg._target_!r}: returned {type(out).__name__}; allowed: "
                           "(train, dev, test), each a torch.utils.data.Dataset of (x, y) pairs")
-    splits = {name: to_split(cfg._target_, name, ds) for name, ds in zip(("train", "dev", "test"), out)}
+    splits = {name: to_split(cfg._target_, name, ds) for name, ds in zip(("train", "dev", "test"), out, strict=True)}
     y = splits["train"].y
     classes = int(y.max()) + 1 if not torch.is_floating_point(y) and len(y) else 0
     return DataSet(**splits, num_classes=classes, input_shape=tuple(splits["train"].x.shape[1:]))
@@ -141,7 +141,8 @@ def check_task(model: nn.Module, data: DataSet, loss: str, key: str = "model._ta
             out = model(x)
     except Exception as e:
         raise ConfigError(f"{key}={target!r}: the model fails on a batch of the data (x {list(x.shape)} "
-                          f"{str(x.dtype).removeprefix('torch.')}): {type(e).__name__}: {str(e).splitlines()[0]}") from None
+                          f"{str(x.dtype).removeprefix('torch.')}): {type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor):

@@ -107,10 +107,10 @@ class _CollectEveryJob:
                 overrides.append(context.job_override())  # an Optuna trial has its own already
             job_params.append((overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
 
-        jobs = executor.map_array(self, *zip(*job_params))
+        jobs = executor.map_array(self, *zip(*job_params, strict=True))
         # --- ours: wait for every job, and turn "no result" into a failed job
         try:
-            return [self._outcome(job, params[0], params[2]) for job, params in zip(jobs, job_params)]
+            return [self._outcome(job, params[0], params[2]) for job, params in zip(jobs, job_params, strict=True)]
         except BaseException:  # Ctrl-C or SIGTERM of the sweep: its jobs must not run on without it
             live = [job for job in jobs if not job.done()]
             log.warning("cancelling the %d unfinished job(s) of this batch; waiting up to %d s for them to "
