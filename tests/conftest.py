@@ -85,20 +85,53 @@ def mlflow_server(tmp_path, migrated_db):
     server.stop()
 
 
-# The integration tier: modules that start real processes (train.py, mlflow server, PostgreSQL,
-# schedulers, SIGKILL). Everything else is the unit tier: `pytest -m "not integration"` runs it in
-# about a minute. The default run is both, in parallel (pytest-xdist, see pyproject.toml).
-INTEGRATION = {"test_bad_input", "test_faults", "test_hostile_input", "test_sweep_e2e", "test_outage",
-               "test_checkpoint_resume", "test_optuna_sweeps", "test_schedule", "test_server_postgres", "test_report",
-               "test_cpu_threads", "test_browser", "test_team_stack", "test_slurm", "test_delivery_hooks",
-               "test_owners", "test_data_parallel"}
-# Longest modules first (seconds on a 2-core machine, --durations): pytest-xdist hands out whole
-# modules in collection order, so the long ones start at once and the short ones fill the gaps at
-# the end instead of one worker finishing a long module alone (35 s of idle worker measured).
-LONGEST_FIRST = ["test_schedule", "test_sweep_e2e", "test_faults", "test_optuna_sweeps", "test_checkpoint_resume",
-                 "test_outage", "test_examples", "test_data_parallel", "test_report", "test_user_code",
-                 "test_dense_history", "test_team_stack", "test_server_postgres", "test_diagnostics", "test_browser",
-                 "test_studies"]
+# Tiers are declared by each module (`pytestmark = pytest.mark.unit` or `pytest.mark.integration`)
+# or by a test (its own marker wins). The integration tier starts Python processes: train.py, the
+# delivery process, servers, tools, schedulers. A test without a tier is a collection error, and a
+# unit-tier test that starts a Python process or forks fails (the audit hook below), so a new slow
+# test cannot land in the fast tier unnoticed; short tools such as git are allowed. `pytest -m "not
+# integration"` runs the unit tier; the default run is both, in parallel (pytest-xdist, pyproject.toml).
+TIERS = ("unit", "integration")
+VENV_BIN = Path(sys.executable).parent
+_in_unit_test = [False]
+
+
+def _starts_python(event: str, args: tuple) -> bool:
+    if event in ("os.fork", "os.forkpty", "os.posix_spawn"):
+        return True
+    if event != "subprocess.Popen" or not args or args[0] is None:
+        return False
+    exe = Path(os.fsdecode(args[0]))
+    return exe.name.startswith("python") or exe.parent == VENV_BIN  # the interpreter or a script of its own
+
+
+def _refuse_processes_in_unit_tests(event: str, args: tuple) -> None:
+    if _in_unit_test[0] and _starts_python(event, args):
+        raise RuntimeError(f"a unit-tier test started a Python process ({event}: {args[0]!r}); mark the test or "
+                           "its module pytest.mark.integration")
+
+
+sys.addaudithook(_refuse_processes_in_unit_tests)
+
+
+def _tier(item) -> str | None:
+    return next((m.name for m in item.iter_markers() if m.name in TIERS), None)  # closest first
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    _in_unit_test[0] = _tier(item) == "unit"
+    try:
+        yield
+    finally:
+        _in_unit_test[0] = False
+
+
+# Module durations of the last run (pytest's cache, kept in .pytest_cache): xdist hands out whole
+# modules in collection order, so the long ones go first and the short ones fill the gaps at the end
+# instead of one worker finishing a long module alone. Without a cache (a clean clone, CI) the
+# integration tier goes first, which is where the long modules are.
+DURATIONS_KEY = "gradsweep/module_durations"
 
 
 def _module(item) -> str:
@@ -106,8 +139,23 @@ def _module(item) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if _module(item) in INTEGRATION:
-            item.add_marker(pytest.mark.integration)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(_module(item), len(rank)))  # stable: order within a module kept
+    undeclared = sorted({_module(item) for item in items if _tier(item) is None})
+    if undeclared:
+        raise pytest.UsageError(f"{', '.join(undeclared)}: no test tier; declare pytestmark = pytest.mark.unit "
+                                "or pytest.mark.integration at module level")
+    last = config.cache.get(DURATIONS_KEY, {}) if config.cache else {}
+    items.sort(key=lambda item: (_tier(item) != "integration", -last.get(_module(item), 0.0)))  # stable
+
+
+_durations: dict[str, float] = {}  # module -> seconds, summed over its tests' setup, call and teardown
+
+
+def pytest_runtest_logreport(report):  # on the xdist controller too: every worker's reports reach it
+    module = Path(report.nodeid.split("::")[0]).stem
+    _durations[module] = _durations.get(module, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.cache and _durations and not hasattr(session.config, "workerinput"):  # the controller
+        merged = {**session.config.cache.get(DURATIONS_KEY, {}), **_durations}
+        session.config.cache.set(DURATIONS_KEY, {k: round(v, 1) for k, v in merged.items()})

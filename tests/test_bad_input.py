@@ -8,6 +8,8 @@ from conftest import run_train
 from gradsweep.cli.hydra_main import run_cli
 from gradsweep.paths import CONF_DIR
 
+pytestmark = pytest.mark.integration
+
 CASES = [
     (["model=foo"], "model=foo: unknown option; allowed: cnn|custom|gru|lstm|mlp|srn"),
     (["optimizer.lr=-1"], "optimizer.lr=-1.0 is invalid; allowed: a finite number > 0"),

@@ -14,7 +14,7 @@ from conftest import MlflowServer, run_train
 
 CHROMIUM = shutil.which("chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")]
 TRACES = ".js-plotly-plot .scatterlayer .trace"
 
 

@@ -7,6 +7,8 @@ from gradsweep.errors import ConfigError
 from gradsweep.train import budget
 from gradsweep.train.data import DigitSumConfig
 
+pytestmark = pytest.mark.unit
+
 
 def test_the_estimate_counts_parameters_gradients_optimizer_state_and_activations_without_allocating():
     def make():

@@ -5,12 +5,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import TRAIN, run_train, stored
 from gradsweep.track.delivery import pending
 from gradsweep.track.journal import has_artifact
+
+pytestmark = pytest.mark.integration
 
 
 def kill_after_first_checkpoint(proc, spool, deadline) -> bool:

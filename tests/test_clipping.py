@@ -14,6 +14,8 @@ from gradsweep.train.clipping import (AGC, AGCConfig, AdaGC, AdaGCConfig, AutoCl
                                       ZClipConfig, last_layer)
 from gradsweep.train.telemetry import GradientNorms, metric_names, step_vector
 
+pytestmark = pytest.mark.unit
+
 
 class Toy(nn.Module):
     """Named parameters with given values: ``Toy(a=[...], head=dict(weight=..., bias=...))``."""

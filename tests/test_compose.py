@@ -19,6 +19,8 @@ from mlflow.server.security_utils import is_allowed_host_header
 from conftest import ROOT, MlflowServer
 from gradsweep.track.server import ALLOWED_HOSTS, SERVER_ENV, local_server_command, mlflow_server_command
 
+pytestmark = pytest.mark.unit
+
 COMPOSE = ROOT / "docker-compose.yml"
 AUTH = ROOT / "docker-compose.auth.yml"
 ENV_EXAMPLE = ROOT / ".env.example"

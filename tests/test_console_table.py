@@ -4,6 +4,10 @@ from types import SimpleNamespace
 
 from gradsweep.report.summary import CONSOLE_BEST, console_table, group_runs
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 
 def run(lr: float, seed: int, acc: float, status: str = "FINISHED", verdict: str = "ok"):
     metrics = {"best/dev_acc": acc, "test/acc": acc - 0.01,

@@ -9,6 +9,8 @@ from gradsweep.paths import CONF_DIR
 from gradsweep.sweep.context import ENV, SweepContext
 from gradsweep.sweep.hydra_adapter import compose_config
 
+pytestmark = pytest.mark.unit
+
 NASTY = ["plain", "quote \" and ' apostrophe", "back\\slash", "nächtlich ünïcode", "${oc.env:HOME}", "a,b=c d"]
 
 

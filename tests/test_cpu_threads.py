@@ -4,6 +4,10 @@ from mlflow.tracking import MlflowClient
 
 from jobs import run_inprocess
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 
 def test_job_sets_cpu_threads_and_logs_the_setting(tmp_path):
     store = f"sqlite:///{tmp_path}/mlruns/mlflow.db"

@@ -6,6 +6,8 @@ from gradsweep.train.data import (DigitsConfig, DigitSumConfig, ToyConfig, gener
 from gradsweep.train.registry import build
 from gradsweep.errors import DataError
 
+pytestmark = pytest.mark.unit
+
 
 def test_digit_sum_sizes_labels_and_noise():
     ds = build("data", DigitSumConfig())

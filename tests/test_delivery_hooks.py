@@ -12,6 +12,8 @@ from gradsweep.track.delivery import deliver
 from gradsweep.track.journal import STATE, RunJournal, now_ms, read_json
 from gradsweep.track.store import default_artifact_location
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):

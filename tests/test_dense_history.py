@@ -19,6 +19,8 @@ from gradsweep.track.steps import STEPS, StepSchema, read_records, sample, windo
 from gradsweep.track.store import Tracker
 from jobs import run_inprocess
 
+pytestmark = pytest.mark.unit
+
 
 def _names(n_params: int) -> list[str]:
     return [TRAIN_LOSS, "train/acc", GRAD_TOTAL, "grad_norm/total_clipped", "clip/coef",

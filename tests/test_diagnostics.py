@@ -14,6 +14,8 @@ from gradsweep.train.diagnostics_cases import cases
 from gradsweep.train.telemetry import ParamStats
 from jobs import run_inprocess
 
+pytestmark = pytest.mark.unit
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """One embedded store for the module (creating the MLflow schema costs seconds)."""
@@ -133,6 +135,7 @@ def test_default_job_verdicts_hold_for_every_seed_and_thread_count(tmp_path, thr
         assert norm.run.tags["grad_health"] == norm.health.tag
 
 
+@pytest.mark.integration  # starts Python processes (train.py or the delivery process)
 def test_verdict_and_health_metrics_reach_the_store(tmp_path, store):
     none = run_inprocess([*SRN_SHORT, "clip=none"], tmp_path / "none", store)
     client = MlflowClient(store)
@@ -142,6 +145,7 @@ def test_verdict_and_health_metrics_reach_the_store(tmp_path, store):
         assert run.data.metrics[key] == pytest.approx(none.health.metrics[key])
 
 
+@pytest.mark.integration  # starts Python processes (train.py or the delivery process)
 @pytest.mark.parametrize("activation,verdict", [("sigmoid", "vanishing"), ("relu", "ok")])
 def test_mlp_vanishing_verdicts(tmp_path, store, activation, verdict):
     out = run_inprocess([*MLP_VANISHING, f"model.activation={activation}"], tmp_path, store)
@@ -153,6 +157,7 @@ def test_mlp_vanishing_verdicts(tmp_path, store, activation, verdict):
         assert out.health.metrics["health/dead_relu_frac"] == 0.0
 
 
+@pytest.mark.integration  # starts Python processes (train.py or the delivery process)
 def test_dead_relu_verdict(tmp_path, store):
     out = run_inprocess([*DEAD_RELU, "model.activation=relu"], tmp_path, store)
     assert "dead_units" in tag_of(store, out).split(",")

@@ -17,6 +17,8 @@ import pytest
 from conftest import TRAIN
 from gradsweep.track.delivery import mlflow_client, pending
 
+pytestmark = pytest.mark.integration
+
 EPOCHS = 400  # 2000 steps: long enough to inject a fault mid-run, a few seconds in all
 
 

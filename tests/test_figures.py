@@ -16,6 +16,8 @@ from gradsweep.labels import shorten, trial_label
 from gradsweep.report.figures import HIGHLIGHT, draw_bands
 from gradsweep.sweep.optuna_loop import optuna_figure
 
+pytestmark = pytest.mark.unit
+
 matplotlib.use("Agg")
 N = 30  # the trials of sweeps/lr_layers_clip.yaml
 

@@ -17,6 +17,8 @@ from gradsweep.paths import CONF_DIR
 from gradsweep.train.checkpoints import load_checkpoint
 from gradsweep.train.data import DigitSumConfig, generate_digit_sum, read_digit_sum, write_digit_sum
 
+pytestmark = pytest.mark.integration
+
 spec = importlib.util.spec_from_file_location("gradsweep_train_entry", TRAIN)
 train = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train)

@@ -14,6 +14,8 @@ from gradsweep import names
 from gradsweep.track.logger import MemoryRunLogger
 from jobs import run_inprocess
 
+pytestmark = pytest.mark.unit
+
 STEPS = 10  # default job: 300 training sequences, batch 64 -> 5 steps per epoch
 
 
@@ -47,6 +49,7 @@ def test_clipped_norm_never_exceeds_threshold_and_coef_matches(outcome):
         assert math.isclose(after[step], before[step] * coef[step], rel_tol=1e-4)
 
 
+@pytest.mark.integration  # starts Python processes (train.py or the delivery process)
 def test_memory_backend_loads_no_mlflow(tmp_path):
     """A dry run never imports MLflow (nor opens a store): the backend is chosen by configuration."""
     code = ("import sys; sys.path.insert(0, 'tests'); from jobs import run_inprocess; "
@@ -58,6 +61,7 @@ def test_memory_backend_loads_no_mlflow(tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.integration  # starts Python processes (train.py or the delivery process)
 def test_dry_run_sweep_with_train_py_records_nothing(tmp_path):
     """`tracking.backend=memory` through the real entry point, callback and sweep included: both
     jobs train and finish, and no store, spool or run appears."""

@@ -20,6 +20,8 @@ from conftest import ROOT
 from gradsweep.track.server import ALLOWED_HOSTS, SERVER_ENV, mlflow_server_command
 from gradsweep.track.uri import refuse_password
 
+pytestmark = pytest.mark.unit
+
 K8S = ROOT / "deploy" / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 # the oldest Kubernetes the manifests are for (backoffLimitPerIndex: GA in 1.33) and the newest schema bundled

@@ -8,6 +8,10 @@ from urllib.parse import parse_qs, unquote
 from gradsweep.report.landing import NOTE_MAX, parent_note
 from gradsweep.report.summary import ui_links
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 IDS = [f"{i:032x}" for i in range(3)]
 
 

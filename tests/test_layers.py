@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 PKG = Path(__file__).resolve().parent.parent / "src" / "gradsweep"
 SHARED = {"gradsweep", "gradsweep.errors", "gradsweep.names", "gradsweep.checks", "gradsweep.paths",
           "gradsweep.locks", "gradsweep.labels"}
@@ -133,6 +135,7 @@ def test_every_subpackage_states_its_contract():
         assert "May import" in doc, f"{init.parent.name}/__init__.py does not say what it may import"
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_training_layer_imports_without_mlflow_or_hydra():
     """Importing every training module in a fresh interpreter loads none of the tracking or sweep stack."""
     import subprocess

@@ -24,6 +24,8 @@ from conftest import TRAIN, run_train
 from gradsweep.labels import trial_label
 from postgres import postgres_server  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.integration
+
 FIGURES = {"optimization_history", "param_importances", "parallel_coordinate", "slice"}
 TINY = ["trainer.epochs=2"]  # 20 steps of the MLP on two-moons, 10 of the SRN on digit-sum
 LEAN = ["hydra.sweeper.figures=false", "tracking.log_figures=false", "tracking.log_checkpoints=false"]

@@ -8,6 +8,10 @@ from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, TRAIN, MlflowServer, fresh_store
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 EPOCHS = 200  # 1000 steps: a few seconds of training
 STEPS = EPOCHS * 5
 TELEMETRY = ["train/loss", "train/acc", "grad_norm/total", "grad_norm/total_clipped", "clip/coef",

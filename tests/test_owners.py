@@ -9,6 +9,10 @@ import threading
 
 from gradsweep.names import WORKER_TAG
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 DIES_WITHOUT_ENDING = """
 import os, sys
 from gradsweep.track.journal import RunJournal, now_ms

@@ -5,6 +5,10 @@ import sys
 from gradsweep.cli import plan as plan_module
 from gradsweep.cli.plan import confirm_plan, plan, print_plan, withdraw_plan
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 
 def test_plan_names_jobs_store_and_folder(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

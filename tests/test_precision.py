@@ -6,6 +6,8 @@ import pytest
 
 from jobs import run_inprocess
 
+pytestmark = pytest.mark.unit
+
 SHORT = ["trainer.epochs=2", "tracking.log_checkpoints=false"]
 
 
@@ -47,6 +49,7 @@ def test_fp16_skipped_steps_are_recorded_and_named_not_failed(tmp_path):
     assert out.health.metrics["health/skipped_steps"] == skipped.sum()
 
 
+@pytest.mark.integration  # starts Python processes (train.py or the delivery process)
 def test_bad_precision_is_one_line(tmp_path):
     from conftest import run_train
 

@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 from conftest import run_train
 from gradsweep.cli.main import main as gradsweep
 
+pytestmark = pytest.mark.integration
+
 FILES = {"grad_norm_total.png", "layer_grad_norms.png", "final_accuracy.png", "summary.md", "summary.csv", "runs.csv"}
 GRADSWEEP = Path(sys.executable).parent / "gradsweep"
 

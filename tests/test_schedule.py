@@ -18,6 +18,8 @@ from gradsweep.track.delivery import mlflow_client  # takes turns creating a new
 from gradsweep.sweep.schedule import Schedule, SweepBusy, cron_trigger, missed_runs, sweep_lock
 from postgres import postgres_server  # noqa: F401
 
+pytestmark = pytest.mark.integration
+
 GRADSWEEP = str(Path(sys.executable).parent / "gradsweep")
 
 

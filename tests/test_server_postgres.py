@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, MlflowServer, run_train
 from postgres import PostgresServer, _binary
 
+pytestmark = pytest.mark.integration
+
 STEPS = 10  # 2 epochs x ceil(300 / 64) optimizer steps
 
 

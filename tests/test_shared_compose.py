@@ -7,6 +7,8 @@ from omegaconf import OmegaConf
 from conftest import ROOT
 from gradsweep.sweep.hydra_adapter import SharedCompositions, _hydra_at, compose
 
+pytestmark = pytest.mark.unit
+
 JOBS = [["clip.max_norm=5"], ["clip.max_norm=5", "trainer.epochs=2"], ["clip=none", "optimizer.lr=0.1"],
         ["+trainer.extra=1"], ["experiment=mlp_vanishing", "trainer.seed=3"], ["experiment=mlp_vanishing"],
         ["model=mlp", "data=moons", "model.activation=relu"], ["tracking.uri=sqlite:///x.db", "clip=norm",

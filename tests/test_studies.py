@@ -14,6 +14,8 @@ from gradsweep.report.build import make_report, study_names
 from gradsweep.train.diagnostics import VERDICTS
 from jobs import compose_job, run_inprocess, study_variants
 
+pytestmark = pytest.mark.unit
+
 # study -> (number of variants, overrides that shorten it, train steps per epoch)
 STUDIES = {
     "srn_explosion": (14, ["trainer.epochs=1"], 5),
@@ -105,6 +107,7 @@ def test_study_settings_state_the_original_setups():
         == {("cnn", "digits", "adam", 1e-3)}
 
 
+@pytest.mark.integration  # starts Python processes (train.py or the delivery process)
 @pytest.mark.parametrize("study", sorted(STUDIES))
 def test_study_runs_shortened(study, store, tmp_path):
     n, shorten, steps_per_epoch = STUDIES[study]
@@ -135,6 +138,7 @@ def test_study_runs_shortened(study, store, tmp_path):
 
 
 # ------------------------------------------------------------------------ full length (slow)
+@pytest.mark.integration  # starts Python processes (train.py or the delivery process)
 @pytest.mark.slow
 @pytest.mark.parametrize("study", sorted(STUDIES))
 def test_study_full(study, tmp_path):

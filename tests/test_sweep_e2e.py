@@ -15,6 +15,10 @@ from conftest import run_train
 from gradsweep.track.store import Tracker
 from proxy import FaultProxy
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 PARAMS = ["embedding.weight", "rnn.W", "rnn.U", "rnn.b", "classifier.weight", "classifier.bias"]
 STEPS = 10  # 2 epochs x ceil(300 / 64)
 

@@ -9,6 +9,8 @@ from gradsweep.train.models import SRNConfig
 from gradsweep.train.models import SRN
 from gradsweep.train.telemetry import GradientNorms
 
+pytestmark = pytest.mark.unit
+
 
 def _model_with_grads(seed=0, scale=50.0):
     torch.manual_seed(seed)

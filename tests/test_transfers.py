@@ -11,6 +11,8 @@ from gradsweep.train import transfer
 from gradsweep.train.registry import parts
 from jobs import run_inprocess
 
+pytestmark = pytest.mark.unit
+
 SYNC_METHODS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__")  # each moves a value to the host
 
 

@@ -13,6 +13,8 @@ from mlflow.exceptions import MlflowException, RestException
 
 from gradsweep.track.delivery import is_transient, mlflow_client
 
+pytestmark = pytest.mark.unit
+
 #: run id -> (HTTP status, body) the fake gateway answers for runs/get
 ANSWERS = {
     "gateway503": (503, "<html>Service Temporarily Unavailable</html>"),

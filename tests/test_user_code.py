@@ -14,6 +14,8 @@ import gradsweep
 from conftest import run_train, stored
 from jobs import run_inprocess
 
+pytestmark = pytest.mark.unit
+
 PACKAGE = {
     "__init__.py": "",
     "nets.py": """

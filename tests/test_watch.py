@@ -12,6 +12,8 @@ import gradsweep
 from gradsweep.errors import ConfigError, NonFiniteError
 from gradsweep.names import CLIP_COEF, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, HEALTH_TAG, TRAIN_LOSS
 
+pytestmark = pytest.mark.unit
+
 STEPS = 60
 
 
