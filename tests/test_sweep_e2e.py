@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 import gradsweep
 from conftest import run_train
-from gradsweep.track.store import Tracker
+from gradsweep.track.tracker import Tracker
 from proxy import FaultProxy
 
 PARAMS = ["embedding.weight", "rnn.W", "rnn.U", "rnn.b", "classifier.weight", "classifier.bias"]

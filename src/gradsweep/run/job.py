@@ -39,7 +39,7 @@ from gradsweep.track.logger import RunLogger, open_run_logger
 from gradsweep.track.uri import check_local_store, mask, mask_overrides
 
 if TYPE_CHECKING:
-    from gradsweep.track.store import Tracker
+    from gradsweep.track.tracker import Tracker
 
 log = logging.getLogger("gradsweep")
 
@@ -178,7 +178,7 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
         raise CheckpointError(f"trainer.resume_from={ref!r}: neither a checkpoint file nor a run in the "
                               "tracking store") from None
     if spool is not None:  # continuing it: this process is its only writer from here (refused if not)
-        from gradsweep.track.store import claim_run, refuse_live_writer
+        from gradsweep.track.ownership import claim_run, refuse_live_writer
 
         claim_run(spool, ref)
         refuse_live_writer(spool, run)
@@ -196,14 +196,14 @@ def resolve_resume(ref: str, tracker_factory: Callable[[], "Tracker"], dest: Pat
         best = load_checkpoint(best_file)
     if last_only:
         return Resume(load_checkpoint(last), best, None if finished else ref, status=run.info.status)
-    from gradsweep.track.store import metric_history
+    from gradsweep.track.tracker import metric_history
 
     from gradsweep.track.history import read_history
 
     if finished:  # a new run: it holds nothing yet, and its verdict also covers the original's steps
         return Resume(load_checkpoint(last), best, None, history=read_history(client, ref), status=run.info.status)
     if spool is not None:
-        from gradsweep.track.store import hand_over
+        from gradsweep.track.ownership import hand_over
 
         hand_over(spool, ref)
     logged = {key: max(metric_history(client, ref, key)[0], default=-1) for key in run.data.metrics}
@@ -226,7 +226,7 @@ def check_inputs(spec: JobSpec, claim: bool = True) -> None:
         check_local_store(spec.tracking.uri, spec.tracking.spool_dir)
     ref = spec.trainer.resume_from
     if claim and ref and RUN_ID.match(ref) and not Path(ref).exists() and spec.tracking.backend == "mlflow":
-        from gradsweep.track.store import claim_run
+        from gradsweep.track.ownership import claim_run
 
         spool = _spool(spec)
         assert spool is not None  # backend mlflow: a spool folder
@@ -503,13 +503,13 @@ def _exception_tags(e: BaseException) -> dict[str, str]:
 def _spool(spec: JobSpec) -> Optional[Path]:
     if spec.tracking.backend != "mlflow":
         return None
-    from gradsweep.track.store import spool_of
+    from gradsweep.track.mlflow_run import spool_of
 
     return spool_of(spec.tracking)
 
 
 def _tracker(uri: str, experiment_name: str, artifact_location: Optional[str]) -> "Tracker":
-    from gradsweep.track.store import Tracker  # MLflow: only to resume from a run id
+    from gradsweep.track.tracker import Tracker  # MLflow: only to resume from a run id
 
     return Tracker(uri, experiment_name, artifact_location)
 
