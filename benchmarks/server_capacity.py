@@ -6,7 +6,7 @@ own delivery path, for N concurrent jobs, and where delivery falls behind traini
 
 One `mlflow server` per backend, started by `gradsweep.track.server.MlflowServer` (the product's
 command): PostgreSQL (a real server from `tests/postgres.py`, as in docker-compose.yml) or sqlite.
-For each N, N writer processes each open a run exactly as a job does (`gradsweep.track.store.open_run`:
+For each N, N writer processes each open a run exactly as a job does (`gradsweep.track.mlflow_run.open_run`:
 a run journal on disk plus the real delivery process `python -m gradsweep.track.delivery <spool>
 --owner-pid <pid>`, one per job, sending with `log_batch`), wait until their delivery process has
 created the run, then append one step of ~100 values (`grad_norm/<param>` for --params parameters +
@@ -52,7 +52,9 @@ from gradsweep.track.server import stat_fields  # noqa: E402  (light: no MLflow)
 def writer(args: argparse.Namespace) -> None:
     """One job's journal traffic: open a run as a job does, wait for 'go' on stdin, write, close."""
     from gradsweep.track.settings import TrackingConfig
-    from gradsweep.track.store import DeliveryWorker, close_run, open_run
+    from gradsweep.track.closing import close_run
+    from gradsweep.track.mlflow_run import open_run
+    from gradsweep.track.worker import DeliveryWorker
 
     tracking = TrackingConfig(uri=args.uri, experiment_name=args.experiment, spool_dir=args.spool,
                               delivery_timeout_s=args.drain_s)

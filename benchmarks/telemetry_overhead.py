@@ -35,7 +35,8 @@ from gradsweep.train.loop import Trainer, batch_loss
 from gradsweep.track.server import MlflowServer
 from gradsweep.train.sinks import HistorySink, TeeSink
 from gradsweep.track.settings import TrackingConfig
-from gradsweep.track.store import Tracker, open_run
+from gradsweep.track.mlflow_run import open_run
+from gradsweep.track.tracker import Tracker
 
 CFG = TrainerConfig(epochs=50, batch_size=64, reduction="sum", eval_every_steps=100, device="cpu")
 
@@ -127,7 +128,7 @@ def main() -> None:
         def mlflow_sink(tracker):
             spool = root / f"spool-{tracker.experiment_id}-{abs(hash(tracker.uri))}"
 
-            def make():  # the journal + delivery process the trainer uses (see gradsweep.track.store)
+            def make():  # the journal + delivery process the trainer uses (see gradsweep.track.mlflow_run)
                 run = open_run(TrackingConfig(uri=tracker.uri, experiment_name="bench", spool_dir=str(spool)),
                                "bench", {})
                 return run, lambda: run.finish("FINISHED")

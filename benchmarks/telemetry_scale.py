@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/telemetry_scale.py [--params 120] [--steps 10000,100000] [--step-ms 1,0.5]
 
-Each case opens a run as a job does (`gradsweep.track.store.open_run`: a run journal on local disk
+Each case opens a run as a job does (`gradsweep.track.mlflow_run.open_run`: a run journal on local disk
 and the real delivery process) and drives the run-logger seam directly (the benchmark models a
 job's telemetry, not its compute): `define_steps` with the contract's names, then one float32 row
 per step through `log_steps`, with the same in-memory history a job keeps (`TeeSink(HistorySink, run)`),
@@ -43,7 +43,8 @@ def one_case(root: Path, params: int, steps: int, step_ms: float) -> dict:
 
     import gradsweep
     from gradsweep.track.settings import TrackingConfig
-    from gradsweep.track.store import close_run, open_run
+    from gradsweep.track.closing import close_run
+    from gradsweep.track.mlflow_run import open_run
     from gradsweep.train.sinks import HistorySink, TeeSink
 
     folder = root / f"case-{params}-{steps}"

@@ -441,7 +441,8 @@ def test_clip_methods_sweep_composes():
 
 
 def test_comparison_table_judges_divergence_per_run_and_stability_per_lr():
-    from gradsweep.cli.studies import ClipRun, _comparison_rows, classic_studies
+    from gradsweep.report.comparison import ClipRun, comparison_rows
+    from gradsweep.studies.regenerate import classic_studies
 
     def run(rule, lr, seed, status="FINISHED", end=150.0, dev=0.5):
         return ClipRun("mlp", rule, lr, seed, status, "", dev, 160.0, end, 0.25)
@@ -450,7 +451,7 @@ def test_comparison_table_judges_divergence_per_run_and_stability_per_lr():
     runs += [run("none", 0.2, 0), run("none", 0.2, 1, status="FAILED"), run("none", 0.2, 2)]  # one NaN seed
     runs += [run("none", 0.4, s, end=170.0) for s in range(3)]  # the loss ended above its start
     runs += [run("norm 30", lr, s, dev=0.8 + lr / 10) for lr in (0.1, 0.2, 0.4) for s in range(3)]
-    rows, curves = _comparison_rows(runs, 30.0)
+    rows, curves = comparison_rows(runs, 30.0)
     assert rows[0] == "| none | 0.1 | 0.1 | 0.900 [0.900-0.900] | 0.94 | 25% | 4/9 (1 non-finite) |"
     assert rows[1].startswith("| norm 30 (tuned) | 0.4 (top) | 0.4 | 0.840 [0.840-0.840] |")
     assert curves["none"][2] == [0.0, 1 / 3, 1.0]  # fraction of seeds diverged per lr

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from gradsweep.names import BEST_DEV_ACC, GRAD_TOTAL
 from gradsweep.track.delivery import deliver
 from gradsweep.track.journal import STATE, RunJournal, now_ms, read_json
-from gradsweep.track.store import default_artifact_location
+from gradsweep.track.tracker import default_artifact_location
 
 pytestmark = pytest.mark.integration
 

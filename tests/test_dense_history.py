@@ -16,7 +16,7 @@ from gradsweep.names import GRAD_TOTAL, TRAIN_LOSS
 from gradsweep.track.delivery import deliver
 from gradsweep.track.journal import RunJournal
 from gradsweep.track.steps import STEPS, StepSchema, read_records, sample, window
-from gradsweep.track.store import Tracker
+from gradsweep.track.tracker import Tracker
 from jobs import run_inprocess
 
 pytestmark = pytest.mark.unit
@@ -162,7 +162,7 @@ def test_a_run_end_waits_while_delivery_progresses_and_names_why_it_stops(tmp_pa
     import json
     import time
 
-    from gradsweep.track.store import Deadline
+    from gradsweep.track.closing import Deadline
 
     journal = _journal(tmp_path, store, {})
     journal.define_steps(_names(1), 10)

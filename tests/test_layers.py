@@ -21,7 +21,9 @@ RULES = {
     "report": (("train", "track"), ("hydra", "hydra_plugins", "omegaconf", "optuna")),
     "run": (("train", "track", "report"), ("hydra", "hydra_plugins", "omegaconf", "optuna")),
     "sweep": (("train", "track", "report", "run"), ()),
-    "cli": (("train", "track", "report", "run", "sweep"), ()),
+    # re-runs the studies (train.py processes) and regenerates docs/studies.md: each library through its layer
+    "studies": (("train", "track", "report", "run", "sweep"), THIRD_PARTY),
+    "cli": (("train", "track", "report", "run", "sweep", "studies"), ()),
     "api": (("train", "track", "report", "run"), ("hydra", "hydra_plugins", "omegaconf", "optuna")),
 }
 FACADE = "gradsweep.api"  #: the package's own __init__ re-exports the public API (imported on first use)

@@ -145,7 +145,7 @@ FIRST_USE = """
 import sys, time
 sys.path.insert(0, sys.argv[3])
 from gradsweep.sweep.optuna_storage import make_storage
-from gradsweep.track.store import Tracker
+from gradsweep.track.tracker import Tracker
 while time.time() < float(sys.argv[2]):
     time.sleep(0.001)
 make_storage(sys.argv[1].replace("mlflow.db", "optuna.db"))

@@ -30,7 +30,8 @@ def test_a_live_pid_that_is_not_the_writer_does_not_keep_a_run_running(tmp_path,
     where its lock cannot be seen; the live writer itself is left alone."""
     from gradsweep.cli.main import main
     from gradsweep.locks import process_id
-    from gradsweep.track.store import Tracker, close_dead_runs
+    from gradsweep.track.ownership import close_dead_runs
+    from gradsweep.track.tracker import Tracker
 
     spool = tmp_path / "spool"
     subprocess.run([sys.executable, "-c", DIES_WITHOUT_ENDING, store, str(spool)], check=True)

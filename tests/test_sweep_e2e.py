@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 import gradsweep
 from conftest import run_train
-from gradsweep.track.store import Tracker
+from gradsweep.track.tracker import Tracker
 from proxy import FaultProxy
 
 import pytest

@@ -298,7 +298,7 @@ def collect_deleted_runs(uri: str) -> int:
 
 # ------------------------------------------------------------------------------ the command
 def locations(uri: str, spool: Path, roots: list[Path], plan: Plan) -> list[tuple[str, Path, str]]:
-    from gradsweep.track.store import default_artifact_location
+    from gradsweep.track.tracker import default_artifact_location
 
     rows: list[tuple[str, Path, str]] = []
     if is_local_sqlite(uri):

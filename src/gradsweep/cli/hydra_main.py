@@ -153,8 +153,8 @@ def _exit_if_not_recorded() -> None:
     """Runs whose end did not reach the tracking store (each named when its wait ended): exit 3
     (EXIT_SPOOLED), so a script or scheduler never takes a sweep for recorded while its runs are
     still spooled."""
-    store = sys.modules.get("gradsweep.track.store")
-    undelivered = getattr(store, "UNDELIVERED", None)
+    closing = sys.modules.get("gradsweep.track.closing")
+    undelivered = getattr(closing, "UNDELIVERED", None)
     if undelivered:
         print(f"error: {len(undelivered)} run(s) not fully recorded in the tracking store "
               f"({undelivered[-1][1]}); `gradsweep sync` delivers them", file=sys.stderr)

@@ -145,7 +145,7 @@ def start_delivery(argv: list[str]) -> None:
     if parsed is None or uri is None:
         return
     from gradsweep.track.journal import default_spool_dir
-    from gradsweep.track.store import DeliveryWorker
+    from gradsweep.track.worker import DeliveryWorker
     from gradsweep.track.uri import absolute_sqlite
 
     spool_dir = parsed[2].get("tracking.spool_dir")

@@ -193,7 +193,7 @@ def run_figure_hook(header: dict, run_id: str, folder: Path, path: str, title: s
 
     from gradsweep.track.delivery import client_for
     from gradsweep.track.steps import StepSchema, read_records
-    from gradsweep.track.store import StoreRun
+    from gradsweep.track.tracker import StoreRun
     from gradsweep.train.sinks import HistorySink
 
     sink = HistorySink()  # what the job's own HistorySink held, read back from its journal's step records

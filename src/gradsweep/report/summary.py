@@ -277,7 +277,8 @@ def sweep_summary_hook(header: dict[str, Any], run_id: str, folder: Path, out_di
     summary (:func:`summarize_sweep`) goes to the parent run. It runs in whichever process delivers
     the parent (the sweep's delivery process; ``gradsweep sync`` after an outage), so the sweep
     process itself never loads MLflow. Returns what the sweep prints: the table and links."""
-    from gradsweep.track.store import StoreRun, Tracker, deliver_children
+    from gradsweep.track.ownership import deliver_children
+    from gradsweep.track.tracker import StoreRun, Tracker
 
     deliver_children(folder, run_id)
     tracker = Tracker(header["uri"], header["experiment_name"], header.get("artifact_location"))

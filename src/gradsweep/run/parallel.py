@@ -122,7 +122,8 @@ def _rank_main(index: int, world: int, folder: str, spec: "JobSpec", resume_file
     parent = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
-        from gradsweep.run.job import data_and_model, device_for
+        from gradsweep.run.inputs import data_and_model
+        from gradsweep.run.job import device_for
         from gradsweep.train.checkpoints import load_checkpoint
         from gradsweep.train.loop import Trainer
         from gradsweep.train.registry import build

@@ -27,7 +27,7 @@ from gradsweep.track.uri import is_local_sqlite, mask, mask_overrides
 
 if TYPE_CHECKING:
     from gradsweep.track.settings import TrackingConfig
-    from gradsweep.track.store import MlflowRun
+    from gradsweep.track.mlflow_run import MlflowRun
 
 log = logging.getLogger("gradsweep")
 
@@ -54,7 +54,7 @@ class GradsweepCallback(Callback):
                 SWEEPER_TAG: str(config.hydra.sweeper.get("_target_", "")),
                 OUTPUT_DIR_TAG: str(Path(str(config.hydra.sweep.dir)).resolve()),
                 **(outer.parent_tags if outer else {})}  # e.g. schedule, scheduled_at
-        from gradsweep.track.store import open_run
+        from gradsweep.track.mlflow_run import open_run
 
         # Jobs of Hydra's basic launcher run in this process and find the parent's journal in the
         # same spool: the delivery process creates the parent, and this process never loads MLflow
@@ -102,7 +102,8 @@ class GradsweepCallback(Callback):
 def _say_not_recorded(journal) -> None:
     """The sweep ends before its runs are all on the store: name each run still spooled and why."""
     from gradsweep.track.journal import HEADER, read_json
-    from gradsweep.track.store import UNDELIVERED, children_pending
+    from gradsweep.track.closing import UNDELIVERED
+    from gradsweep.track.ownership import children_pending
 
     folder = journal.journal.folder
     reason = UNDELIVERED[-1][1] if UNDELIVERED else "the tracking store did not answer"

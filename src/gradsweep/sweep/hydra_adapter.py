@@ -29,7 +29,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gradsweep.checks import choice
 from gradsweep.errors import ConfigError, NonFiniteError, StopRun
-from gradsweep.run.job import JobContext, JobOutcome, check_inputs, hold_folder, run_job
+from gradsweep.run.inputs import check_inputs
+from gradsweep.run.job import JobContext, JobOutcome, hold_folder, run_job
 from gradsweep.run.spec import JobSpec
 from gradsweep.sweep.context import SweepContext
 from gradsweep.sweep.nodes import plain_dict, plain_dict_or_none

@@ -50,7 +50,7 @@ from gradsweep.track.journal import worker_id
 from gradsweep.track.uri import mask
 
 if TYPE_CHECKING:
-    from gradsweep.track.store import Tracker
+    from gradsweep.track.tracker import Tracker
 
 log = logging.getLogger("gradsweep")
 RUN_ID_ATTR = "mlflow_run_id"
@@ -259,7 +259,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                 tracking = tracking_spec(self.config)
                 if tracking.backend != "mlflow":  # a dry run records nothing
                     return None
-                from gradsweep.track.store import Tracker
+                from gradsweep.track.tracker import Tracker
 
                 self.tracker = Tracker(tracking.uri, tracking.experiment_name, tracking.artifact_location)
             return action(self.tracker)

@@ -55,7 +55,7 @@ class HookNotReady(Exception):
 #: that never imports MLflow hands its summary to its delivery process this way). A journal
 #: names a hook, never code: only these run.
 HOOKS = {
-    "close_dead_runs": "gradsweep.track.store:close_dead_runs_hook",
+    "close_dead_runs": "gradsweep.track.ownership:close_dead_runs_hook",
     "sweep_summary": "gradsweep.report.summary:sweep_summary_hook",
     "run_figure": "gradsweep.report.figures:run_figure_hook",
 }
@@ -501,7 +501,7 @@ def removable(spool: Path, owner_pid: Optional[int] = None) -> list[Path]:
     return out
 
 
-CLAIMS = ".runs"  #: claims of runs continued in place (gradsweep.track.store.claim_run), one lock file each
+CLAIMS = ".runs"  #: claims of runs continued in place (gradsweep.track.ownership.claim_run), one lock file each
 
 
 def remove_delivered(spool: Path, owner_pid: Optional[int] = None) -> int:

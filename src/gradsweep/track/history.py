@@ -86,6 +86,6 @@ class Histories:
         if frame is not None and key in frame.columns:
             column = frame[key].dropna()
             return column.index.tolist(), column.astype(float).tolist()
-        from gradsweep.track.store import metric_history
+        from gradsweep.track.tracker import metric_history
 
         return metric_history(self.client, run_id, key)

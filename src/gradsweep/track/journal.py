@@ -159,7 +159,7 @@ class RunJournal:
 
     A journal that cannot be written (disk full, read-only) or that was deleted under the run is
     *lost*: the append that finds out raises :class:`RecordingLost` (the job stops and closes the
-    run FAILED through the store directly, see :func:`gradsweep.track.store.close_run`); later
+    run FAILED through the store directly, see :func:`gradsweep.track.closing.close_run`); later
     appends are counted in ``dropped`` and do nothing."""
 
     def __init__(self, folder: Path, run_id: Optional[str] = None, header: Optional[dict[str, Any]] = None):

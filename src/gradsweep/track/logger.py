@@ -3,7 +3,7 @@
 A backend is chosen by configuration (``tracking.backend``):
 
 * ``mlflow`` (default): a run journal on local disk, delivered to the MLflow tracking store by a
-  separate process (:mod:`gradsweep.track.store`, :mod:`gradsweep.track.delivery`);
+  separate process (:mod:`gradsweep.track.mlflow_run`, :mod:`gradsweep.track.delivery`);
 * ``memory``: kept in this process and dropped at its end (a dry run: train and see the console,
   record nothing; the job's tests use it to check what a run records without a store).
 
@@ -95,7 +95,7 @@ def open_run_logger(tracking: TrackingConfig, run_name: str, tags: dict[str, str
     hooks the run will ask for (the ``mlflow`` backend's ``after_delivery``)."""
     if tracking.backend == "memory":
         return MemoryRunLogger(run_name, tags)
-    from gradsweep.track.store import open_run  # MLflow: only for this backend
+    from gradsweep.track.mlflow_run import open_run  # MLflow: only for this backend
 
     return open_run(tracking, run_name, tags, parent_run_id=parent_run_id, parent_local_id=parent_local_id,
                     run_id=run_id, hooks=hooks)

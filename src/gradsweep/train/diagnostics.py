@@ -260,14 +260,39 @@ def hidden_unit_spread(model) -> Optional[float]:
 
 def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None, model=None,
              train_x=None) -> Diagnosis:
-    """Health metrics and verdicts of one run (``history`` as recorded by the training loop)."""
+    """Health metrics and verdicts of one run (``history`` as recorded by the training loop): one
+    judge per verdict family, in the order their notes are read."""
     cfg = cfg or DiagnosticsConfig()
     d = Diagnosis()
-    if len(history.get("grad_norm/total", ([], []))[0]) == 0:
+    if not _recorded_steps(history):
         return d
     history = _without_skipped_steps(history, d)
-    if len(history.get("grad_norm/total", ([], []))[0]) == 0:
+    if not _recorded_steps(history):
         return d
+    _judge_nonfinite(d, history)
+    params = [k.removeprefix("grad_norm/") for k in history
+              if k.startswith("grad_norm/") and k not in ("grad_norm/total", "grad_norm/total_clipped")]
+    steps, vals = _aligned(history, ["grad_norm/total", *(f"grad_norm/{p}" for p in params)])
+    if len(steps) == 0:
+        d.verdicts = d.verdicts or ["nonfinite"]
+        return d
+    total = vals.pop("grad_norm/total")
+    if len(steps) < cfg.min_steps:  # the facts, no exploding / vanishing verdict on so little evidence
+        _judge_too_few_steps(d, steps, total, cfg)
+    else:
+        _judge_exploding(d, history, steps, total, cfg)
+        _judge_vanishing(d, {name.removeprefix("grad_norm/"): v for name, v in vals.items()}, total, cfg)
+    _judge_units(d, model, train_x, cfg)
+    d.verdicts = [v for v in VERDICTS if v in d.verdicts]
+    return d
+
+
+def _recorded_steps(history: dict[str, Series]) -> int:
+    return len(history.get("grad_norm/total", ([], []))[0])
+
+
+def _judge_nonfinite(d: Diagnosis, history: dict[str, Series]) -> None:
+    """nonfinite: a NaN/Inf total gradient norm or loss was recorded."""
     raw_total = np.array(history["grad_norm/total"][1], dtype=float)
     raw_loss = np.array(history.get("train/loss", ([], []))[1], dtype=float)
     if not np.isfinite(raw_total).all() or not np.isfinite(raw_loss).all():
@@ -275,31 +300,20 @@ def diagnose(history: dict[str, Series], cfg: Optional[DiagnosticsConfig] = None
         bad = [s for s, v in zip(*history["grad_norm/total"], strict=True) if not math.isfinite(v)]
         d.notes.append(f"non-finite gradient norm at step {bad[0]}" if bad else "non-finite loss")
 
-    params = [k.removeprefix("grad_norm/") for k in history
-              if k.startswith("grad_norm/") and k not in ("grad_norm/total", "grad_norm/total_clipped")]
-    steps, vals = _aligned(history, ["grad_norm/total", *(f"grad_norm/{p}" for p in params)])
-    if len(steps) == 0:
-        d.verdicts = d.verdicts or ["nonfinite"]
-        return d
-    total = vals["grad_norm/total"]
-    if len(steps) < cfg.min_steps:  # the facts, no exploding / vanishing verdict on so little evidence
-        d.metrics.update({"health/peak_grad_norm": float(total.max()),
-                          "health/peak_step": float(steps[int(np.argmax(total))])})
-        d.verdicts.append("too_few_steps")
-        d.notes.append(f"not enough steps for a verdict: {len(steps)} recorded, at least {cfg.min_steps} needed "
-                       "(diagnostics.min_steps); record more often with a smaller trainer.log_every_steps")
-    else:
-        _judge_norms(d, history, steps, vals, total, cfg)
-    _judge_units(d, model, train_x, cfg)
-    d.verdicts = [v for v in VERDICTS if v in d.verdicts]
-    return d
+
+def _judge_too_few_steps(d: Diagnosis, steps: np.ndarray, total: np.ndarray, cfg: DiagnosticsConfig) -> None:
+    """too_few_steps: the peak is reported, no exploding or vanishing verdict is given."""
+    d.metrics.update({"health/peak_grad_norm": float(total.max()),
+                      "health/peak_step": float(steps[int(np.argmax(total))])})
+    d.verdicts.append("too_few_steps")
+    d.notes.append(f"not enough steps for a verdict: {len(steps)} recorded, at least {cfg.min_steps} needed "
+                   "(diagnostics.min_steps); record more often with a smaller trainer.log_every_steps")
 
 
-def _judge_norms(d: Diagnosis, history: dict[str, Series], steps: np.ndarray, vals: dict, total: np.ndarray,
-                 cfg: DiagnosticsConfig) -> None:
-    """exploding / spikes_clipped and vanishing, from the recorded norms."""
-    params = [k.removeprefix("grad_norm/") for k in vals if k != "grad_norm/total"]
-    # exploding / spikes_clipped: growth from the run's own start that is held, not one step
+def _judge_exploding(d: Diagnosis, history: dict[str, Series], steps: np.ndarray, total: np.ndarray,
+                     cfg: DiagnosticsConfig) -> None:
+    """exploding / spikes_clipped: growth from the run's own start that is held, not one step;
+    isolated spikes are counted and noted, no verdict."""
     peak = int(np.argmax(total))
     start = float(total[0])
     sp = spikes(total, cfg.spike_factor, cfg.spike_window, cfg.spike_min_history, floor=start)
@@ -328,40 +342,52 @@ def _judge_norms(d: Diagnosis, history: dict[str, Series], steps: np.ndarray, va
                        f"{total[sp].max():.4g} ({total[sp].max() / start:.3g}x the start) at step "
                        f"{steps[sp[np.argmax(total[sp])]]}; the norm did not stay up")
 
-    # vanishing (a): per parameter
-    fracs = {p: float(np.mean(vanished_steps(vals[f"grad_norm/{p}"], total, cfg))) for p in params}
+
+def _judge_vanishing(d: Diagnosis, norms: dict[str, np.ndarray], total: np.ndarray, cfg: DiagnosticsConfig) -> None:
+    """vanishing, from the per-parameter norms (``norms``: parameter name -> its norm per step)."""
+    why = [w for w in (_vanished_weights(d, norms, total, cfg), _first_last_ratio(d, norms, cfg)) if w]
+    if why:
+        d.verdicts.append("vanishing")
+        d.notes.extend(why)
+
+
+def _vanished_weights(d: Diagnosis, norms: dict[str, np.ndarray], total: np.ndarray,
+                      cfg: DiagnosticsConfig) -> Optional[str]:
+    """vanishing (a): some weight's gradient vanished on at least ``vanishing_frac`` of the steps."""
+    fracs = {p: float(np.mean(vanished_steps(norm, total, cfg))) for p, norm in norms.items()}
     for p, f in fracs.items():
         d.metrics[f"health/vanishing_frac/{p}"] = f
-    vanishing = []
-    if fracs:
-        worst = max(fracs, key=lambda p: fracs[p])
-        d.metrics["health/vanishing_frac_max"] = fracs[worst]
-        weights = {p: f for p, f in fracs.items() if not BIAS.search(p)}
-        if weights and max(weights.values()) >= cfg.vanishing_frac:
-            gone = sorted((p for p in weights if weights[p] >= cfg.vanishing_frac), key=lambda p: -weights[p])
-            vanishing.append(f"gradient vanished on {weights[gone[0]]:.0%} of steps for {', '.join(gone[:4])}"
-                             + (f" (+{len(gone) - 4} more)" if len(gone) > 4 else ""))
+    if not fracs:
+        return None
+    d.metrics["health/vanishing_frac_max"] = max(fracs.values())
+    weights = {p: f for p, f in fracs.items() if not BIAS.search(p)}
+    if not weights or max(weights.values()) < cfg.vanishing_frac:
+        return None
+    gone = sorted((p for p in weights if weights[p] >= cfg.vanishing_frac), key=lambda p: -weights[p])
+    return (f"gradient vanished on {weights[gone[0]]:.0%} of steps for {', '.join(gone[:4])}"
+            + (f" (+{len(gone) - 4} more)" if len(gone) > 4 else ""))
 
-    # vanishing (b): first / last layer of a layered model, over the first steps
-    layered = layer_weights(params)
-    if layered:
-        first, last = vals[f"grad_norm/{layered[0]}"], vals[f"grad_norm/{layered[-1]}"]
-        n = min(cfg.ratio_steps, len(first))
-        ok = last[:n] > 0
-        if ok.any():
-            ratio = float(np.median(first[:n][ok] / last[:n][ok]))
-            d.metrics["health/first_last_ratio"] = ratio
-            if ratio < cfg.first_last_ratio_min:
-                vanishing.append(f"first-layer gradient is {ratio:.2g}x the last layer's "
-                                 f"({layered[0]} / {layered[-1]}, first {n} steps)")
-    if vanishing:
-        d.verdicts.append("vanishing")
-        d.notes.extend(vanishing)
 
+def _first_last_ratio(d: Diagnosis, norms: dict[str, np.ndarray], cfg: DiagnosticsConfig) -> Optional[str]:
+    """vanishing (b): in a layered model, the first layer's gradient a tiny fraction of the last
+    layer's over the first steps."""
+    layered = layer_weights(list(norms))
+    if not layered:
+        return None
+    first, last = norms[layered[0]], norms[layered[-1]]
+    n = min(cfg.ratio_steps, len(first))
+    ok = last[:n] > 0
+    if not ok.any():
+        return None
+    ratio = float(np.median(first[:n][ok] / last[:n][ok]))
+    d.metrics["health/first_last_ratio"] = ratio
+    if not ratio < cfg.first_last_ratio_min:
+        return None
+    return f"first-layer gradient is {ratio:.2g}x the last layer's ({layered[0]} / {layered[-1]}, first {n} steps)"
 
 
 def _judge_units(d: Diagnosis, model, train_x, cfg: DiagnosticsConfig) -> None:
-    """dead units (ReLU MLPs), symmetry (MLPs): from the trained model."""
+    """dead_units (ReLU MLPs), and the hidden units' spread (MLPs): from the trained model."""
     if model is not None and train_x is not None:
         frac = dead_relu_fraction(model, train_x)
         if frac is not None:
