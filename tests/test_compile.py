@@ -2,7 +2,7 @@
 uncompiled run records: the same metric names (none with compile's ``_orig_mod.`` prefix) and the
 same norms on the first steps. The default test run compiles with the ``eager`` backend (Dynamo
 traces and wraps the model as inductor does, in about a second); inductor itself generates kernels,
-which on this CPU cost 40 s for the default model with a cold cache: its case is marked slow."""
+which takes tens of seconds on a CPU with a cold cache: its case is marked slow."""
 import numpy as np
 import pytest
 import torch
