@@ -1,7 +1,10 @@
 """What gradsweep's telemetry costs per training step on the device it runs on (a GPU when there is
 one, else the CPU), for a model of ~100 parameter tensors at step times of ~2-20 ms.
 
-    .venv/bin/python benchmarks/gpu_step.py [--widths 256,1024,2048] [--steps 300] [--repeats 3]
+    .venv/bin/python benchmarks/gpu_step.py [--device auto|cpu|cuda] [--widths 256,1024] [--steps 300] [--repeats 3]
+
+--device cuda (the GPU table) stops in one line, exit 2, where torch sees no CUDA device; auto
+(the default) says on its first line when it falls back to the CPU and why.
 
 The model is an MLP of 49 hidden layers (50 linear layers: 100 tensors) of --widths units on
 scikit-learn's digits (1,078 training rows, batch 1,024), SGD with norm clipping at 1.0. Per width:
@@ -112,8 +115,17 @@ def main() -> None:
     ap.add_argument("--widths", default=None, help="hidden widths (default: 1024,2048,4096 on CUDA, 64,128,256 on CPU)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        why = f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None else \
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no CUDA device or driver"
+        if args.device == "cuda":
+            print(f"error: --device cuda: {why}; allowed: a machine with a CUDA GPU and a CUDA build of torch, "
+                  "or --device auto|cpu", file=sys.stderr)
+            sys.exit(2)
+        print(f"no GPU: {why}; this is the CPU table (the GPU table: --device cuda on a GPU machine)")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     widths = [int(w) for w in (args.widths or ("1024,2048,4096" if device.type == "cuda" else "64,128,256")).split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     tensors = sum(1 for _ in setup(widths[0], device)[1].parameters())

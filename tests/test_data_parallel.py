@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 import gradsweep
@@ -110,3 +111,20 @@ def test_a_killed_rank_fails_the_whole_job_and_leaves_no_process(tmp_path, migra
     (run,) = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("gradsweep").experiment_id])
     assert run.info.status == "FAILED" and "rank 1 killed by signal 9" in run.data.tags["failure_reason"], err[-3000:]
     assert not [p for p in descendants(proc.pid)]  # nothing left running
+
+
+@pytest.mark.parametrize("launcher,key", [("slurm", "tasks_per_node"), ("slurm", "nodes"), ("local", "tasks_per_node")])
+def test_more_than_one_submitit_task_per_job_is_refused_before_submitting(launcher, key):
+    """A job starts its own ranks: N Slurm tasks would each train the whole job. Refused at preflight
+    (no cluster needed: nothing is submitted), naming the way to ask for N processes."""
+    from gradsweep.errors import ConfigError
+    from gradsweep.paths import CONF_DIR
+    from gradsweep.sweep.hydra_adapter import preflight
+
+    with pytest.raises(ConfigError) as e:
+        preflight(str(CONF_DIR), "config", ["-m", f"hydra/launcher={launcher}", f"hydra.launcher.{key}=2",
+                                            "clip.max_norm=1,5", "tracking.backend=memory"])
+    assert str(e.value) == f"hydra.launcher.{key}=2 is invalid; allowed: 1 (a job starts its own processes: " \
+        "trainer.devices=2 with hydra.launcher.tasks_per_node=1, nodes=1 and cpus_per_task or gpus_per_node for them)"
+    assert preflight(str(CONF_DIR), "config", ["-m", f"hydra/launcher={launcher}", "trainer.devices=2",
+                                               "hydra.launcher.cpus_per_task=2", "tracking.backend=memory"]) == 1

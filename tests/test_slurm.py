@@ -16,12 +16,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import psycopg2
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+import gradsweep
 from conftest import ROOT, MlflowServer, run_train
 from gradsweep.names import PARENT_TAG, WORKER_TAG
 from gradsweep.sweep.optuna_storage import make_storage, resolve_storage_url
@@ -192,6 +194,23 @@ def test_sweep_runs_as_slurm_jobs_two_at_a_time(slurm, tracking, tmp_path):
     assert len(jobs) == 3
     assert most_at_once(jobs) == 2  # array_parallelism=2: two at a time, never three
     assert len(glob.glob(str(sweep_dir / ".submitit" / "*_*" / "*_log.out"))) == 3  # submitit's logs in the sweep
+
+
+def test_a_data_parallel_job_runs_as_one_slurm_task(slurm, tracking, tmp_path):
+    """trainer.devices=2 on Slurm: one task (tasks_per_node=1) with 2 CPUs starts its own second
+    rank; its run records the norms of the devices=1 job beside it. tasks_per_node=2 is refused at
+    preflight, before sbatch (tests/test_data_parallel.py)."""
+    res = run_train(["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=2", "trainer.devices=1,2",
+                     "model=mlp", "data=moons", "trainer.batch_size=50", "trainer.epochs=3", "optimizer.lr=0.002",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", *LEAN, *tracking], tmp_path, env=slurm)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    client, _, children = runs(tracking)
+    by = {c.data.params["trainer.devices"]: c for c in children}
+    assert sorted(by) == ["1", "2"] and {c.info.status for c in children} == {"FINISHED"}  # one run per job
+    one, two = (gradsweep.history(by[n].info.run_id, tracking[0].split("=", 1)[1]) for n in ("1", "2"))
+    assert list(one.columns) == list(two.columns) and list(one.index) == list(two.index) and len(one) > 0
+    norms = [c for c in one.columns if c.startswith("grad_norm/")]
+    np.testing.assert_allclose(two[norms].to_numpy(), one[norms].to_numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_cancelled_job_is_killed_and_the_sweep_goes_on(slurm, tracking, tmp_path):

@@ -36,7 +36,7 @@ from gradsweep.train.clipping import Clipper
 from gradsweep.train.diagnostics import DiagnosticsConfig, record_health
 from gradsweep.train.registry import build, parts
 from gradsweep.train.sinks import HistorySink, TeeSink
-from gradsweep.train.telemetry import GradientNorms
+from gradsweep.train.telemetry import GradientNorms, unwrapped
 
 
 def clip_config(clip: Optional[dict[str, Any]]) -> Any:
@@ -119,8 +119,8 @@ class Watch:
             else:
                 self.run.set_tags({FAILURE_TAG: "exception", FAILURE_REASON_TAG: f"{exc_type.__name__}: {exc}"})
         try:
-            record_health(self.history.history, self.diagnostics, self.model, None, self.run, self.run.set_tags,
-                          self.run.run_ref)
+            record_health(self.history.history, self.diagnostics, unwrapped(self.model), None, self.run,
+                          self.run.set_tags, self.run.run_ref)
             if self.history.rows and hasattr(self.run, "after_delivery"):  # drawn by the delivery process
                 path = Path(tempfile.gettempdir()) / f"gradsweep-watch-{id(self):x}" / "grad_norms.png"
                 self.run.after_delivery("run_figure", path=str(path), title=self.run_name, keep_local=False)

@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gradsweep.checks import choice
+from gradsweep.checks import choice, require
 from gradsweep.errors import ConfigError, NonFiniteError, StopRun
 from gradsweep.run.inputs import check_inputs
 from gradsweep.run.job import JobContext, JobOutcome, hold_folder, run_job
@@ -238,6 +238,9 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
         check_writable(folder_key, folder, Path(folder.split("${")[0] or ".").absolute(),
                        allowed="a folder this user can create and write")
     jobs = _jobs(config_dir, args.overrides, name, args.multirun)
+    launcher = [o for o in args.overrides if o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher"))]
+    if args.multirun and jobs and launcher:  # the jobs' configs leave hydra.* overrides out: composed once more
+        check_launcher_tasks(compose_config(config_dir, [*jobs[0][0], *launcher], name, hydra_config=True))
     for job, cfg in jobs:
         check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)),
                      claim=not args.multirun)  # a sweep's resume is claimed by the process running its job
@@ -245,6 +248,20 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
         # given to two sweeps at once, the second is refused before it starts (else each of its jobs would be)
         hold_folder(Path(folder).absolute(), "hydra.sweep.dir")
     return len(jobs)
+
+
+def check_launcher_tasks(cfg: DictConfig) -> None:
+    """One task per job on a submitit launcher (Slurm or local). A job starts its own processes
+    (``trainer.devices=N``, :mod:`gradsweep.run.parallel`); N tasks of one Slurm step would each run
+    the whole job (N trainings, one folder), so more tasks or nodes are refused before anything is
+    submitted, in one line saying how to ask for N processes instead."""
+    launcher = cfg.hydra.launcher
+    for key in ("tasks_per_node", "nodes"):
+        n = launcher.get(key)
+        if n is not None:
+            require(int(n) == 1, f"hydra.launcher.{key}", n,
+                    f"1 (a job starts its own processes: trainer.devices={max(int(cfg.trainer.devices), int(n))} "
+                    "with hydra.launcher.tasks_per_node=1, nodes=1 and cpus_per_task or gpus_per_node for them)")
 
 
 # ------------------------------------------------------------------------------ the job

@@ -44,6 +44,7 @@ REDUCTIONS = ("sum", "mean")
 LOSSES = ("cross_entropy", "bce", "mse", "lm")
 IGNORE_INDEX = -100
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 HEAD = (TRAIN_LOSS, TRAIN_ACC, GRAD_TOTAL, GRAD_TOTAL_CLIPPED, CLIP_COEF)  #: a step vector's first values
@@ -79,6 +80,9 @@ class TrainerConfig:
     #: by the job itself; the global batch stays batch_size, split across them; only rank 0 records
     devices: int = 1
     compile: bool = False  # torch.compile the model for training (metric names unchanged)
+    #: torch.compile's backend: inductor (generated kernels: the fast one, slow to compile on a CPU),
+    #: aot_eager (forward and backward traced, torch's own kernels), eager (traced forward only)
+    compile_backend: str = "inductor"
     #: a job whose data, model, gradients, optimizer state and one batch's activations need more
     #: memory than this (estimated before allocating: gradsweep.train.budget) is refused in one line.
     #: 0 = 80% of this machine's memory (or of its container's limit)
@@ -102,6 +106,7 @@ class TrainerConfig:
         choice("trainer.precision", self.precision, PRECISIONS)
         require(self.devices >= 1, "trainer.devices", self.devices, "an integer >= 1")
         require(isinstance(self.compile, bool), "trainer.compile", self.compile, "true|false")
+        choice("trainer.compile_backend", self.compile_backend, COMPILE_BACKENDS)
 
 
 @dataclass
@@ -178,7 +183,8 @@ class Trainer:
         self.recording = parallel is None or parallel.rank == 0  # the other ranks only train
         self.precision = Precision(getattr(cfg, "precision", "32"), device)
         forward = parallel.wrap(model) if parallel is not None else model
-        self.forward = torch.compile(forward) if getattr(cfg, "compile", False) else forward
+        self.forward = torch.compile(forward, backend=getattr(cfg, "compile_backend", "inductor")) \
+            if getattr(cfg, "compile", False) else forward
         self.has_acc = cfg.loss != "mse"  # regression: no accuracy; best checkpoint and objective by dev loss
         self.clip_metrics = tuple(getattr(clipper, "metrics", ()))
         self.extra_metrics = self.clip_metrics + self.precision.metrics

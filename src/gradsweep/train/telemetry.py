@@ -11,10 +11,24 @@ import torch
 from torch import nn
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The user's model under ``torch.compile``'s and DDP's wrappers, whose parameter names carry
+    ``_orig_mod.`` and ``module.``: the names recorded are the model's own, however it runs.
+    ``_orig_mod`` is the attribute torch.compile's wrapper (``OptimizedModule``) keeps the model in:
+    torch has no public accessor for it, and its parameter names are made from it."""
+    while True:
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else \
+            getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 class GradientNorms:
     """Per-parameter and total L2 gradient norms of a model, computed with ``torch._foreach_norm``."""
 
     def __init__(self, model: nn.Module):
+        model = unwrapped(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
