@@ -20,7 +20,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
 from gradsweep.cli.plan import confirm_plan, withdraw_plan
-from gradsweep.errors import GradsweepError, JobLost, NonFiniteError, RankLost, RecordingLost
+from gradsweep.errors import GradsweepError, JobLost, NonFiniteError, RankLost, RecordingLost, first_line
 from gradsweep.run.job import main_thread, raise_terminated
 from gradsweep.sweep.hydra_adapter import preflight
 
@@ -34,7 +34,7 @@ EXIT_SPOOLED = 3
 def one_line(e: BaseException) -> str:
     """A single line for a Hydra / OmegaConf / gradsweep error."""
     if isinstance(e, GradsweepError):
-        return str(e).splitlines()[0]
+        return first_line(e)
     text = str(e)
     m = re.search(r"Could not find '([^']+)'", text)
     if m and "/" in m.group(1):
@@ -43,10 +43,10 @@ def one_line(e: BaseException) -> str:
         options = [o.strip() for o in (found.group(1) if found else "").splitlines()
                    if o.strip() and not o.strip().endswith("_schema")]
         return f"{group}={choice}: unknown option; allowed: {'|'.join(options) or '(none)'}"
-    if isinstance(e, OmegaConfBaseException) or isinstance(e.__cause__, OmegaConfBaseException):
-        inner = e if isinstance(e, OmegaConfBaseException) else e.__cause__
+    inner = e if isinstance(e, OmegaConfBaseException) else e.__cause__
+    if isinstance(inner, OmegaConfBaseException):
         key = getattr(inner, "full_key", None)
-        first = str(inner).splitlines()[0]
+        first = first_line(inner)
         return f"{key}: {first}" if key else first
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return " ".join(lines)[:500] if lines else type(e).__name__

@@ -28,7 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gradsweep.checks import choice
-from gradsweep.errors import ConfigError, NonFiniteError, StopRun
+from gradsweep.errors import ConfigError, NonFiniteError, StopRun, first_line
 from gradsweep.run.job import JobContext, JobOutcome, check_inputs, hold_folder, run_job
 from gradsweep.run.spec import JobSpec
 from gradsweep.sweep.context import SweepContext
@@ -114,7 +114,7 @@ def _to_dataclass(schema: type[Any], node: DictConfig, group: str) -> Any:
         raise
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or group
-        msg = str(e).splitlines()[0]
+        msg = first_line(e)
         fields = ", ".join(f for f in schema.__dataclass_fields__)
         where = f"{group}.{key.split('.')[-1] if key != group else ''}"
         raise ConfigError(f"{where}: {msg}; allowed keys: {fields}") from None

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from gradsweep.errors import ConfigError, GradsweepError
+from gradsweep.errors import ConfigError, GradsweepError, first_line
 from gradsweep.locks import Busy, create_in_turn, locked_file
 from gradsweep.track.create import create_run_once, drop_duplicates
 from gradsweep.track.journal import HEADER, STATE, file_identity, read_json, records, write_json_atomic
@@ -202,7 +202,7 @@ def _call(fn, *args, **kwargs):
         result = fn(*args, **kwargs)
     except Exception as e:
         if is_transient(e):
-            raise Unreachable(str(e).splitlines()[0][:300]) from None
+            raise Unreachable(first_line(e, 300)) from None
         _last_answer = time.monotonic()
         raise
     _last_answer = time.monotonic()
@@ -353,7 +353,7 @@ def _deliver_locked(folder: Path) -> bool:
             except Unreachable:
                 raise
             except Exception as e:  # the run's records are on the store; the hook's work is extra
-                result = {"error": (str(e).splitlines() or [type(e).__name__])[0][:300]}
+                result = {"error": first_line(e, 300)}
                 log.error("%s of run %s failed: %s", rec.get("hook"), run_id, result["error"])
             state.setdefault("hooks", {})[rec.get("hook", "?")] = result
         elif op == "end":
@@ -435,7 +435,7 @@ REJECTED_TAG = "gradsweep.rejected"
 def _rejected(folder: Path, state: dict[str, Any], what: str, e: Exception) -> None:
     """The store refused some records (a file it cannot write, a deleted run): they are skipped, the
     run's tag ``gradsweep.rejected`` lists them, and the console says so once per kind."""
-    reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+    reason = first_line(e, 300)
     rejected = state.setdefault("rejected", {})
     if what not in rejected:
         print(f"[gradsweep] run {state.get('run_id')}: the tracking store refused {what}: {reason}",
@@ -450,7 +450,7 @@ def _rejection_summary(state: dict[str, Any]) -> str:
 def _refused(folder: Path, state: dict[str, Any], e: Exception) -> bool:
     """The store refuses to create the run at all: the journal is closed as refused and kept, with
     the reason, so `gradsweep sync` explains it instead of retrying it forever."""
-    reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+    reason = first_line(e, 300)
     state.update(done=True, refused=reason, refused_input=isinstance(e, GradsweepError))
     write_json_atomic(folder / STATE, state)
     if not _owner_reports:  # else the job writing the journal says it, as its last word
