@@ -155,4 +155,6 @@ def _exit_with_parent(parent: int) -> None:
     """A rank whose rank 0 died (even by SIGKILL) would wait in its next all-reduce: end it."""
     while os.getppid() == parent:
         time.sleep(1.0)
+    # os._exit (public, documented): from this watcher thread, end the rank process at once while its
+    # main thread is blocked in a collective (sys.exit from a thread only ends the thread)
     os._exit(1)

@@ -31,12 +31,13 @@ import numpy
 import optuna
 from hydra.core.utils import JobStatus
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from mlflow.entities import Metric, Param, RunTag
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from gradsweep.compat.hydra import job_exception
+from gradsweep.compat.optuna import OptunaSweeperImpl, params_from_overrides, trial_id
 from gradsweep.errors import ConfigError, GradsweepError, first_line
 from gradsweep.labels import params_text, trial_label
 from gradsweep.names import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
@@ -76,7 +77,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
     def _configure_trials(self, trials: list[optuna.trial.Trial], *args: Any) -> Sequence[Sequence[str]]:
         """The plugin's overrides plus the job's sweep context (study, trial id and the run's short name)."""
         overrides = super()._configure_trials(trials, *args)
-        return [tuple(ov) + (self.context.with_(trial_id=t._trial_id, run_name=trial_label(t.number, t.params)
+        return [tuple(ov) + (self.context.with_(trial_id=trial_id(t), run_name=trial_label(t.number, t.params)
                                                 ).job_override(),)
                 for t, ov in zip(trials, overrides, strict=True)]
 
@@ -90,7 +91,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         params_conf = self._parse_sweeper_params_config()
         params_conf.extend(arguments)
         is_grid = isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler
-        space, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
+        space, fixed_params, fixed_overrides = params_from_overrides(params_conf)
         if is_grid:
             grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
             self.sampler = self.sampler(grid)
@@ -222,8 +223,8 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         why = ""
         value: Optional[float] = None
         try:
-            if ret.status == JobStatus.FAILED and isinstance(ret._return_value, optuna.TrialPruned):
-                raise ret._return_value  # not via .return_value, which prints "Error executing job"
+            if ret.status == JobStatus.FAILED and isinstance(job_exception(ret), optuna.TrialPruned):
+                raise job_exception(ret)  # not via .return_value, which prints "Error executing job"
             value = float(ret.return_value)
             state = TrialState.COMPLETE if math.isfinite(value) else TrialState.FAIL
             if state == TrialState.FAIL:

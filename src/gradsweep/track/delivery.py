@@ -693,6 +693,8 @@ def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid
         os.dup2(devnull, 2)
     if owner_pid is not None and not pending(spool, owner_pid):
         remove_delivered(spool, owner_pid)
+        # os._exit (public, documented): this watcher thread ends the whole delivery process at once,
+        # which sys.exit cannot from a thread; nothing is left to deliver and no handler needs to run
         os._exit(0)
     closed.set()
     _wake.set()
