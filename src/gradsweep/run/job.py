@@ -26,6 +26,7 @@ from gradsweep.locks import FOLDER_LOCK, Busy, hold, release
 from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GIT_COMMIT_TAG, OUTPUT_DIR_TAG,
                              OVERRIDES_TAG, RESUMED_AT_TAG, RESUMED_FROM_TAG, RUN_ID, RUN_NAME_TAG, STOPPED_STEP_TAG,
                              STOPPED_TAG, SWEEP_TAG)
+from gradsweep.report.hooks import run_figure
 from gradsweep.run.spec import JobSpec
 from gradsweep.train import budget
 from gradsweep.train.checkpoints import CheckpointStore, check_compatible, load_checkpoint
@@ -357,7 +358,7 @@ def _run_job(spec: JobSpec, ctx: JobContext, on_eval: Optional[Callable[[int, fl
     ranks = None
     run = open_run_logger(spec.tracking, name, tags, parent_run_id=ctx.parent_run_id,
                           parent_local_id=ctx.parent_local_id, run_id=same_run,
-                          hooks=("run_figure",) if spec.tracking.log_figures else ())
+                          hooks=(run_figure,) if spec.tracking.log_figures else ())
     try:  # from here on the run exists: whatever stops the job before training ends it, never leaves it RUNNING
         if resume is not None and same_run:
             client = make_tracker().client
@@ -480,7 +481,7 @@ def _close_run(run: RunLogger, history: HistorySink, store: CheckpointStore, spe
             path = (store.folder.parent / "figures" / "grad_norms.png").resolve()
             draw_later = getattr(run, "after_delivery", None)
             if draw_later is not None:  # the mlflow backend: its delivery process draws the figure from
-                draw_later("run_figure", path=str(path), title=name,  # the journal, off the training path
+                draw_later(run_figure, path=str(path), title=name,  # the journal, off the training path
                            keep_local=spec.tracking.keep_local_artifacts)
             else:
                 from gradsweep.report.figures import plot_param_norms  # matplotlib: only when a figure is drawn

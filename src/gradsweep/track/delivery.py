@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from gradsweep.errors import ConfigError, GradsweepError, first_line
 from gradsweep.locks import Busy, create_in_turn, locked_file
+from gradsweep.track.hooks import resolve_hook
 from gradsweep.track.create import create_run_once, drop_duplicates
 from gradsweep.track.journal import HEADER, STATE, file_identity, read_json, records, write_json_atomic
 from gradsweep.track.steps import FAMILIES, STEPS, TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
@@ -49,28 +50,9 @@ class HookNotReady(Exception):
     the journal stops before the hook and the next pass tries again."""
 
 
-#: What a journal may ask its deliverer to run after the records before it are on the store
-#: (``RunJournal.after_delivery``). Named here, imported only when run: the layers above register
-#: work for whichever process delivers the run, which has MLflow loaded already (a sweep process
-#: that never imports MLflow hands its summary to its delivery process this way). A journal
-#: names a hook, never code: only these run.
-HOOKS = {
-    "close_dead_runs": "gradsweep.track.store:close_dead_runs_hook",
-    "sweep_summary": "gradsweep.report.summary:sweep_summary_hook",
-    "run_figure": "gradsweep.report.figures:run_figure_hook",
-}
-#: What a hook loads when it runs (matplotlib: ~0.7 s on a small machine). A journal whose header
-#: lists the hooks it will ask for (``RunJournal.create(..., hooks=...)``) has these imported by
-#: the delivery process while it waits for the run's records, so the hook is not on the path
-#: between a job's last step and its end (nor between a sweep's last job and its summary).
-PRELOAD = {
-    "sweep_summary": ("gradsweep.report.summary", "gradsweep.report.figures"),
-    "run_figure": ("gradsweep.report.figures",),
-}
-
-
 class Preloader:
-    """Imports, in a background thread, the modules of the hooks that pending journals announce."""
+    """Imports, in a background thread, the modules of the hooks that pending journals announce
+    (their header's ``preload``: :func:`gradsweep.track.hooks.preload_modules`)."""
 
     def __init__(self) -> None:
         self.seen: set[Path] = set()
@@ -82,8 +64,10 @@ class Preloader:
             if folder in self.seen:
                 continue
             self.seen.add(folder)
-            for hook in (read_json(folder / HEADER) or {}).get("hooks") or ():
-                modules += [m for m in PRELOAD.get(hook, ()) if m not in self.started and m not in modules]
+            for module in (read_json(folder / HEADER) or {}).get("preload") or ():
+                if isinstance(module, str) and module.startswith("gradsweep.") and module not in self.started \
+                        and module not in modules:
+                    modules.append(module)
         if modules:
             self.started.update(modules)
             threading.Thread(target=_import_quietly, args=(modules,), daemon=True).start()
@@ -100,14 +84,9 @@ def _import_quietly(modules: list[str]) -> None:
 
 
 def run_hook(rec: dict[str, Any], folder: Path, header: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Run one hook record; transient store errors become Unreachable (try again later)."""
-    import importlib
-
-    target = HOOKS.get(rec.get("hook", ""))
-    if target is None:
-        raise ValueError(f"unknown hook {rec.get('hook')!r}; known: {', '.join(HOOKS)}")
-    module, _, name = target.partition(":")
-    fn = getattr(importlib.import_module(module), name)
+    """Run one hook record (:mod:`gradsweep.track.hooks`); transient store errors become Unreachable
+    (try again later)."""
+    fn = resolve_hook(rec.get("hook", ""))
     return _call(fn, folder=folder, header=header, run_id=run_id, **(rec.get("kwargs") or {})) or {}
 
 

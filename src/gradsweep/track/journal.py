@@ -21,13 +21,14 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from gradsweep.errors import ConfigError, RecordingLost
 from gradsweep.locks import hold, is_held, process_id, process_state, release, temporary_name
 from gradsweep.names import FAILURE_TAG
+from gradsweep.track.hooks import hook_target
 from gradsweep.track.steps import HEAD, STEPS, StepSchema, record_dtype
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
@@ -326,11 +327,11 @@ class RunJournal:
             self._lose(e)
         self._append(record)
 
-    def after_delivery(self, hook: str, **kwargs: Any) -> None:
-        """Run ``hook`` (a name in :data:`gradsweep.track.delivery.HOOKS`) with ``kwargs`` where this
-        record is delivered: in the delivery process, the job's own close, or ``gradsweep sync``,
-        whichever has the store at hand (and MLflow loaded)."""
-        self._append({"op": "hook", "hook": hook, "kwargs": kwargs})
+    def after_delivery(self, hook: Callable[..., Any], **kwargs: Any) -> None:
+        """Run ``hook`` (a function marked :func:`gradsweep.track.hooks.delivery_hook`; recorded as its
+        ``<module>:<name>``) with ``kwargs`` where this record is delivered: in the delivery process,
+        the job's own close, or ``gradsweep sync``, whichever has the store at hand (and MLflow loaded)."""
+        self._append({"op": "hook", "hook": hook_target(hook), "kwargs": kwargs})
 
     def end(self, status: str) -> None:
         try:
