@@ -1,7 +1,8 @@
 """CPython's exit path, run by hand to end a process without the interpreter's finalization.
 
-``sys.exit`` ends with the interpreter tearing every module down one by one, which took 1.3-1.6 s
-after a job with torch and MLflow loaded (every job and every test that starts one waited for it).
+``sys.exit`` ends with the interpreter tearing every module down one by one, which takes over a
+second once torch and MLflow are loaded (every job and every test that starts one waited for it;
+benchmarks/startup_speed.py prints a job's whole wall time).
 ``os._exit`` (public: the documented way to end a process at once) skips that, but also what the
 interpreter runs first and callers rely on: threading's own at-exit hooks, then the ``atexit``
 handlers. Neither has a public entry point, so :func:`exit_without_finalization` calls them itself.

@@ -59,7 +59,7 @@ class GradsweepCallback(Callback):
 
         # Jobs of Hydra's basic launcher run in this process and find the parent's journal in the
         # same spool: the delivery process creates the parent, and this process never loads MLflow
-        # (seconds on a small machine). Jobs elsewhere (joblib, Slurm) need its id now.
+        # (an import of seconds). Jobs elsewhere (joblib, Slurm) need its id now.
         local_jobs = str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher") and \
             str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
         self.journal = open_run(tracking, "sweep: " + run_name(mask_overrides(list(config.hydra.overrides.task))), tags,

@@ -157,9 +157,10 @@ class SharedCompositions:
     Jobs that make the same config-group choices (``-m clip.max_norm=1,5,20``: all of them) share
     one composition of those choices; each job then gets its own values by Hydra's own last step of
     composing (:func:`gradsweep.compat.hydra.apply_value_overrides`, what ``compose`` runs after
-    merging the defaults list). So preflight composes once where it composed once per job (0.3-0.5 s each
-    on a small machine). An override is a value when it names no config group, no package, no
-    deletion and nothing under ``hydra``; everything else is part of what is shared."""
+    merging the defaults list). So preflight composes once where it composed once per job (a
+    composition is the costly part of preflight; benchmarks/startup_speed.py times the sweep). An
+    override is a value when it names no config group, no package, no deletion and nothing under
+    ``hydra``; everything else is part of what is shared."""
 
     def __init__(self, config_name: str) -> None:
         self.config_name = config_name

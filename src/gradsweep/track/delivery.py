@@ -654,7 +654,7 @@ def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
 
 def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid: Optional[int] = None) -> None:
     """Once the owner is gone, stop holding its stdout/stderr: whoever reads the owner's output
-    (a terminal pipeline, ``subprocess.run``) sees it end when the owner ends, not 1-2 s later
+    (a terminal pipeline, ``subprocess.run``) sees it end when the owner ends, not later,
     when this process has finished importing MLflow and its last pass. What the last pass says
     (only a killed owner leaves anything to deliver) goes to ``<spool>/delivery.log``."""
     while control.read(1):
@@ -698,13 +698,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     # from the start: the owner may end during the import
     closed = watch_owner(sys.stdin.buffer, args.spool, args.owner_pid)
     # Import MLflow before the first pass: a pass holds the journal's lock, and a lock held through
-    # a niced 1-2 s import made a short job's own final delivery wait for it (Busy) at its close.
+    # a niced import of seconds made a short job's own final delivery wait for it (Busy) at its close.
     import importlib
 
     import mlflow.entities  # loaded for its import time, not a name
     import mlflow.tracking  # noqa: F401
 
-    if args.store:  # what MLflow would load at the first client (SQLAlchemy's store: ~2 s here), loaded
+    if args.store:  # what MLflow would load at the first client (SQLAlchemy's store, seconds), loaded
         try:  # while the job loads PyTorch, not after
             importlib.import_module(STORE_MODULES[args.store])
         except ImportError:  # the first client says what is missing

@@ -305,9 +305,17 @@ class RunJournal:
         self._append({"op": "tags", "tags": {k: str(v)[:5000] for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, move: bool = False) -> None:
-        """Copy the file now (it may change later, e.g. ``last.pt``), upload it on delivery. ``move``:
-        the file itself is removed once the store has it, if it is still the file logged here
-        (:func:`gradsweep.track.delivery.drop_moved`)."""
+        """Keep the file as it is now (it may change later, e.g. ``last.pt``), upload it on delivery.
+        ``move``: the file itself is removed once the store has it, if it is still the file logged
+        here (:func:`gradsweep.track.delivery.drop_moved`).
+
+        "As it is now" is a hard link where the journal is on the same file system, not a copy. That
+        holds the logged content only because no logged file is written in place afterwards: a
+        checkpoint is replaced by a new file renamed over it (``CheckpointStore.save``: ``torch.save``
+        to a temporary name, then ``os.replace``), which leaves the linked inode untouched; the
+        job's config and figure are written before they are logged. A writer that rewrites a logged
+        file in place changes the journal's copy too (a job resumed in the same folder writes its
+        ``config.yaml`` again, in place, while the killed run's journal may still be spooled)."""
         if self.lost is not None:
             self.dropped += 1
             return
@@ -320,7 +328,7 @@ class RunJournal:
             if move:
                 record.update(source=str(path.resolve()), stat=file_identity(path))
             try:
-                os.link(path, self.folder / rel)  # no copy when on the same file system
+                os.link(path, self.folder / rel)  # no copy on the same file system: see the docstring
             except OSError:
                 shutil.copy2(path, self.folder / rel)
         except OSError as e:
