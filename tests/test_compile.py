@@ -11,6 +11,8 @@ from torch import nn
 import gradsweep
 from jobs import run_inprocess
 
+pytestmark = pytest.mark.unit
+
 SHORT = ["trainer.epochs=1", "tracking.log_checkpoints=false"]
 
 

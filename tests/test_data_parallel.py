@@ -17,8 +17,6 @@ import gradsweep
 from conftest import TRAIN, fresh_store, run_train
 from jobs import run_inprocess
 
-import pytest
-
 pytestmark = pytest.mark.integration
 
 MOONS = ["model=mlp", "data=moons", "trainer.batch_size=50", "tracking.log_checkpoints=false"]

@@ -8,11 +8,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from gradsweep.names import BEST_DEV_ACC, GRAD_TOTAL
+from gradsweep.report.hooks import run_figure, sweep_summary
 from gradsweep.track.delivery import deliver
+from gradsweep.track.hooks import hook_target
 from gradsweep.track.journal import STATE, RunJournal, now_ms, read_json
+from gradsweep.track.ownership import close_dead_runs_hook
 from gradsweep.track.tracker import default_artifact_location
 
 pytestmark = pytest.mark.integration
+
+SUMMARY, FIGURE, CLOSE_DEAD = (hook_target(h) for h in (sweep_summary, run_figure, close_dead_runs_hook))
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +51,18 @@ def child(store, parent, clip, dev_acc, end=True):
 
 def test_sweep_summary_runs_where_the_parent_is_delivered_after_its_children(store, tmp_path):
     parent = journal(store, "sweep")
-    parent.after_delivery("close_dead_runs")
+    parent.after_delivery(close_dead_runs_hook)
     kids = [child(store, parent, 1, 0.25), child(store, parent, 5, 0.75)]
-    parent.after_delivery("sweep_summary", out_dir=str(tmp_path / "sweep"))
+    parent.after_delivery(sweep_summary, out_dir=str(tmp_path / "sweep"))
     parent.end("FINISHED")
 
     assert deliver(parent.folder)  # the parent first: its hook delivers the children it waits for
     state = read_json(parent.folder / STATE)
-    result = state["hooks"]["sweep_summary"]
+    result = state["hooks"][SUMMARY]
     client = MlflowClient(store[0])
     kid_ids = [read_json(k.folder / STATE)["run_id"] for k in kids]
     assert sorted(result["children"]) == sorted(kid_ids)
-    assert state["hooks"]["close_dead_runs"] == {"closed": []}
+    assert state["hooks"][CLOSE_DEAD] == {"closed": []}
     run = client.get_run(state["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["sweep/runs"] == 2 and run.data.metrics[BEST_DEV_ACC] == 0.75
@@ -74,7 +79,7 @@ def test_the_summary_waits_for_a_child_still_being_written(store, tmp_path):
     parent = journal(store, "sweep")
     done = child(store, parent, 1, 0.5)
     running = child(store, parent, 5, 0.6, end=False)
-    parent.after_delivery("sweep_summary", out_dir=str(tmp_path / "sweep"))
+    parent.after_delivery(sweep_summary, out_dir=str(tmp_path / "sweep"))
     parent.end("FINISHED")
 
     assert not deliver(parent.folder)  # stops before the hook, the rest of the journal untouched
@@ -84,18 +89,31 @@ def test_the_summary_waits_for_a_child_still_being_written(store, tmp_path):
     running.end("FINISHED")
     assert deliver(parent.folder)
     state = read_json(parent.folder / STATE)
-    assert len(state["hooks"]["sweep_summary"]["children"]) == 2
+    assert len(state["hooks"][SUMMARY]["children"]) == 2
     assert MlflowClient(store[0]).get_run(state["run_id"]).data.metrics["sweep/finished"] == 2
 
 
-def test_a_hook_the_deliverer_does_not_know_is_recorded_not_run_and_the_run_still_arrives(store):
+def test_a_hook_the_deliverer_does_not_know_is_recorded_not_run_and_the_run_still_arrives(store, tmp_path):
+    """A journal is data: only a function under gradsweep. marked as a delivery hook runs. Anything
+    else it names (code elsewhere, a gradsweep function that is no hook, the short names of journals
+    written before hooks were named by target) is recorded as refused; the run arrives all the same."""
+    import os
+
+    with pytest.raises(ValueError, match="not a delivery hook"):
+        journal(store, "writer").after_delivery(os.remove)  # refused when written, too
     j = journal(store, "odd")
     j.log_metrics(0, {"x": 1.0})
-    j.after_delivery("rm -rf /")
+    witness = tmp_path / "witness"
+    witness.write_text("still here")
+    targets = ["rm -rf /", "os:remove", "shutil:rmtree", "gradsweep.track.journal:read_json", "sweep_summary",
+               "gradsweep.nowhere:hook"]
+    for target in targets:  # as a hand-edited or older journal holds them
+        j._append({"op": "hook", "hook": target, "kwargs": {"path": str(witness)}})
     j.end("FINISHED")
     assert deliver(j.folder)
     state = read_json(j.folder / STATE)
-    assert "unknown hook" in state["hooks"]["rm -rf /"]["error"]
+    assert all("unknown hook" in state["hooks"][t]["error"] for t in targets), state["hooks"]
+    assert witness.read_text() == "still here"
     run = MlflowClient(store[0]).get_run(state["run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["x"] == 1.0
 
@@ -108,11 +126,11 @@ def test_a_jobs_figure_is_drawn_by_its_deliverer_from_the_journal(store, tmp_pat
     for step in range(6):
         j.log_steps(np.array([step]), np.array([[1.0, 2.0 ** step, 1.0, 0.5 * step]], np.float32))
     out = tmp_path / "out" / "figures" / "grad_norms.png"
-    j.after_delivery("run_figure", path=str(out), title="clip.max_norm=1")
+    j.after_delivery(run_figure, path=str(out), title="clip.max_norm=1")
     j.end("FINISHED")
     assert deliver(j.folder)
     state = read_json(j.folder / STATE)
-    assert state["hooks"]["run_figure"] == {"drawn": True, "path": str(out)}
+    assert state["hooks"][FIGURE] == {"drawn": True, "path": str(out)}
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     client = MlflowClient(store[0])
     assert [a.path for a in client.list_artifacts(state["run_id"], "figures")] == ["figures/grad_norms.png"]
@@ -126,19 +144,19 @@ def test_a_figure_whose_folder_cannot_be_written_still_reaches_the_run(store, tm
     j = journal(store, "figure elsewhere")
     j.define_steps([GRAD_TOTAL], 1)
     j.log_steps(np.array([0]), np.array([[3.0]], np.float32))
-    j.after_delivery("run_figure", path=str(tmp_path / "blocked" / "figures" / "grad_norms.png"))
+    j.after_delivery(run_figure, path=str(tmp_path / "blocked" / "figures" / "grad_norms.png"))
     j.end("FINISHED")
     assert deliver(j.folder)
     state = read_json(j.folder / STATE)
-    assert state["hooks"]["run_figure"]["drawn"] and "blocked" not in state["hooks"]["run_figure"]["path"]
+    assert state["hooks"][FIGURE]["drawn"] and "blocked" not in state["hooks"][FIGURE]["path"]
     assert [a.path for a in MlflowClient(store[0]).list_artifacts(state["run_id"], "figures")] == \
         ["figures/grad_norms.png"]
 
 
 def test_the_deliverer_loads_what_announced_hooks_need_before_they_run(tmp_path):
-    """A journal's header lists the hooks it will ask for; the delivery process imports what they
-    need (matplotlib for figures) while it waits, in a fresh interpreter: nothing for a journal
-    that announces none."""
+    """A journal's header lists what the hooks it will ask for import (``preload``); the delivery
+    process imports those gradsweep modules (matplotlib for figures) while it waits, in a fresh
+    interpreter: nothing for a journal that announces none, never a module outside gradsweep."""
     import subprocess
     import sys
 
@@ -150,20 +168,23 @@ def test_the_deliverer_loads_what_announced_hooks_need_before_they_run(tmp_path)
             "quiet = RunJournal.create(spool, {'uri': 'sqlite:///x.db', 'experiment_name': 'e'}); p([quiet.folder]); "
             "print('none', [t.name for t in threading.enumerate() if t is not threading.main_thread()] == [], "
             "'matplotlib' in sys.modules); "
-            "j = RunJournal.create(spool, {'uri': 'sqlite:///x.db', 'experiment_name': 'e', 'hooks': ['run_figure']}); "
+            "j = RunJournal.create(spool, {'uri': 'sqlite:///x.db', 'experiment_name': 'e', "
+            "'preload': ['os', 'gradsweep.report.hooks', 'gradsweep.report.figures']}); "
             "p([quiet.folder, j.folder]); p([j.folder]); "
             "[t.join() for t in threading.enumerate() if t is not threading.main_thread()]; "
             "print('figure', 'matplotlib.pyplot' in sys.modules, sorted(p.started))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "spool")], capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["none True False", "figure True ['gradsweep.report.figures']"]
+    assert out.stdout.split("\n")[:2] == ["none True False",
+                                          "figure True ['gradsweep.report.figures', 'gradsweep.report.hooks']"]
 
 
 SPOOLED_SWEEP = """
 import sys
 from gradsweep.names import WORKER_TAG
 from gradsweep.track.journal import RunJournal, now_ms, worker_id
+from gradsweep.track.ownership import close_dead_runs_hook
 
 uri, spool, artifacts = sys.argv[1:]
 
@@ -174,7 +195,7 @@ def journal(name, parent=None):
                                      "create": create, "parent_local_id": parent.local_id if parent else None})
 
 parent = journal("sweep")
-parent.after_delivery("close_dead_runs")
+parent.after_delivery(close_dead_runs_hook)
 for clip in (1, 5):
     kid = journal(f"clip.max_norm={clip}", parent)
     kid.log_metrics(0, {"grad_norm/total": 10.0 * clip})

@@ -25,7 +25,13 @@ RULES = {
     "studies": (("train", "track", "report", "run", "sweep"), THIRD_PARTY),
     "cli": (("train", "track", "report", "run", "sweep", "studies"), ()),
     "api": (("train", "track", "report", "run"), ("hydra", "hydra_plugins", "omegaconf", "optuna")),
+    # the fence around other libraries' private parts: below every layer, imports none of them
+    "compat": ((), ("torch", "mlflow", "matplotlib", "sqlalchemy")),
 }
+#: what importing a compat module amounts to: the library it wraps (so the train layer cannot reach
+#: Hydra through gradsweep.compat.hydra). A new compat module must be listed here.
+COMPAT_LIBS = {"gradsweep.compat.hydra": ("hydra", "omegaconf"), "gradsweep.compat.optuna": ("optuna", "hydra_plugins"),
+               "gradsweep.compat.submitit": ("submitit",), "gradsweep.compat.cpython": ()}
 FACADE = "gradsweep.api"  #: the package's own __init__ re-exports the public API (imported on first use)
 
 
@@ -55,10 +61,9 @@ NAMES = {module_name(p) for p in MODULES}
 #: a module named in a string: "gradsweep.report.figures", "gradsweep.report.figures:run_figure_hook",
 #: "gradsweep.sweep.optuna_sweeper.GradsweepOptunaSweeper" (imported at run time: importlib, Hydra's _target_)
 DOTTED = re.compile(r"^(gradsweep(?:\.\w+)+)(?::\w+)?$")
-#: string imports that break the layering, known and to be removed (issue 24: the delivery hooks of
-#: the report layer are named by the track layer; they are to be registered by the layer that owns
-#: them). The test fails on any other, and on one of these once it is gone (then drop it here).
-KNOWN_UPWARD = {"gradsweep.track.delivery": {"gradsweep.report.summary", "gradsweep.report.figures"}}
+#: string imports that break the layering, known and to be removed. The test fails on any other,
+#: and on one of these once it is gone (then drop it here).
+KNOWN_UPWARD: dict[str, set[str]] = {}
 
 
 def string_imports(path: Path) -> set[str]:
@@ -92,6 +97,11 @@ def test_layer_imports_only_downward(path):
     for m in ours:
         top = ".".join(m.split(".")[:2])
         if top in SHARED:
+            continue
+        if top == "gradsweep.compat" and layer != "compat":  # every layer may use the fence, as the library itself
+            wrapped = ".".join(m.split(".")[:3])
+            assert wrapped in COMPAT_LIBS, f"{name} imports {m}: not a module listed in COMPAT_LIBS"
+            found |= set(COMPAT_LIBS[wrapped])
             continue
         other = m.split(".")[1]
         assert other == layer or other in allowed, f"{name} imports {m}: layer {layer} may import {allowed}"
@@ -149,3 +159,59 @@ def test_training_layer_imports_without_mlflow_or_hydra():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_compat_lists_every_module_it_holds():
+    assert {module_name(p) for p in (PKG / "compat").glob("[!_]*.py")} == set(COMPAT_LIBS)
+
+
+# ------------------------------------------------------------------ private parts stay in compat
+#: underscored attributes that are not another library's private parts, and why
+NOT_PRIVATE = {
+    "_replace": "namedtuple's documented method",
+    "_exit": "os._exit: documented, ends a process at once (see its comments)",
+    "_writer": "gradsweep's own RunJournal, set in its own classmethod",
+}
+#: torch's foreach operations are documented in torch's API reference (beta), not private
+DOCUMENTED_PREFIXES = ("_foreach_",)
+#: the text of a private module's path in a string (a logger name, an import path)
+PRIVATE_PATH = re.compile(r"\b(?:hydra|hydra_plugins|optuna|submitit)(?:\.\w+)*\._(?!_)\w+")
+
+
+def private_uses(path: Path) -> list[str]:
+    """Another library's private parts a module reaches: an underscored module in an import or a
+    string, an underscored attribute of anything but ``self``, ``cls`` or ``super()`` (a subclass's
+    own and inherited methods: the inherited ones are listed in compat, e.g.
+    ``gradsweep.compat.optuna.PLUGIN_METHODS``), and ``_config_keys_`` aside."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        where = f"{path.relative_to(PKG.parent)}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                mods += [f"{node.module}.{a.name}" for a in node.names]
+            for m in mods:
+                if not m.startswith("gradsweep") and any(p.startswith("_") and not p.startswith("__")
+                                                         for p in m.split(".")):
+                    found.append(f"{where}: imports {m}")
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.endswith("_"):
+            base = node.value
+            if (isinstance(base, ast.Name) and base.id in ("self", "cls")) or \
+                    (isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super"):
+                continue
+            if node.attr in NOT_PRIVATE or node.attr.startswith(DOCUMENTED_PREFIXES):
+                continue
+            found.append(f"{where}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and PRIVATE_PATH.search(node.value):
+            found.append(f"{where}: names {PRIVATE_PATH.search(node.value)[0]!r}")
+    return found
+
+
+def test_private_parts_of_other_libraries_are_reached_only_through_compat():
+    """Hydra's ``_internal``, the Optuna plugin's ``_impl``, ``trial._trial_id``, ``threading._shutdown``,
+    ``atexit._run_exitfuncs``, ... are named in ``gradsweep/compat/`` and nowhere else (the package and
+    its Hydra plugins), so an upgrade that breaks one is found by tests/test_compat.py."""
+    sources = [p for p in sorted(PKG.parent.rglob("*.py")) if "compat" not in p.relative_to(PKG.parent).parts[:2]]
+    assert any("hydra_plugins" in p.parts for p in sources)
+    found = [use for p in sources for use in private_uses(p)]
+    assert not found, "private parts of other libraries outside gradsweep/compat/:\n" + "\n".join(found)

@@ -29,7 +29,7 @@ from gradsweep.names import PARENT_TAG, WORKER_TAG
 from gradsweep.sweep.optuna_storage import make_storage, resolve_storage_url
 from postgres import PostgresServer
 
-# the cluster tier: about 75 s and a package install, so not in the default run (`pytest -m cluster`,
+# the cluster tier: a cluster started and a package install, so not in the default run (`pytest -m cluster`,
 # `make test-cluster`); the default run stays within CI's budget
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 

@@ -50,7 +50,7 @@ ENV = {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": secrets.token_hex(12), 
        "MLFLOW_WORKERS": "1"}  # 2 cores; the compose default is 4
 CHILD_ARTIFACTS = ("checkpoints/best.pt", "checkpoints/last.pt", "figures/grad_norms.png")
 PARENT_ARTIFACTS = ("sweep/grad_norm_total.png",)
-SWEEP_TIMEOUT_S = 120  # ~25 s here; a sweep that hangs on exit fails in this time, not in 300 s
+SWEEP_TIMEOUT_S = 120  # a few times what the sweep takes; one that hangs on exit fails in this time, not in 300 s
 
 _VAR = re.compile(r"\$\$|\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*)|:\?([^}]*))?\}")
 

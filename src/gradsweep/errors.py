@@ -1,6 +1,16 @@
 """Errors the CLI reports as one line (no traceback)."""
 from __future__ import annotations
 
+from typing import Optional
+
+
+def first_line(e: BaseException, limit: Optional[int] = None, default: Optional[str] = None) -> str:
+    """The first line of an error's message, cut to ``limit`` characters: what a one-line report
+    shows of it. An empty message gives ``default`` (the exception's type name unless given)."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else (type(e).__name__ if default is None else default)
+    return line[:limit] if limit is not None else line
+
 
 class GradsweepError(Exception):
     """Base of every error that is the user's input, not a bug."""

@@ -29,6 +29,7 @@ from torch import nn
 from gradsweep.errors import ConfigError, NonFiniteError
 from gradsweep.names import (CLIP_COEF, EXPERIMENT, FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, GRAD_NORM,
                              GRAD_TOTAL, GRAD_TOTAL_CLIPPED, TRAIN_ACC, TRAIN_LOSS, grad_norm)
+from gradsweep.report.hooks import run_figure
 from gradsweep.track.history import default_uri
 from gradsweep.track.logger import RunLogger, open_run_logger
 from gradsweep.track.settings import TrackingConfig
@@ -100,7 +101,7 @@ class Watch:
         if self.run is not None:
             raise RuntimeError("gradsweep.watch: a Watch records one run; make a new one for another run")
         self.run = open_run_logger(self.tracking, self.run_name, {"gradsweep.api": "watch", **self.tags},
-                                   hooks=("run_figure",))
+                                   hooks=(run_figure,))
         self.sink = TeeSink(self.history, self.run)
         self.run.log_params({**{f"clip.{k}": v for k, v in asdict(self.clip_cfg).items()}, **self.params})
         return self
@@ -123,7 +124,7 @@ class Watch:
                           self.run.set_tags, self.run.run_ref)
             if self.history.rows and hasattr(self.run, "after_delivery"):  # drawn by the delivery process
                 path = Path(tempfile.gettempdir()) / f"gradsweep-watch-{id(self):x}" / "grad_norms.png"
-                self.run.after_delivery("run_figure", path=str(path), title=self.run_name, keep_local=False)
+                self.run.after_delivery(run_figure, path=str(path), title=self.run_name, keep_local=False)
         finally:
             self.run.finish(self.status)
         return False  # the exception, if any, goes on to the caller

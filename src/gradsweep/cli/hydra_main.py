@@ -7,20 +7,18 @@ yourself to get Hydra's full traceback instead.
 """
 from __future__ import annotations
 
-import atexit
-import logging
 import os
-import re
 import signal
 import sys
-import threading
 from typing import Callable, NoReturn
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
 from gradsweep.cli.plan import confirm_plan, withdraw_plan
-from gradsweep.errors import GradsweepError, JobLost, NonFiniteError, RankLost, RecordingLost
+from gradsweep.compat.cpython import exit_without_finalization
+from gradsweep.compat.hydra import format_help_group_line, help_group_line, is_job_error_preamble
+from gradsweep.errors import GradsweepError, JobLost, NonFiniteError, RankLost, RecordingLost, first_line
 from gradsweep.run.job import main_thread, raise_terminated
 from gradsweep.sweep.hydra_adapter import preflight
 
@@ -34,21 +32,19 @@ EXIT_SPOOLED = 3
 def one_line(e: BaseException) -> str:
     """A single line for a Hydra / OmegaConf / gradsweep error."""
     if isinstance(e, GradsweepError):
-        return str(e).splitlines()[0]
-    text = str(e)
-    m = re.search(r"Could not find '([^']+)'", text)
-    if m and "/" in m.group(1):
-        group, choice = m.group(1).rsplit("/", 1)
-        found = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)*)", text)
-        options = [o.strip() for o in (found.group(1) if found else "").splitlines()
-                   if o.strip() and not o.strip().endswith("_schema")]
+        return first_line(e)
+    # an unknown option of a config group: Hydra's exception names the group's options (None for
+    # any other missing config: the primary one, a config named in a defaults list)
+    if isinstance(e, MissingConfigException) and e.options is not None and "/" in (e.missing_cfg_file or ""):
+        group, choice = (e.missing_cfg_file or "").rsplit("/", 1)
+        options = [o for o in e.options if not o.endswith("_schema")]
         return f"{group}={choice}: unknown option; allowed: {'|'.join(options) or '(none)'}"
-    if isinstance(e, OmegaConfBaseException) or isinstance(e.__cause__, OmegaConfBaseException):
-        inner = e if isinstance(e, OmegaConfBaseException) else e.__cause__
+    inner = e if isinstance(e, OmegaConfBaseException) else e.__cause__
+    if isinstance(inner, OmegaConfBaseException):
         key = getattr(inner, "full_key", None)
-        first = str(inner).splitlines()[0]
+        first = first_line(inner)
         return f"{key}: {first}" if key else first
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return " ".join(lines)[:500] if lines else type(e).__name__
 
 
@@ -73,7 +69,7 @@ def without_job_error_preamble(text: str) -> str:
     """Hydra writes "Error executing job with overrides: [...]" before it re-raises a job's
     exception; we report the exception itself (one line for input errors), and the overrides are
     the user's own command line."""
-    return "" if text.startswith("Error executing job with overrides") else text
+    return "" if is_job_error_preamble(text) else text
 
 
 def without_schemas(text: str) -> str:
@@ -81,9 +77,9 @@ def without_schemas(text: str) -> str:
     are not choices a user makes."""
     lines = []
     for line in text.split("\n"):
-        group, sep, options = line.partition(": ")
-        if sep and group.replace("/", "").replace("_", "").isalnum() and "_schema" in options:
-            line = f"{group}: " + ", ".join(o for o in options.split(", ") if not o.endswith("_schema"))
+        listed = help_group_line(line)
+        if listed and any(o.endswith("_schema") for o in listed[1]):
+            line = format_help_group_line(listed[0], [o for o in listed[1] if not o.endswith("_schema")])
         lines.append(line)
     return "\n".join(lines)
 
@@ -162,11 +158,9 @@ def _exit_if_not_recorded() -> None:
 
 
 def run_as_process(main: Callable[[], object], config_dir: str, config_name: str) -> NoReturn:
-    """``python src/train.py``: :func:`run_cli`, then exit without tearing down every module.
-
-    The exit handlers libraries registered run, files and streams are flushed; what is skipped is
-    the interpreter's module-by-module finalization, which took 1.3-1.6 s after a job with torch
-    and MLflow loaded (measured: every job and every test that starts one waited for it)."""
+    """``python src/train.py``: :func:`run_cli`, then exit without tearing down every module
+    (:func:`gradsweep.compat.cpython.exit_without_finalization`: the exit handlers libraries
+    registered run, files and streams are flushed; the module-by-module finalization is skipped)."""
     code: int | str | None = 0
     try:
         run_cli(main, config_dir, config_name)
@@ -175,12 +169,4 @@ def run_as_process(main: Callable[[], object], config_dir: str, config_name: str
     if isinstance(code, str):  # sys.exit("message"): Python would print it and exit 1
         print(code, file=sys.stderr)
         code = 1
-    # what the interpreter runs before the exit handlers: threading's own at-exit hooks, where loky
-    # (hydra/launcher=joblib) shuts its worker processes down; without them multiprocessing's exit
-    # handler joins those idle workers until their 300 s idle timeout (a joblib sweep hung 300 s)
-    threading._shutdown()  # type: ignore[attr-defined]
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    exit_without_finalization(code or 0)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from gradsweep.errors import GradsweepError
+from gradsweep.errors import GradsweepError, first_line
 from gradsweep.paths import TRAIN
 
 DESCRIPTION = ("Subcommands beside the Hydra entry point (python src/train.py ...): reports, studies, named and "
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][2](args) or 0
     except GradsweepError as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
 
 

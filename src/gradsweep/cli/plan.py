@@ -1,4 +1,4 @@
-"""The plan, printed before PyTorch and MLflow load (seconds on a small machine): what will run
+"""The plan, printed before PyTorch and MLflow load (seconds of imports): what will run
 and where it is recorded, from the command line and the config files it names. The full check of
 every job follows (preflight); a command line it cannot read, or that names a config option or sweep
 that does not exist, gets no plan, only preflight's one-line error.
@@ -137,7 +137,7 @@ def withdraw_plan() -> None:
 
 
 def start_delivery(argv: list[str]) -> None:
-    """Start the run's delivery process now, so that its MLflow import (~2 s) overlaps the job's
+    """Start the run's delivery process now, so that its MLflow import (seconds) overlaps the job's
     PyTorch import instead of following it: the job's end waits for that process. The job finds it
     running for the same spool folder (``DeliveryWorker.ensure``); it creates nothing by itself."""
     parsed = _given(argv)

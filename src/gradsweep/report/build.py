@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from gradsweep.errors import GradsweepError
+from gradsweep.errors import GradsweepError, first_line
 from gradsweep.names import BEST_DEV_ACC, EMBEDDED_STORE, OVERRIDES_TAG, PARENT_TAG, ROLE_TAG, RUN_ID, TEST_ACC
 from gradsweep.paths import CONF_DIR
 from gradsweep.report.summary import UI, Config, group_runs, short_key, ui_command, ui_links, write_summary
@@ -282,7 +282,7 @@ def make_report(ref: str, tracking_uri: Optional[str] = None, out: Optional[str]
     except GradsweepError:
         raise
     except Exception as e:
-        raise ReportError(f"cannot read the tracking store {mask(uri)}: {str(e).splitlines()[0][:200]}") from None
+        raise ReportError(f"cannot read the tracking store {mask(uri)}: {first_line(e, 200)}") from None
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", ref)
     rep = build_report(client, target, Path(out) if out else Path("reports") / safe, steps)
     rep.links = ui_links(uri, target.experiment_id, [r.info.run_id for r in target.runs])

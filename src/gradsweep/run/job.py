@@ -28,6 +28,7 @@ from gradsweep.names import (FAILURE_REASON_TAG, FAILURE_STEP_TAG, FAILURE_TAG, 
                              STOPPED_TAG, SWEEP_TAG)
 from gradsweep.run.inputs import data_and_model
 from gradsweep.run.resume import Resume, check_resume, continue_history, resolve_resume, spool_for, tracker_for
+from gradsweep.report.hooks import run_figure
 from gradsweep.run.spec import JobSpec
 from gradsweep.train.checkpoints import CheckpointStore
 from gradsweep.train.diagnostics import Diagnosis, record_health
@@ -273,7 +274,7 @@ def _open(spec: JobSpec, ctx: JobContext, job: Prepared, on_eval: Optional[Calla
     ranks = None
     run = open_run_logger(spec.tracking, name, tags, parent_run_id=ctx.parent_run_id,
                           parent_local_id=ctx.parent_local_id, run_id=same_run,
-                          hooks=("run_figure",) if spec.tracking.log_figures else ())
+                          hooks=(run_figure,) if spec.tracking.log_figures else ())
     try:
         _record_start(spec, ctx, run, resume, tags[OUTPUT_DIR_TAG], job.config)
         history = HistorySink()
@@ -410,7 +411,7 @@ def _close_run(run: RunLogger, history: HistorySink, store: CheckpointStore, spe
             path = (store.folder.parent / "figures" / "grad_norms.png").resolve()
             draw_later = getattr(run, "after_delivery", None)
             if draw_later is not None:  # the mlflow backend: its delivery process draws the figure from
-                draw_later("run_figure", path=str(path), title=name,  # the journal, off the training path
+                draw_later(run_figure, path=str(path), title=name,  # the journal, off the training path
                            keep_local=spec.tracking.keep_local_artifacts)
             else:
                 from gradsweep.report.figures import plot_param_norms  # matplotlib: only when a figure is drawn

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gradsweep.errors import GradsweepError, RankLost
+from gradsweep.errors import GradsweepError, RankLost, first_line
 from gradsweep.train.parallel import DataParallel
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class Ranks:
         rank, code = dead[0]
         how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
         return RankLost(f"trainer.devices={self.world}: rank {rank} {how} while training; the run is FAILED "
-                        f"({type(error).__name__} on rank 0: {str(error).splitlines()[0][:200] if str(error) else ''})")
+                        f"({type(error).__name__} on rank 0: {first_line(error, 200, default='')})")
 
     def close(self) -> None:
         """Stop every rank still running (rank 0 ended: finished, failed, pruned or interrupted)."""
@@ -156,4 +156,6 @@ def _exit_with_parent(parent: int) -> None:
     """A rank whose rank 0 died (even by SIGKILL) would wait in its next all-reduce: end it."""
     while os.getppid() == parent:
         time.sleep(1.0)
+    # os._exit (public, documented): from this watcher thread, end the rank process at once while its
+    # main thread is blocked in a collective (sys.exit from a thread only ends the thread)
     os._exit(1)

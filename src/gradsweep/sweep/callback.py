@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from gradsweep.names import OUTPUT_DIR_TAG, OVERRIDES_TAG, ROLE_TAG, SWEEP_TAG, SWEEPER_TAG
+from gradsweep.report.hooks import sweep_summary
 from gradsweep.report.summary import UI, ui_command, ui_links
 from gradsweep.run.job import run_name
 from gradsweep.sweep.context import SweepContext
@@ -55,14 +56,15 @@ class GradsweepCallback(Callback):
                 OUTPUT_DIR_TAG: str(Path(str(config.hydra.sweep.dir)).resolve()),
                 **(outer.parent_tags if outer else {})}  # e.g. schedule, scheduled_at
         from gradsweep.track.mlflow_run import open_run
+        from gradsweep.track.ownership import close_dead_runs_hook
 
         # Jobs of Hydra's basic launcher run in this process and find the parent's journal in the
         # same spool: the delivery process creates the parent, and this process never loads MLflow
-        # (seconds on a small machine). Jobs elsewhere (joblib, Slurm) need its id now.
+        # (an import of seconds). Jobs elsewhere (joblib, Slurm) need its id now.
         local_jobs = str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher") and \
             str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
         self.journal = open_run(tracking, "sweep: " + run_name(mask_overrides(list(config.hydra.overrides.task))), tags,
-                                create_now=not local_jobs, hooks=("close_dead_runs", "sweep_summary"))
+                                create_now=not local_jobs, hooks=(close_dead_runs_hook, sweep_summary))
         run_id = self.journal.run_id
         (outer or SweepContext()).with_(sweep_id=sweep_id, parent_run_id=run_id,
                                         parent_local_id=None if run_id else self.journal.local_id,
@@ -70,7 +72,7 @@ class GradsweepCallback(Callback):
         log.info("sweep %s: parent run %s in %s", sweep_id[:8], run_id or "(created by the delivery process)",
                  mask(tracking.uri))
         # once the store has the parent: close what a killed earlier sweep left RUNNING
-        self.journal.after_delivery("close_dead_runs")
+        self.journal.after_delivery(close_dead_runs_hook)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         SweepContext.uninstall(self.outer)
@@ -80,14 +82,14 @@ class GradsweepCallback(Callback):
         status = "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FINISHED"
         assert self.tracking is not None  # set with the journal by on_multirun_start
         # the summary is made where the parent is delivered, once its children are on the store
-        self.journal.after_delivery("sweep_summary", out_dir=str(Path(str(config.hydra.sweep.dir)).resolve()),
+        self.journal.after_delivery(sweep_summary, out_dir=str(Path(str(config.hydra.sweep.dir)).resolve()),
                                     keep_local=self.tracking.keep_local_artifacts)
         delivered = self.journal.finish(status)
         run_id = self.journal.run_id
         if not delivered or not run_id:  # not all on the store: say which runs and why
             _say_not_recorded(self.journal)
             return
-        summary = self.journal.hook_result("sweep_summary") or {}
+        summary = self.journal.hook_result(sweep_summary) or {}
         if summary.get("error"):
             log.error("sweep summary failed: %s", summary["error"])
         if summary.get("table"):  # what each configuration did, before where to look at it

@@ -28,7 +28,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gradsweep.checks import choice, require
-from gradsweep.errors import ConfigError, NonFiniteError, StopRun
+from gradsweep.compat.hydra import apply_value_overrides, parse_command_line
+from gradsweep.errors import ConfigError, NonFiniteError, StopRun, first_line
 from gradsweep.run.inputs import check_inputs
 from gradsweep.run.job import JobContext, JobOutcome, hold_folder, run_job
 from gradsweep.run.spec import JobSpec
@@ -115,7 +116,7 @@ def _to_dataclass(schema: type[Any], node: DictConfig, group: str) -> Any:
         raise
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or group
-        msg = str(e).splitlines()[0]
+        msg = first_line(e)
         fields = ", ".join(f for f in schema.__dataclass_fields__)
         where = f"{group}.{key.split('.')[-1] if key != group else ''}"
         raise ConfigError(f"{where}: {msg}; allowed keys: {fields}") from None
@@ -156,27 +157,24 @@ class SharedCompositions:
 
     Jobs that make the same config-group choices (``-m clip.max_norm=1,5,20``: all of them) share
     one composition of those choices; each job then gets its own values by Hydra's own last step of
-    composing (``ConfigLoaderImpl._apply_overrides_to_config``, what ``compose`` runs after merging
-    the defaults list). So preflight composes once where it composed once per job (0.3-0.5 s each
-    on a small machine). An override is a value when it names no config group, no package, no
-    deletion and nothing under ``hydra``; everything else is part of what is shared."""
+    composing (:func:`gradsweep.compat.hydra.apply_value_overrides`, what ``compose`` runs after
+    merging the defaults list). So preflight composes once where it composed once per job (a
+    composition is the costly part of preflight; benchmarks/startup_speed.py times the sweep). An
+    override is a value when it names no config group, no package, no deletion and nothing under
+    ``hydra``; everything else is part of what is shared."""
 
     def __init__(self, config_name: str) -> None:
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
-
         self.config_name = config_name
         hydra = GlobalHydra.instance().hydra
         assert hydra is not None  # inside _hydra_at
-        # Any: ConfigLoaderImpl (hydra._internal); its repository is not on the public ConfigLoader
-        self.loader: Any = hydra.config_loader
-        self.apply = ConfigLoaderImpl._apply_overrides_to_config
+        self.sources = hydra.config_loader.get_sources()
         self.parser = OverridesParser.create()
         self.shared: dict[tuple[str, ...], DictConfig] = {}
 
     def _is_value(self, override) -> bool:
         key = override.key_or_group
         return override.package is None and not override.is_delete() and key.split(".")[0] != "hydra" and \
-            not self.loader.repository.group_exists(key)
+            not any(source.is_group(key) for source in self.sources)  # what Hydra's group_exists asks
 
     def compose(self, overrides: list[str]) -> DictConfig:
         values: list[Any] = []
@@ -188,7 +186,7 @@ class SharedCompositions:
             self.shared[choices] = compose(config_name=self.config_name, overrides=list(choices),
                                            return_hydra_config=True)
         cfg = copy.deepcopy(self.shared[choices])
-        self.apply(values, cfg)
+        apply_value_overrides(values, cfg)
         return cfg
 
 
@@ -222,9 +220,7 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
 
     Returns the number of jobs checked, or None when the command is not a training run
     (``--help``, ``--cfg``, ``--info``, a custom config path)."""
-    from hydra._internal.utils import get_args_parser
-
-    args = get_args_parser().parse_intermixed_args(argv)
+    args = parse_command_line(argv)
     if args.help or args.hydra_help or args.info or args.cfg or args.shell_completion \
             or args.config_path or args.config_dir or args.experimental_rerun:
         return None

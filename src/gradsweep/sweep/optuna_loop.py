@@ -31,13 +31,14 @@ import numpy
 import optuna
 from hydra.core.utils import JobStatus
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from mlflow.entities import Metric, Param, RunTag
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from gradsweep.errors import ConfigError, GradsweepError
+from gradsweep.compat.hydra import job_exception
+from gradsweep.compat.optuna import OptunaSweeperImpl, params_from_overrides, trial_id
+from gradsweep.errors import ConfigError, GradsweepError, first_line
 from gradsweep.labels import params_text, trial_label
 from gradsweep.names import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
 from gradsweep.sweep.context import SweepContext
@@ -76,7 +77,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
     def _configure_trials(self, trials: list[optuna.trial.Trial], *args: Any) -> Sequence[Sequence[str]]:
         """The plugin's overrides plus the job's sweep context (study, trial id and the run's short name)."""
         overrides = super()._configure_trials(trials, *args)
-        return [tuple(ov) + (self.context.with_(trial_id=t._trial_id, run_name=trial_label(t.number, t.params)
+        return [tuple(ov) + (self.context.with_(trial_id=trial_id(t), run_name=trial_label(t.number, t.params)
                                                 ).job_override(),)
                 for t, ov in zip(trials, overrides, strict=True)]
 
@@ -90,7 +91,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         params_conf = self._parse_sweeper_params_config()
         params_conf.extend(arguments)
         is_grid = isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler
-        space, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
+        space, fixed_params, fixed_overrides = params_from_overrides(params_conf)
         if is_grid:
             grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
             self.sampler = self.sampler(grid)
@@ -118,7 +119,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                                         directions=directions, load_if_exists=True)
         except (ImportError, OSError, ValueError, SQLAlchemyError) as e:  # bad URL, no driver, server down
             raise ConfigError(f"hydra.sweeper.storage={mask(str(self.storage))}: cannot open the study: "
-                              f"{_first_line(e)}") from e
+                              f"{first_line(e)}") from e
         self._fail_stale(study, storage)
         before = len(study.get_trials(deepcopy=False))
         log.info("Optuna study %r in %s: %d trials so far; running %d (%d at a time), sampler %s, pruner %s",
@@ -157,7 +158,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                 except BaseException as e:  # Ctrl-C, SIGTERM, a launcher error: no trial is left RUNNING in the storage
                     for t in trials:
                         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed as stale
-                            t.set_user_attr(FAILURE_ATTR, f"the sweep stopped: {_first_line(e)}")
+                            t.set_user_attr(FAILURE_ATTR, f"the sweep stopped: {first_line(e)}")
                         study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
                         self._tag_state(study.study_name, t.number, TrialState.FAIL)  # nor in MLflow's tags
                     raise
@@ -189,7 +190,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         try:
             failed = fail_stale(study, storage)
         except Exception as e:
-            log.warning("could not check the study for trials left by dead sweeps: %s", _first_line(e))
+            log.warning("could not check the study for trials left by dead sweeps: %s", first_line(e))
             return
         for number, why in failed:
             self._tag_state(study.study_name, number, TrialState.FAIL, this_sweep=False)
@@ -222,8 +223,8 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         why = ""
         value: Optional[float] = None
         try:
-            if ret.status == JobStatus.FAILED and isinstance(ret._return_value, optuna.TrialPruned):
-                raise ret._return_value  # not via .return_value, which prints "Error executing job"
+            if ret.status == JobStatus.FAILED and isinstance(job_exception(ret), optuna.TrialPruned):
+                raise job_exception(ret)  # not via .return_value, which prints "Error executing job"
             value = float(ret.return_value)
             state = TrialState.COMPLETE if math.isfinite(value) else TrialState.FAIL
             if state == TrialState.FAIL:
@@ -231,7 +232,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
         except optuna.TrialPruned as e:
             state, why = TrialState.PRUNED, str(e)
         except Exception as e:  # the job raised (bad drawn value, a bug): Hydra kept the exception
-            state, why = TrialState.FAIL, f"{type(e).__name__}: {_first_line(e)}"
+            state, why = TrialState.FAIL, f"{type(e).__name__}: {first_line(e)}"
         run_id = self._child_run(study.study_name, trial.number)
         attrs = {RUN_ID_ATTR: run_id, SWEEP_ATTR: self.sweep_id,
                  FAILURE_ATTR: why if state == TrialState.FAIL else None}
@@ -264,7 +265,7 @@ class GradsweepOptunaSweeperImpl(OptunaSweeperImpl):
                 self.tracker = Tracker(tracking.uri, tracking.experiment_name, tracking.artifact_location)
             return action(self.tracker)
         except Exception as e:
-            log.warning("MLflow: could not %s: %s", what, _first_line(e))
+            log.warning("MLflow: could not %s: %s", what, first_line(e))
             return None
 
     def _child_run(self, study_name: str, number: int, this_sweep: bool = True) -> Optional[str]:
@@ -377,7 +378,7 @@ def save_figures(study: optuna.Study, out: Path) -> list[Path]:
             fig.savefig(path, dpi=100, bbox_inches="tight")
             saved.append(path)
         except Exception as e:
-            log.info("Optuna figure %s skipped: %s", name, _first_line(e))
+            log.info("Optuna figure %s skipped: %s", name, first_line(e))
         finally:
             plt.close("all")
     optuna.logging.set_verbosity(verbosity)
@@ -410,7 +411,3 @@ def optuna_figure(study: optuna.Study, name: str):
                                         if t.state == TrialState.COMPLETE and t.value is not None}, what="objective")
     return fig
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -24,6 +24,8 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import TrialState
 
+from gradsweep.compat.optuna import trial_id as id_of
+
 log = logging.getLogger("gradsweep")
 FAILURE_ATTR = "gradsweep_failure"  #: why a trial FAILed (set on FAIL; before, the reason a stale one would have)
 #: Optuna warns at every ask() of a storage with heartbeats outside Study.optimize(); ours are sent
@@ -74,14 +76,14 @@ class Heartbeat:
         """First beat of a trial just asked, then its mark (see the module's docstring)."""
         if not self.on:
             return
-        self.storage.record_heartbeat(trial._trial_id)  # Trial has no public id; Optuna's own loop uses it too
+        self.storage.record_heartbeat(id_of(trial))
         with self.lock:
-            self.live.add(trial._trial_id)
+            self.live.add(id_of(trial))
         trial.set_user_attr(FAILURE_ATTR, stale_reason(self.worker, grace_of(self.storage)))
 
     def end(self, trials: list[optuna.trial.Trial]) -> None:
         with self.lock:
-            self.live.difference_update(t._trial_id for t in trials)
+            self.live.difference_update(id_of(t) for t in trials)
 
     def _run(self) -> None:
         while not self.stop.wait(self.storage.get_heartbeat_interval()):
@@ -104,7 +106,7 @@ def fail_stale(study: optuna.Study, storage: Any) -> list[tuple[int, str]]:
     oldest = datetime.now() - timedelta(seconds=grace_of(storage))
     for t in running:
         if FAILURE_ATTR not in t.user_attrs and t.datetime_start is not None and t.datetime_start < oldest:
-            storage.set_trial_user_attr(t._trial_id, FAILURE_ATTR, NEVER_BEAT)
+            storage.set_trial_user_attr(id_of(t), FAILURE_ATTR, NEVER_BEAT)
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

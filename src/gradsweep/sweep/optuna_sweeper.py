@@ -103,9 +103,10 @@ class GradsweepOptunaSweeper(OptunaSweeper):
                  heartbeat_interval: int = 30, grace_period: Optional[int] = None) -> None:
         super().__init__(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                          custom_search_space, params)
-        from gradsweep.sweep.optuna_loop import GradsweepOptunaSweeperImpl  # Optuna + MLflow: only when sweeping
+        from gradsweep.compat.optuna import use_impl  # Optuna + MLflow: only when sweeping
+        from gradsweep.sweep.optuna_loop import GradsweepOptunaSweeperImpl
 
-        self.sweeper = GradsweepOptunaSweeperImpl(self.sweeper.sampler, direction, storage, study_name, n_trials,
-                                                  n_jobs, max_failure_rate, custom_search_space, params, pruner=pruner,
-                                                  sampler_cfg=sampler, figures=figures,
-                                                  heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        use_impl(self, GradsweepOptunaSweeperImpl(
+            self.sweeper.sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
+            custom_search_space, params, pruner=pruner, sampler_cfg=sampler, figures=figures,
+            heartbeat_interval=heartbeat_interval, grace_period=grace_period))

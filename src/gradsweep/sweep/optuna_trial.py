@@ -23,6 +23,7 @@ from typing import Optional
 
 import optuna
 
+from gradsweep.compat.optuna import trial_id as id_of
 from gradsweep.errors import StopRun
 from gradsweep.names import STUDY_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
 from gradsweep.sweep.optuna_storage import make_pruner, make_storage, resolve_storage_url
@@ -51,13 +52,13 @@ class TrialPruned(optuna.TrialPruned, StopRun):
 def register_live(trials: list[optuna.trial.Trial]) -> None:
     with _live_lock:
         for t in trials:
-            _live[t._trial_id] = t
+            _live[id_of(t)] = t
 
 
 def unregister_live(trials: list[optuna.trial.Trial]) -> None:
     with _live_lock:
         for t in trials:
-            _live.pop(t._trial_id, None)
+            _live.pop(id_of(t), None)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, Optional
 
-from gradsweep.errors import ConfigError, GradsweepError
+from gradsweep.errors import ConfigError, GradsweepError, first_line
 from gradsweep.locks import Busy, hold, locked_file, release
 from gradsweep.paths import TRAIN
 from gradsweep.names import SCHEDULE_TAG, SCHEDULED_AT_TAG
@@ -98,7 +98,7 @@ def load_sweep(name: str) -> dict:
     except yaml.YAMLError as e:  # a tab, a !!python tag, an unclosed quote: the file and line, not a traceback
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        why = getattr(e, "problem", None) or first_line(e)
         raise ConfigError(f"sweeps/{name}.yaml is not valid YAML: {why}{where}; allowed: plain YAML (spaces, "
                           "not tabs; no !!python tags)") from None
     if raw is not None and not isinstance(raw, dict):

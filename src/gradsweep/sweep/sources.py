@@ -8,7 +8,8 @@ working directory. Two small Hydra plugins do (both discovered by Hydra's plugin
 ``src/hydra_plugins/gradsweep_plugin``):
 
 * :class:`SweepsSearchPath` appends ``gradsweep-sweeps://<checkout>/sweeps`` to the search path;
-* :class:`SweepsConfigSource` (a subclass of Hydra's file config source, which reads the files)
+* :class:`SweepsConfigSource` (a subclass of Hydra's file config source, which reads the files;
+  :class:`gradsweep.compat.hydra.FileConfigSource`)
   presents the folder's files as the one group ``sweep``: ``sweep/<name>`` -> ``sweeps/<name>.yaml``.
 
 Set ``GRADSWEEP_SWEEPS_DIR`` to use another folder.
@@ -20,12 +21,12 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from hydra._internal.core_plugins.file_config_source import FileConfigSource
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.object_type import ObjectType
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
+from gradsweep.compat.hydra import FileConfigSource
 from gradsweep.paths import SWEEPS_DIR
 
 GROUP = "sweep"

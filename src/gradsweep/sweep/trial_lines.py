@@ -11,16 +11,10 @@ the filter rewrites that one record into the trial's label. The job still gets a
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
-_ANNOUNCE = re.compile(r"^\s*#(\d+) : ")
-_BATCH = re.compile(r"^Launching \d+ jobs locally$")  # the basic launcher, per batch: the sweep's first line says it
-# where Hydra's launchers log the line: each module's own logger (``logging.getLogger(__name__)``)
-LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core",
-                    "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
-                    "hydra_plugins.gradsweep_plugin.submitit_launcher")
+from gradsweep.compat.hydra import is_batch_announcement, job_announcement, launcher_loggers
 
 
 class TrialLines(logging.Filter):
@@ -33,18 +27,18 @@ class TrialLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if _BATCH.match(message):
+        if is_batch_announcement(message):  # the sweep's first line says it
             return False
-        match = _ANNOUNCE.match(message)
-        if match and int(match.group(1)) in self.labels:
-            record.msg, record.args = self.labels[int(match.group(1))], ()
+        idx = job_announcement(message)
+        if idx is not None and idx in self.labels:
+            record.msg, record.args = self.labels[idx], ()
         return True
 
 
 @contextmanager
 def trial_lines(labels: Mapping[int, str], launcher: object) -> Iterator[None]:
     """While launching: the launchers' announcement of trial ``n`` reads ``labels[n]``."""
-    names = {*LAUNCHER_LOGGERS, type(launcher).__module__}
+    names = launcher_loggers(launcher)
     line = TrialLines(labels)
     for name in names:
         logging.getLogger(name).addFilter(line)

@@ -24,8 +24,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from gradsweep.errors import ConfigError, GradsweepError
+from gradsweep.errors import ConfigError, GradsweepError, first_line
 from gradsweep.locks import Busy, create_in_turn, locked_file
+from gradsweep.track.hooks import resolve_hook
 from gradsweep.track.create import create_run_once, drop_duplicates
 from gradsweep.track.journal import HEADER, STATE, file_identity, read_json, records, write_json_atomic
 from gradsweep.track.steps import FAMILIES, STEPS, TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
@@ -49,28 +50,9 @@ class HookNotReady(Exception):
     the journal stops before the hook and the next pass tries again."""
 
 
-#: What a journal may ask its deliverer to run after the records before it are on the store
-#: (``RunJournal.after_delivery``). Named here, imported only when run: the layers above register
-#: work for whichever process delivers the run, which has MLflow loaded already (a sweep process
-#: that never imports MLflow hands its summary to its delivery process this way). A journal
-#: names a hook, never code: only these run.
-HOOKS = {
-    "close_dead_runs": "gradsweep.track.ownership:close_dead_runs_hook",
-    "sweep_summary": "gradsweep.report.summary:sweep_summary_hook",
-    "run_figure": "gradsweep.report.figures:run_figure_hook",
-}
-#: What a hook loads when it runs (matplotlib: ~0.7 s on a small machine). A journal whose header
-#: lists the hooks it will ask for (``RunJournal.create(..., hooks=...)``) has these imported by
-#: the delivery process while it waits for the run's records, so the hook is not on the path
-#: between a job's last step and its end (nor between a sweep's last job and its summary).
-PRELOAD = {
-    "sweep_summary": ("gradsweep.report.summary", "gradsweep.report.figures"),
-    "run_figure": ("gradsweep.report.figures",),
-}
-
-
 class Preloader:
-    """Imports, in a background thread, the modules of the hooks that pending journals announce."""
+    """Imports, in a background thread, the modules of the hooks that pending journals announce
+    (their header's ``preload``: :func:`gradsweep.track.hooks.preload_modules`)."""
 
     def __init__(self) -> None:
         self.seen: set[Path] = set()
@@ -82,8 +64,10 @@ class Preloader:
             if folder in self.seen:
                 continue
             self.seen.add(folder)
-            for hook in (read_json(folder / HEADER) or {}).get("hooks") or ():
-                modules += [m for m in PRELOAD.get(hook, ()) if m not in self.started and m not in modules]
+            for module in (read_json(folder / HEADER) or {}).get("preload") or ():
+                if isinstance(module, str) and module.startswith("gradsweep.") and module not in self.started \
+                        and module not in modules:
+                    modules.append(module)
         if modules:
             self.started.update(modules)
             threading.Thread(target=_import_quietly, args=(modules,), daemon=True).start()
@@ -100,14 +84,9 @@ def _import_quietly(modules: list[str]) -> None:
 
 
 def run_hook(rec: dict[str, Any], folder: Path, header: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Run one hook record; transient store errors become Unreachable (try again later)."""
-    import importlib
-
-    target = HOOKS.get(rec.get("hook", ""))
-    if target is None:
-        raise ValueError(f"unknown hook {rec.get('hook')!r}; known: {', '.join(HOOKS)}")
-    module, _, name = target.partition(":")
-    fn = getattr(importlib.import_module(module), name)
+    """Run one hook record (:mod:`gradsweep.track.hooks`); transient store errors become Unreachable
+    (try again later)."""
+    fn = resolve_hook(rec.get("hook", ""))
     return _call(fn, folder=folder, header=header, run_id=run_id, **(rec.get("kwargs") or {})) or {}
 
 
@@ -202,7 +181,7 @@ def _call(fn, *args, **kwargs):
         result = fn(*args, **kwargs)
     except Exception as e:
         if is_transient(e):
-            raise Unreachable(str(e).splitlines()[0][:300]) from None
+            raise Unreachable(first_line(e, 300)) from None
         _last_answer = time.monotonic()
         raise
     _last_answer = time.monotonic()
@@ -353,7 +332,7 @@ def _deliver_locked(folder: Path) -> bool:
             except Unreachable:
                 raise
             except Exception as e:  # the run's records are on the store; the hook's work is extra
-                result = {"error": (str(e).splitlines() or [type(e).__name__])[0][:300]}
+                result = {"error": first_line(e, 300)}
                 log.error("%s of run %s failed: %s", rec.get("hook"), run_id, result["error"])
             state.setdefault("hooks", {})[rec.get("hook", "?")] = result
         elif op == "end":
@@ -435,7 +414,7 @@ REJECTED_TAG = "gradsweep.rejected"
 def _rejected(folder: Path, state: dict[str, Any], what: str, e: Exception) -> None:
     """The store refused some records (a file it cannot write, a deleted run): they are skipped, the
     run's tag ``gradsweep.rejected`` lists them, and the console says so once per kind."""
-    reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+    reason = first_line(e, 300)
     rejected = state.setdefault("rejected", {})
     if what not in rejected:
         print(f"[gradsweep] run {state.get('run_id')}: the tracking store refused {what}: {reason}",
@@ -450,7 +429,7 @@ def _rejection_summary(state: dict[str, Any]) -> str:
 def _refused(folder: Path, state: dict[str, Any], e: Exception) -> bool:
     """The store refuses to create the run at all: the journal is closed as refused and kept, with
     the reason, so `gradsweep sync` explains it instead of retrying it forever."""
-    reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+    reason = first_line(e, 300)
     state.update(done=True, refused=reason, refused_input=isinstance(e, GradsweepError))
     write_json_atomic(folder / STATE, state)
     if not _owner_reports:  # else the job writing the journal says it, as its last word
@@ -675,7 +654,7 @@ def follow(spool: Path, owner_pid: int, interval_s: float = 0.25, control=None,
 
 def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid: Optional[int] = None) -> None:
     """Once the owner is gone, stop holding its stdout/stderr: whoever reads the owner's output
-    (a terminal pipeline, ``subprocess.run``) sees it end when the owner ends, not 1-2 s later
+    (a terminal pipeline, ``subprocess.run``) sees it end when the owner ends, not later,
     when this process has finished importing MLflow and its last pass. What the last pass says
     (only a killed owner leaves anything to deliver) goes to ``<spool>/delivery.log``."""
     while control.read(1):
@@ -693,6 +672,8 @@ def _detach_when_closed(control, closed: threading.Event, spool: Path, owner_pid
         os.dup2(devnull, 2)
     if owner_pid is not None and not pending(spool, owner_pid):
         remove_delivered(spool, owner_pid)
+        # os._exit (public, documented): this watcher thread ends the whole delivery process at once,
+        # which sys.exit cannot from a thread; nothing is left to deliver and no handler needs to run
         os._exit(0)
     closed.set()
     _wake.set()
@@ -717,13 +698,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     # from the start: the owner may end during the import
     closed = watch_owner(sys.stdin.buffer, args.spool, args.owner_pid)
     # Import MLflow before the first pass: a pass holds the journal's lock, and a lock held through
-    # a niced 1-2 s import made a short job's own final delivery wait for it (Busy) at its close.
+    # a niced import of seconds made a short job's own final delivery wait for it (Busy) at its close.
     import importlib
 
     import mlflow.entities  # loaded for its import time, not a name
     import mlflow.tracking  # noqa: F401
 
-    if args.store:  # what MLflow would load at the first client (SQLAlchemy's store: ~2 s here), loaded
+    if args.store:  # what MLflow would load at the first client (SQLAlchemy's store, seconds), loaded
         try:  # while the job loads PyTorch, not after
             importlib.import_module(STORE_MODULES[args.store])
         except ImportError:  # the first client says what is missing

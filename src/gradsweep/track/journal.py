@@ -21,13 +21,14 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from gradsweep.errors import ConfigError, RecordingLost
 from gradsweep.locks import hold, is_held, process_id, process_state, release, temporary_name
 from gradsweep.names import FAILURE_TAG
+from gradsweep.track.hooks import hook_target
 from gradsweep.track.steps import HEAD, STEPS, StepSchema, record_dtype
 from gradsweep.track.uri import is_local_sqlite, sqlite_path
 
@@ -304,9 +305,17 @@ class RunJournal:
         self._append({"op": "tags", "tags": {k: str(v)[:5000] for k, v in tags.items()}})
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, move: bool = False) -> None:
-        """Copy the file now (it may change later, e.g. ``last.pt``), upload it on delivery. ``move``:
-        the file itself is removed once the store has it, if it is still the file logged here
-        (:func:`gradsweep.track.delivery.drop_moved`)."""
+        """Keep the file as it is now (it may change later, e.g. ``last.pt``), upload it on delivery.
+        ``move``: the file itself is removed once the store has it, if it is still the file logged
+        here (:func:`gradsweep.track.delivery.drop_moved`).
+
+        "As it is now" is a hard link where the journal is on the same file system, not a copy. That
+        holds the logged content only because no logged file is written in place afterwards: a
+        checkpoint is replaced by a new file renamed over it (``CheckpointStore.save``: ``torch.save``
+        to a temporary name, then ``os.replace``), which leaves the linked inode untouched; the
+        job's config and figure are written before they are logged. A writer that rewrites a logged
+        file in place changes the journal's copy too (a job resumed in the same folder writes its
+        ``config.yaml`` again, in place, while the killed run's journal may still be spooled)."""
         if self.lost is not None:
             self.dropped += 1
             return
@@ -319,18 +328,18 @@ class RunJournal:
             if move:
                 record.update(source=str(path.resolve()), stat=file_identity(path))
             try:
-                os.link(path, self.folder / rel)  # no copy when on the same file system
+                os.link(path, self.folder / rel)  # no copy on the same file system: see the docstring
             except OSError:
                 shutil.copy2(path, self.folder / rel)
         except OSError as e:
             self._lose(e)
         self._append(record)
 
-    def after_delivery(self, hook: str, **kwargs: Any) -> None:
-        """Run ``hook`` (a name in :data:`gradsweep.track.delivery.HOOKS`) with ``kwargs`` where this
-        record is delivered: in the delivery process, the job's own close, or ``gradsweep sync``,
-        whichever has the store at hand (and MLflow loaded)."""
-        self._append({"op": "hook", "hook": hook, "kwargs": kwargs})
+    def after_delivery(self, hook: Callable[..., Any], **kwargs: Any) -> None:
+        """Run ``hook`` (a function marked :func:`gradsweep.track.hooks.delivery_hook`; recorded as its
+        ``<module>:<name>``) with ``kwargs`` where this record is delivered: in the delivery process,
+        the job's own close, or ``gradsweep sync``, whichever has the store at hand (and MLflow loaded)."""
+        self._append({"op": "hook", "hook": hook_target(hook), "kwargs": kwargs})
 
     def end(self, status: str) -> None:
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from gradsweep.track.settings import TrackingConfig
 from gradsweep.track.steps import OPTIONAL
@@ -90,7 +90,7 @@ class MemoryRunLogger:
 
 def open_run_logger(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
                     parent_run_id: Optional[str] = None, parent_local_id: Optional[str] = None,
-                    run_id: Optional[str] = None, hooks: tuple[str, ...] = ()) -> RunLogger:
+                    run_id: Optional[str] = None, hooks: tuple[Callable[..., Any], ...] = ()) -> RunLogger:
     """Open a new run (or continue ``run_id``) on the configured backend. ``hooks``: the delivery
     hooks the run will ask for (the ``mlflow`` backend's ``after_delivery``)."""
     if tracking.backend == "memory":

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from gradsweep.errors import RecordingLost
 from gradsweep.names import WORKER_TAG
 from gradsweep.track import delivery
+from gradsweep.track.hooks import hook_target, preload_modules
 from gradsweep.track.closing import close_run, fail_on_store
 from gradsweep.track.create import new_key
 from gradsweep.track.journal import STATE, RunJournal, default_spool_dir, now_ms, read_json, worker_id
@@ -68,12 +69,12 @@ class MlflowRun:
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, move: bool = False) -> None:
         self.journal.log_artifact(path, artifact_path, move)
 
-    def after_delivery(self, hook: str, **kwargs: Any) -> None:
+    def after_delivery(self, hook: Callable[..., Any], **kwargs: Any) -> None:
         """See :meth:`RunJournal.after_delivery`; the result is in :meth:`hook_result` once delivered."""
         self.journal.after_delivery(hook, **kwargs)
 
-    def hook_result(self, hook: str) -> Optional[dict[str, Any]]:
-        return ((read_json(self.journal.folder / STATE) or {}).get("hooks") or {}).get(hook)
+    def hook_result(self, hook: Callable[..., Any]) -> Optional[dict[str, Any]]:
+        return ((read_json(self.journal.folder / STATE) or {}).get("hooks") or {}).get(hook_target(hook))
 
     def finish(self, status: str) -> bool:
         return close_run(self.journal, status, self.timeout_s, wait=not self.deferred)
@@ -81,7 +82,8 @@ class MlflowRun:
 
 def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
              parent_run_id: Optional[str] = None, parent_local_id: Optional[str] = None,
-             run_id: Optional[str] = None, create_now: bool = False, hooks: tuple[str, ...] = ()) -> MlflowRun:
+             run_id: Optional[str] = None, create_now: bool = False,
+             hooks: tuple[Callable[..., Any], ...] = ()) -> MlflowRun:
     """Open a run for writing. The run is created on the store now (``create_now``, or when this
     process has MLflow already, as a sweep's does) if the store can be reached; else by the delivery
     worker, which also does it for a single job so that its training process never imports MLflow
@@ -107,8 +109,8 @@ def open_run(tracking: TrackingConfig, run_name: str, tags: dict[str, str], *,
                 raise
             print(f"[gradsweep] tracking store {mask(uri)} unreachable; the run is spooled to {spool} "
                   "and created there when it answers", file=sys.stderr, flush=True)
-    if hooks:
-        header["hooks"] = list(hooks)
+    if hooks:  # what they import, imported by the delivery process while it waits
+        header["preload"] = preload_modules(hooks)
     if parent_run_id or parent_local_id:  # so a hook of the parent finds its children's journals
         header.update(parent_run_id=parent_run_id, parent_local_id=parent_local_id)
     if not existing:

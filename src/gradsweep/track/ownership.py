@@ -12,6 +12,7 @@ from gradsweep.errors import ConfigError
 from gradsweep.locks import Busy, describe, hold, process_state
 from gradsweep.names import FAILURE_TAG, WORKER_TAG
 from gradsweep.track import delivery
+from gradsweep.track.hooks import delivery_hook
 from gradsweep.track.journal import (HEADER, close_orphan, journal_run_ids, read_json, worker_alive, worker_id,
                                      writer_alive)
 from gradsweep.track.tracker import Tracker
@@ -55,6 +56,7 @@ def _delivered(folder: Path) -> bool:
         return False
 
 
+@delivery_hook()
 def close_dead_runs_hook(header: dict[str, Any], folder: Optional[Path] = None, **_: Any) -> dict[str, Any]:
     """:func:`close_dead_runs` as a delivery hook (a sweep's parent journal asks for it)."""
     tracker = Tracker(header["uri"], header["experiment_name"], header.get("artifact_location"))

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from gradsweep.errors import CheckpointError
+from gradsweep.errors import CheckpointError, first_line
 from gradsweep.locks import temporary_name
 
 REQUIRED = ("model", "optimizer", "step", "best_score", "config")
@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a bad file; all mean 'unreadable'
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise CheckpointError(f"{path}: not a readable gradsweep checkpoint (corrupt or truncated?): "
                               f"{reason}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
@@ -100,7 +100,7 @@ def _try(load: Callable[[], object], key: str, what: str, allowed: str) -> None:
     try:
         load()
     except Exception as e:  # torch and the rules raise many types; all mean 'this state does not fit'
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise CheckpointError(f"{key}: the checkpoint's {what} does not fit this run ({reason}); "
                               f"allowed: {allowed}") from None
 

@@ -58,7 +58,7 @@ class TrainerConfig:
     batch_size: int = 64  # 0 = full batch
     loss: str = "cross_entropy"  # cross_entropy|bce|mse|lm (bce: binary data, one output unit; see LOSSES)
     reduction: str = "sum"  # sum|mean
-    eval_every_steps: int = 10  # also after the last step; 25 dev/acc points in the default job (costs ~1%)
+    eval_every_steps: int = 10  # also after the last step; 25 dev/acc points in the default job (a small cost per step)
     log_every_steps: int = 1
     checkpoint_every_steps: int = 0  # 0 = only best (at evaluations) and last
     seed: int = 0

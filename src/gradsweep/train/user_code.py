@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from gradsweep.checks import require
-from gradsweep.errors import ConfigError
+from gradsweep.errors import ConfigError, first_line
 from gradsweep.train.data import DataConfig, DataSet, Split
 from gradsweep.train.models import ModelConfig
 from gradsweep.train.registry import register
@@ -66,7 +66,7 @@ def locate(key: str, path: str) -> Any:
         module = importlib.import_module(module_path)
     except Exception as e:  # the user's module failed to import: say why, in one line
         why = "not found on PYTHONPATH or installed" if isinstance(e, ModuleNotFoundError) else \
-            f"importing it raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"importing it raised {type(e).__name__}: {first_line(e, default='')}"
         raise ConfigError(f"{key}={path!r}: module {module_path} {why}") from None
     if not hasattr(module, name):
         raise ConfigError(f"{key}={path!r}: {module_path} has no {name}")
@@ -124,7 +124,7 @@ def to_split(target: str, name: str, ds: Any) -> Split:
             x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
             y = torch.stack([torch.as_tensor(p[1]) for p in pairs])
         except (RuntimeError, TypeError) as e:
-            raise ConfigError(f"{where}: items cannot be stacked into tensors ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{where}: items cannot be stacked into tensors ({first_line(e)})") from None
     if len(x) != len(y) or not len(y):
         raise ConfigError(f"{where} has {len(x)} inputs and {len(y)} targets")
     return Split(x, y)
@@ -142,7 +142,7 @@ def check_task(model: nn.Module, data: DataSet, loss: str, key: str = "model._ta
     except Exception as e:
         raise ConfigError(f"{key}={target!r}: the model fails on a batch of the data (x {list(x.shape)} "
                           f"{str(x.dtype).removeprefix('torch.')}): {type(e).__name__}: "
-                          f"{str(e).splitlines()[0]}") from None
+                          f"{first_line(e)}") from None
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor):

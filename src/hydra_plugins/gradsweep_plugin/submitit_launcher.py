@@ -47,6 +47,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf
 
+from gradsweep.compat.submitit import shorten_result_wait
 from gradsweep.errors import JobLost
 from gradsweep.sweep.context import ENV, SweepContext
 
@@ -136,7 +137,7 @@ class _CollectEveryJob:
             time.sleep(1)
         state = str(job.state)
         if state.upper().startswith(ENDED_WITHOUT_RESULT):
-            job._results_timeout_s = min(job._results_timeout_s, LOST_RESULT_WAIT_S)
+            shorten_result_wait(job, LOST_RESULT_WAIT_S)
         try:
             return job.results()[0]
         except UncompletedJobError as e:
