@@ -134,24 +134,25 @@ def pytest_runtest_call(item):
 DURATIONS_KEY = "gradsweep/module_durations"
 
 
-def _module(item) -> str:
-    return item.module.__name__.rpartition(".")[2]
+def _module(nodeid: str) -> str:
+    """A test's module name (``test_x``) from its node id, the same on workers and the controller."""
+    return Path(nodeid.split("::")[0]).stem
 
 
 def pytest_collection_modifyitems(config, items):
-    undeclared = sorted({_module(item) for item in items if _tier(item) is None})
+    undeclared = sorted({_module(item.nodeid) for item in items if _tier(item) is None})
     if undeclared:
         raise pytest.UsageError(f"{', '.join(undeclared)}: no test tier; declare pytestmark = pytest.mark.unit "
                                 "or pytest.mark.integration at module level")
     last = config.cache.get(DURATIONS_KEY, {}) if config.cache else {}
-    items.sort(key=lambda item: (_tier(item) != "integration", -last.get(_module(item), 0.0)))  # stable
+    items.sort(key=lambda item: (_tier(item) != "integration", -last.get(_module(item.nodeid), 0.0)))  # stable
 
 
 _durations: dict[str, float] = {}  # module -> seconds, summed over its tests' setup, call and teardown
 
 
 def pytest_runtest_logreport(report):  # on the xdist controller too: every worker's reports reach it
-    module = Path(report.nodeid.split("::")[0]).stem
+    module = _module(report.nodeid)
     _durations[module] = _durations.get(module, 0.0) + report.duration
 
 

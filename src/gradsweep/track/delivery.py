@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from gradsweep.errors import ConfigError, GradsweepError, first_line
 from gradsweep.locks import Busy, create_in_turn, locked_file
-from gradsweep.track.hooks import resolve_hook
+from gradsweep.track.hooks import is_gradsweep_module, resolve_hook
 from gradsweep.track.create import create_run_once, drop_duplicates
 from gradsweep.track.journal import HEADER, STATE, file_identity, read_json, records, write_json_atomic
 from gradsweep.track.steps import FAMILIES, STEPS, TELEMETRY, StepSchema, chunk_name, read_records, sample, write_chunk
@@ -65,8 +65,7 @@ class Preloader:
                 continue
             self.seen.add(folder)
             for module in (read_json(folder / HEADER) or {}).get("preload") or ():
-                if isinstance(module, str) and module.startswith("gradsweep.") and module not in self.started \
-                        and module not in modules:
+                if is_gradsweep_module(module) and module not in self.started and module not in modules:
                     modules.append(module)
         if modules:
             self.started.update(modules)

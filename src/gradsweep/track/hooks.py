@@ -23,7 +23,13 @@ from typing import Any, Callable, Iterable, TypeVar
 
 H = TypeVar("H", bound=Callable[..., Any])
 MARK = "gradsweep_delivery_hook"  #: attribute of a hook: the modules it imports when it runs
-TARGET = re.compile(r"^(gradsweep(?:\.\w+)+):(\w+)$")
+MODULE = r"gradsweep(?:\.\w+)+"  #: what a journal may name: a module under gradsweep.
+TARGET = re.compile(rf"^({MODULE}):(\w+)$")
+
+
+def is_gradsweep_module(name: object) -> bool:
+    """Whether a journal's ``preload`` entry names a module this package holds (the only ones imported)."""
+    return isinstance(name, str) and re.fullmatch(MODULE, name) is not None
 
 
 def delivery_hook(*loads: str) -> Callable[[H], H]:
