@@ -144,7 +144,7 @@ def pytest_collection_modifyitems(config, items):
     if undeclared:
         raise pytest.UsageError(f"{', '.join(undeclared)}: no test tier; declare pytestmark = pytest.mark.unit "
                                 "or pytest.mark.integration at module level")
-    last = config.cache.get(DURATIONS_KEY, {}) if config.cache else {}
+    last = config.cache.get(DURATIONS_KEY, {}) if getattr(config, "cache", None) else {}
     items.sort(key=lambda item: (_tier(item) != "integration", -last.get(_module(item.nodeid), 0.0)))  # stable
 
 
@@ -157,6 +157,6 @@ def pytest_runtest_logreport(report):  # on the xdist controller too: every work
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if session.config.cache and _durations and not hasattr(session.config, "workerinput"):  # the controller
+    if getattr(session.config, "cache", None) and _durations and not hasattr(session.config, "workerinput"):  # controller
         merged = {**session.config.cache.get(DURATIONS_KEY, {}), **_durations}
         session.config.cache.set(DURATIONS_KEY, {k: round(v, 1) for k, v in merged.items()})
