@@ -112,17 +112,19 @@ def test_a_killed_rank_fails_the_whole_job_and_leaves_no_process(tmp_path, migra
 
 
 @pytest.mark.parametrize("launcher,key", [("slurm", "tasks_per_node"), ("slurm", "nodes"), ("local", "tasks_per_node")])
-def test_more_than_one_submitit_task_per_job_is_refused_before_submitting(launcher, key):
-    """A job starts its own ranks: N Slurm tasks would each train the whole job. Refused at preflight
-    (no cluster needed: nothing is submitted), naming the way to ask for N processes."""
+def test_with_several_tasks_per_job_devices_is_one_or_the_task_count(launcher, key):
+    """N submitit tasks per job are its N ranks: trainer.devices=1 or N runs, anything else is refused
+    at preflight (no cluster needed: nothing is submitted), each job's value checked."""
     from gradsweep.errors import ConfigError
     from gradsweep.paths import CONF_DIR
     from gradsweep.sweep.hydra_adapter import preflight
 
+    command = ["-m", f"hydra/launcher={launcher}", f"hydra.launcher.{key}=2", "tracking.backend=memory"]
     with pytest.raises(ConfigError) as e:
-        preflight(str(CONF_DIR), "config", ["-m", f"hydra/launcher={launcher}", f"hydra.launcher.{key}=2",
-                                            "clip.max_norm=1,5", "tracking.backend=memory"])
-    assert str(e.value) == f"hydra.launcher.{key}=2 is invalid; allowed: 1 (a job starts its own processes: " \
-        "trainer.devices=2 with hydra.launcher.tasks_per_node=1, nodes=1 and cpus_per_task or gpus_per_node for them)"
-    assert preflight(str(CONF_DIR), "config", ["-m", f"hydra/launcher={launcher}", "trainer.devices=2",
-                                               "hydra.launcher.cpus_per_task=2", "tracking.backend=memory"]) == 1
+        preflight(str(CONF_DIR), "config", [*command, "trainer.devices=2,3"])
+    assert str(e.value) == "trainer.devices=3 is invalid; allowed: 1 or 2 with 2 tasks per job " \
+        "(hydra.launcher.tasks_per_node x nodes: each task is one rank)"
+    assert preflight(str(CONF_DIR), "config", [*command, "trainer.devices=1,2"]) == 2
+    # one task per job: the job starts its own ranks, any number of them
+    assert preflight(str(CONF_DIR), "config", ["-m", f"hydra/launcher={launcher}", "trainer.devices=3",
+                                               "tracking.backend=memory"]) == 1

@@ -111,11 +111,23 @@ def points(client: MlflowClient, run, key: str = "grad_norm/total") -> int:
     return len(client.get_metric_history(run.info.run_id, key))
 
 
+def worker_pid(run) -> int:
+    """The process writing a run (tag ``gradsweep.worker``: ``host:pid boot=... start=...``)."""
+    return int(run.data.tags[WORKER_TAG].split()[0].rpartition(":")[2])
+
+
 def slurm_job_of(pid: int) -> str:
     """The Slurm array task (``<array id>_<index>``) a process of a job runs in, from its environment."""
     env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
                if "=" in kv)
-    return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return job_id(env)
+
+
+def job_id(env: dict) -> str:
+    """A Slurm job's id as submitit and scancel name it: ``<array id>_<index>`` for a task of an array
+    (a sweep of several jobs), else the job's own id (submitit submits a one-job batch as a plain job)."""
+    return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_JOB_ID" in env \
+        else env.get("SLURM_JOB_ID", "")
 
 
 def cancel_when_training(tracking: list[str], where: str, slurm_env: dict, min_points: int = 30,
@@ -129,7 +141,7 @@ def cancel_when_training(tracking: list[str], where: str, slurm_env: dict, min_p
         found = client.search_runs([exp.experiment_id], filter_string=where) if exp else []
         if found and found[0].info.status == "RUNNING" and points(client, found[0]) >= min_points:
             run = found[0]
-            job = slurm_job_of(int(run.data.tags[WORKER_TAG].rpartition(":")[2]))
+            job = slurm_job_of(worker_pid(run))
             seen = {"run_id": run.info.run_id, "job": job, "points": points(client, run)}
             subprocess.run(["scancel", job], check=True, env={**os.environ, **slurm_env})
             return seen
@@ -198,8 +210,8 @@ def test_sweep_runs_as_slurm_jobs_two_at_a_time(slurm, tracking, tmp_path):
 
 def test_a_data_parallel_job_runs_as_one_slurm_task(slurm, tracking, tmp_path):
     """trainer.devices=2 on Slurm: one task (tasks_per_node=1) with 2 CPUs starts its own second
-    rank; its run records the norms of the devices=1 job beside it. tasks_per_node=2 is refused at
-    preflight, before sbatch (tests/test_data_parallel.py)."""
+    rank; its run records the norms of the devices=1 job beside it. (tasks_per_node=2: the tasks are
+    the ranks, test_the_tasks_of_a_job_are_its_ranks.)"""
     res = run_train(["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=2", "trainer.devices=1,2",
                      "model=mlp", "data=moons", "trainer.batch_size=50", "trainer.epochs=3", "optimizer.lr=0.002",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}", *LEAN, *tracking], tmp_path, env=slurm)
@@ -211,6 +223,100 @@ def test_a_data_parallel_job_runs_as_one_slurm_task(slurm, tracking, tmp_path):
     assert list(one.columns) == list(two.columns) and list(one.index) == list(two.index) and len(one) > 0
     norms = [c for c in one.columns if c.startswith("grad_norm/")]
     np.testing.assert_allclose(two[norms].to_numpy(), one[norms].to_numpy(), rtol=1e-5, atol=1e-7)
+
+
+MOONS = ["model=mlp", "data=moons", "trainer.batch_size=50", "optimizer.lr=0.002"]
+
+
+def slurm_processes(job: str, rank: int) -> list[int]:
+    """The Python processes of task ``rank`` of Slurm job ``job`` (:func:`job_id`) on this node."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in kv)
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"submitit" in cmd and env.get("SLURM_PROCID") == str(rank) and job_id(env) == job:
+            found.append(int(proc.name))
+    return found
+
+
+def test_the_tasks_of_a_job_are_its_ranks(slurm, tracking, tmp_path):
+    """hydra.launcher.tasks_per_node=2: each job is 2 Slurm tasks of one step, and they are its 2
+    ranks (trainer.devices=1 or 2 alike). Task 0 records one run per job, whose per-step norms are
+    those of a one-process run with the same global batch; task 1 records nothing and leaves nothing."""
+    sweep = tmp_path / "sweep"
+    res = run_train(["-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", "trainer.devices=1,2",
+                     *MOONS, "trainer.epochs=3", f"hydra.sweep.dir={sweep}", *LEAN, *tracking], tmp_path, env=slurm)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    reference = [tracking[0], tracking[1] + "-one-process"]
+    res = run_train([*MOONS, "trainer.epochs=3", *LEAN[:2], *reference], tmp_path)  # here, one process
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    client, parents, children = runs(tracking)
+    assert len(parents) == 1 and len(children) == 2  # one run per job: task 1 opens none
+    assert {c.info.status for c in children} == {"FINISHED"}
+    (one_run,) = runs(reference)[1]
+    uri = tracking[0].split("=", 1)[1]
+    one = gradsweep.history(one_run.info.run_id, uri)
+    norms = [c for c in one.columns if c.startswith("grad_norm/")]
+    for child in children:
+        two = gradsweep.history(child.info.run_id, uri)
+        assert list(two.columns) == list(one.columns) and list(two.index) == list(one.index) and len(one) > 0
+        np.testing.assert_allclose(two[norms].to_numpy(), one[norms].to_numpy(), rtol=1e-5, atol=1e-7)
+    for job in ("0", "1"):
+        folder = sweep / job
+        assert not list(folder.glob(".ranks-*"))  # where the ranks met is removed with the job
+        log = (folder / "train.log").read_text()
+        assert "data parallel over 2 processes (2 tasks of slurm job" in log
+        assert log.count("Job completed successfully") == 1  # task 1's lines stay out of the job's log
+    # submitit's own record: every job ran as 2 tasks, and each task ended with a result
+    assert len(glob.glob(str(sweep / ".submitit" / "*_*" / "*_[01]_result.pkl"))) == 4
+
+
+def test_a_killed_task_fails_its_job_in_one_line(slurm, tracking, tmp_path):
+    """Task 1 of a 2-task job is killed (SIGKILL) mid-run: rank 0's next all-reduce fails, its run
+    ends FAILED naming the rank, the sweep says so in its last line and exits 1; nothing hangs."""
+    sweep = tmp_path / "sweep"
+
+    def kill_rank_1():  # as soon as the job trains (its log's first step line): a short history to deliver
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = sweep / "0" / "train.log"
+            if log.is_file() and "step 10/" in log.read_text():
+                (folder,) = glob.glob(str(sweep / ".submitit" / "[0-9]*"))
+                (pid,) = slurm_processes(Path(folder).name, 1)
+                os.kill(pid, 9)
+                return {"job": Path(folder).name}
+            time.sleep(0.2)
+        raise AssertionError("the job was not training within 120 s")
+
+    watcher, seen = in_background(kill_rank_1)
+    t0 = time.monotonic()
+    try:
+        res = run_train(["-m", "hydra/launcher=slurm", "hydra.launcher.tasks_per_node=2", *MOONS,
+                         "trainer.epochs=100000", f"hydra.sweep.dir={sweep}", *LEAN, *tracking], tmp_path,
+                        env=slurm, timeout=240)
+    finally:  # a job that outlived a failed test would train on for hours
+        for folder in glob.glob(str(sweep / ".submitit" / "[0-9]*")):
+            subprocess.run(["scancel", Path(folder).name], env={**os.environ, **slurm}, capture_output=True)
+    wall = time.monotonic() - t0
+    watcher.join(5)
+    assert "error" not in seen, seen.get("error")
+    killed = seen["value"]
+    print(f"sweep with a killed task: {wall:.1f} s; its last line: {res.stderr.strip().splitlines()[-1]}")
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
+    assert last.startswith(f"error: 2 tasks of slurm job {killed['job']}: rank 1 (on ") and \
+        "stopped: no sign of life" in last and "while training; the run is FAILED" in last, last
+    client, _, children = runs(tracking)
+    (run,) = children
+    assert run.info.status == "FAILED"
+    assert "rank 1 (on " in run.data.tags["failure_reason"]
+    assert not slurm_processes(killed["job"], 0) and not slurm_processes(killed["job"], 1)
+    assert not list((sweep / "0").glob(".ranks-*"))
 
 
 def test_cancelled_job_is_killed_and_the_sweep_goes_on(slurm, tracking, tmp_path):

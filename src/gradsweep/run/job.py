@@ -40,6 +40,7 @@ from gradsweep.track.uri import mask, mask_overrides
 
 if TYPE_CHECKING:
     from gradsweep.run.parallel import Ranks
+    from gradsweep.run.ranks import Tasks
 
 log = logging.getLogger("gradsweep")
 
@@ -58,6 +59,9 @@ class JobContext:
     #: left out of the run's name, which then says only what this run varies
     constant_keys: tuple[str, ...] = ()
     name: Optional[str] = None  #: the run's name when the launcher chose one (an Optuna trial's); else from overrides
+    #: the job runs as several tasks of one scheduler step and this process is their rank 0 (their
+    #: other ranks run :func:`gradsweep.run.rank.task_rank`); None: one process, which may spawn ranks
+    tasks: Optional[Tasks] = None
 
 
 NAME_NOISE = ("tracking.", "trainer.resume_from", "hydra.")  # never part of a run's name
@@ -230,6 +234,10 @@ def _prepare(spec: JobSpec, ctx: JobContext) -> Prepared:
     torch.manual_seed(spec.trainer.seed)
     data, model = data_and_model(spec)
     device = device_for(spec.trainer.device)
+    if ctx.tasks is not None:
+        from gradsweep.run.rank import rank_device
+
+        device = rank_device(device, ctx.tasks.local_rank)
     model.to(device)
     resume = None
     if spec.trainer.resume_from:
@@ -279,10 +287,12 @@ def _open(spec: JobSpec, ctx: JobContext, job: Prepared, on_eval: Optional[Calla
         _record_start(spec, ctx, run, resume, tags[OUTPUT_DIR_TAG], job.config)
         history = HistorySink()
         store = CheckpointStore(ctx.output_dir / "checkpoints")
-        if spec.trainer.devices > 1:  # ranks 1..N-1 start here and end with the run, whatever ends it
+        if spec.trainer.devices > 1 or ctx.tasks is not None:  # ranks 1..N-1 join here and end with the run
             from gradsweep.run.parallel import Ranks
+            from gradsweep.run.ranks import Spawned
 
-            ranks = Ranks(spec, job.device, resume.last if resume is not None else None)
+            ranks = Ranks(spec, job.device, resume.last if resume is not None else None,
+                          ctx.tasks or Spawned(spec.trainer.devices))
         # steps the run already holds (logged after its last checkpoint, before it was killed) are not sent twice
         to_store = FromStep(run, resume.logged) if resume is not None and same_run else run
         trainer = Trainer(job.model, job.data, job.optimizer, job.clipper, spec.trainer, TeeSink(history, to_store),

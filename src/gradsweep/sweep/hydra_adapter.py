@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -27,13 +27,15 @@ from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gradsweep.checks import choice, require
+from gradsweep.checks import choice
 from gradsweep.compat.hydra import apply_value_overrides, parse_command_line
 from gradsweep.errors import ConfigError, NonFiniteError, StopRun, first_line
 from gradsweep.run.inputs import check_inputs
-from gradsweep.run.job import JobContext, JobOutcome, hold_folder, run_job
+from gradsweep.run.job import JobContext, hold_folder, run_job
+from gradsweep.run.ranks import Tasks, check_devices
 from gradsweep.run.spec import JobSpec
 from gradsweep.sweep.context import SweepContext
+from gradsweep.sweep.job_tasks import job_tasks, launcher_tasks
 from gradsweep.sweep.nodes import plain_dict, plain_dict_or_none
 from gradsweep.sweep.overrides import job_combinations, output_folder
 from gradsweep.train.diagnostics import DiagnosticsConfig
@@ -235,29 +237,18 @@ def preflight(config_dir: str, default_config_name: str, argv: list[str]) -> Opt
                        allowed="a folder this user can create and write")
     jobs = _jobs(config_dir, args.overrides, name, args.multirun)
     launcher = [o for o in args.overrides if o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher"))]
+    tasks = 1
     if args.multirun and jobs and launcher:  # the jobs' configs leave hydra.* overrides out: composed once more
-        check_launcher_tasks(compose_config(config_dir, [*jobs[0][0], *launcher], name, hydra_config=True))
+        composed = compose_config(config_dir, [*jobs[0][0], *launcher], name, hydra_config=True)
+        tasks = launcher_tasks(composed.hydra.launcher)
     for job, cfg in jobs:
-        check_inputs(to_spec(cfg if cfg is not None else compose_config(config_dir, job, name)),
-                     claim=not args.multirun)  # a sweep's resume is claimed by the process running its job
+        spec = to_spec(cfg if cfg is not None else compose_config(config_dir, job, name))
+        check_devices(spec.trainer.devices, tasks)  # the tasks of a job are its ranks
+        check_inputs(spec, claim=not args.multirun)  # a sweep's resume is claimed by the process running its job
     if args.multirun and folder is not None and "${" not in folder:  # a folder given, not Hydra's time-stamped one:
         # given to two sweeps at once, the second is refused before it starts (else each of its jobs would be)
         hold_folder(Path(folder).absolute(), "hydra.sweep.dir")
     return len(jobs)
-
-
-def check_launcher_tasks(cfg: DictConfig) -> None:
-    """One task per job on a submitit launcher (Slurm or local). A job starts its own processes
-    (``trainer.devices=N``, :mod:`gradsweep.run.parallel`); N tasks of one Slurm step would each run
-    the whole job (N trainings, one folder), so more tasks or nodes are refused before anything is
-    submitted, in one line saying how to ask for N processes instead."""
-    launcher = cfg.hydra.launcher
-    for key in ("tasks_per_node", "nodes"):
-        n = launcher.get(key)
-        if n is not None:
-            require(int(n) == 1, f"hydra.launcher.{key}", n,
-                    f"1 (a job starts its own processes: trainer.devices={max(int(cfg.trainer.devices), int(n))} "
-                    "with hydra.launcher.tasks_per_node=1, nodes=1 and cpus_per_task or gpus_per_node for them)")
 
 
 # ------------------------------------------------------------------------------ the job
@@ -276,11 +267,6 @@ def context_from_hydra(extra_tags: Optional[dict[str, str]] = None) -> JobContex
     )
 
 
-def run_hydra_job(cfg: DictConfig, on_eval: Optional[Callable[[int, float], None]] = None,
-                  extra_tags: Optional[dict[str, str]] = None) -> JobOutcome:
-    return run_job(to_spec(cfg), context_from_hydra(extra_tags), on_eval)
-
-
 def _optuna_trial(sweep: Optional[SweepContext]):
     """The job's Optuna trial when gradsweep's Optuna sweeper launched it (Optuna imported only then).
     The study's storage and pruner come from the job's own Hydra config, not from the context."""
@@ -296,9 +282,27 @@ def _optuna_trial(sweep: Optional[SweepContext]):
 
 def job_from_hydra(cfg: DictConfig) -> float:
     """Single run: a diverged run is an error (exit 1). Sweep: it is a failed job returning NaN,
-    so the sweep goes on (and Optuna records the trial as FAIL)."""
+    so the sweep goes on (and Optuna records the trial as FAIL). A job run as several tasks of one
+    scheduler step (:mod:`gradsweep.sweep.job_tasks`): rank 0 runs it, the others are its ranks."""
+    spec = to_spec(cfg)
+    tasks = job_tasks(Path(HydraConfig.get().runtime.output_dir))
+    if tasks is None:
+        return _job(spec, None)
+    check_devices(spec.trainer.devices, tasks.world)
+    if tasks.rank > 0:  # no run, no records: rank 0's result is the job's
+        from gradsweep.run.rank import task_rank
+
+        task_rank(spec, tasks)
+        return math.nan
+    with tasks.leading():  # however rank 0's job ends, its other ranks end with it
+        return _job(spec, tasks)
+
+
+def _job(spec: JobSpec, tasks: Optional[Tasks]) -> float:
     trial = _optuna_trial(SweepContext.current())
-    outcome = run_hydra_job(cfg, trial.on_eval if trial else None, trial.tags if trial else None)
+    ctx = context_from_hydra(trial.tags if trial else None)
+    ctx.tasks = tasks
+    outcome = run_job(spec, ctx, trial.on_eval if trial else None)
     if isinstance(outcome.error, StopRun):
         raise outcome.error  # pruned: the sweeper tells Optuna PRUNED
     if isinstance(outcome.error, NonFiniteError) and HydraConfig.get().mode != RunMode.MULTIRUN:

@@ -26,6 +26,11 @@ queued or running (the base class leaves them running on the cluster, reporting 
 already told FAIL) and waits for them to close their runs KILLED. A lost job is noticed within
 ``STATE_POLL_S``: submitit alone asks the scheduler ever more rarely, up to 10 minutes apart.
 
+A job run as several tasks (``hydra.launcher.tasks_per_node`` x ``nodes`` > 1: its ranks,
+:mod:`gradsweep.run.parallel`) returns task 0's result, as the base class does, but only task 0's:
+a rank killed mid-run leaves no result of its own, and rank 0's says how the job ended (its run FAILED,
+naming the rank).
+
 Also, each job gets the sweep's :class:`~gradsweep.sweep.context.SweepContext` as a Hydra
 ``hydra.job.env_set`` override, as gradsweep's Optuna sweeper gives each trial its own: a job finds
 its sweep's parent run through its own config (kept in its ``.hydra/hydra.yaml``), not only through
@@ -136,10 +141,11 @@ class _CollectEveryJob:
                 break
             time.sleep(1)
         state = str(job.state)
-        if state.upper().startswith(ENDED_WITHOUT_RESULT):
-            shorten_result_wait(job, LOST_RESULT_WAIT_S)
+        lead = job.task(0)  # a job run as several tasks (tasks_per_node x nodes): task 0 is its rank 0, its result
+        if state.upper().startswith(ENDED_WITHOUT_RESULT):  # the job's, whatever the other tasks left
+            shorten_result_wait(lead, LOST_RESULT_WAIT_S)
         try:
-            return job.results()[0]
+            return lead.results()[0]
         except UncompletedJobError as e:
             crashed = "failed during processing" in str(e)  # submitit's FailedJobError: raised outside Hydra's job
             reason = (f"job #{idx} ({self._EXECUTOR} job {job.job_id}) "
