@@ -157,6 +157,7 @@ def pytest_runtest_logreport(report):  # on the xdist controller too: every work
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if getattr(session.config, "cache", None) and _durations and not hasattr(session.config, "workerinput"):  # controller
+    # the controller only (workers have workerinput); no cache with -p no:cacheprovider
+    if getattr(session.config, "cache", None) and _durations and not hasattr(session.config, "workerinput"):
         merged = {**session.config.cache.get(DURATIONS_KEY, {}), **_durations}
         session.config.cache.set(DURATIONS_KEY, {k: round(v, 1) for k, v in merged.items()})
