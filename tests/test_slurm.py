@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 
 import gradsweep
 from conftest import ROOT, MlflowServer, run_train
+from gradsweep.locks import parse_owner
 from gradsweep.names import PARENT_TAG, WORKER_TAG
 from gradsweep.sweep.optuna_storage import make_storage, resolve_storage_url
 from postgres import PostgresServer
@@ -113,7 +114,7 @@ def points(client: MlflowClient, run, key: str = "grad_norm/total") -> int:
 
 def worker_pid(run) -> int:
     """The process writing a run (tag ``gradsweep.worker``: ``host:pid boot=... start=...``)."""
-    return int(run.data.tags[WORKER_TAG].split()[0].rpartition(":")[2])
+    return int(parse_owner(run.data.tags[WORKER_TAG])[1])
 
 
 def slurm_job_of(pid: int) -> str:

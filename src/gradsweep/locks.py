@@ -169,9 +169,17 @@ def process_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()} boot={boot_id()} start={start_ticks()}"
 
 
+def parse_owner(owner: str) -> tuple[str, str, dict[str, str]]:
+    """An owner string (:func:`process_id`, or a bare ``host:pid``) as (host, pid, {boot, start}); empty
+    strings for what it lacks."""
+    first, *rest = owner.split() or [""]
+    host, _, pid = first.rpartition(":")
+    return host, pid, dict(f.partition("=")[::2] for f in rest)
+
+
 def describe(owner: str) -> str:
     """An owner string (:func:`process_id`) for people: ``pid 123 on host``."""
-    host, _, pid = (owner.split() or [""])[0].rpartition(":")
+    host, pid, _ = parse_owner(owner)
     return f"pid {pid} on {host}" if host and pid else owner
 
 
@@ -179,11 +187,9 @@ def process_state(owner: str) -> Optional[bool]:
     """Whether the process an owner string (:func:`process_id`, or a bare ``host:pid``) names is alive:
     True or False where this host can tell, None where it cannot (another host). Where a lock the
     owner holds can be seen, ask that instead (:func:`is_held`): this is for where it cannot."""
-    first, *rest = owner.split()
-    host, _, pid = first.rpartition(":")
+    host, pid, fields = parse_owner(owner)
     if host != socket.gethostname() or not pid.isdigit():
         return None
-    fields = dict(f.partition("=")[::2] for f in rest)
     if fields.get("boot") and boot_id() and fields["boot"] != boot_id():
         return False  # recorded before a reboot
     start = fields.get("start")
